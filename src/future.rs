@@ -1,0 +1,92 @@
+//! [`ResponseFuture`]: what [`IdempotencyService`](crate::IdempotencyService)
+//! returns.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::Response;
+use http_body::Body;
+use pin_project_lite::pin_project;
+
+use crate::body::IdempotencyBody;
+
+type Guarded<ResBody, E> =
+    Pin<Box<dyn Future<Output = Result<Response<IdempotencyBody<ResBody>>, E>> + Send>>;
+
+pin_project! {
+    /// The response future of [`IdempotencyService`](crate::IdempotencyService).
+    ///
+    /// Requests the layer does not guard (another method, or no key) poll
+    /// the inner future directly, with no allocation. A guarded request runs
+    /// the lock → lookup → handler → store flow in one heap-allocated state
+    /// machine; dropping this future at any point releases the key.
+    pub struct ResponseFuture<F, ResBody: Body, E> {
+        #[pin]
+        kind: Kind<F, ResBody, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, ResBody: Body, E> {
+        Passthrough { #[pin] future: F },
+        Ready { response: Option<Response<IdempotencyBody<ResBody>>> },
+        Guarded { future: Guarded<ResBody, E> },
+    }
+}
+
+impl<F, ResBody: Body, E> ResponseFuture<F, ResBody, E> {
+    pub(crate) const fn passthrough(future: F) -> Self {
+        Self {
+            kind: Kind::Passthrough { future },
+        }
+    }
+
+    pub(crate) const fn ready(response: Response<IdempotencyBody<ResBody>>) -> Self {
+        Self {
+            kind: Kind::Ready {
+                response: Some(response),
+            },
+        }
+    }
+
+    pub(crate) const fn guarded(future: Guarded<ResBody, E>) -> Self {
+        Self {
+            kind: Kind::Guarded { future },
+        }
+    }
+}
+
+impl<F, ResBody, E> Future for ResponseFuture<F, ResBody, E>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    ResBody: Body,
+{
+    type Output = Result<Response<IdempotencyBody<ResBody>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Passthrough { future } => future
+                .poll(cx)
+                .map_ok(|res| res.map(IdempotencyBody::stream)),
+            KindProj::Ready { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => panic!("ResponseFuture polled after completion"),
+            },
+            KindProj::Guarded { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, ResBody: Body, E> fmt::Debug for ResponseFuture<F, ResBody, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Passthrough { .. } => "Passthrough",
+            Kind::Ready { .. } => "Ready",
+            Kind::Guarded { .. } => "Guarded",
+        };
+        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+    }
+}

@@ -1,0 +1,179 @@
+//! Exactly-once `POST`s for [Tower], [axum] and [hyper] services.
+//!
+//! A client that retries a request — after a timeout, a dropped connection,
+//! a double click — must not charge a card twice. With [`IdempotencyLayer`],
+//! a request that carries an `Idempotency-Key` header runs the handler
+//! **once**; every retry gets the original response back, byte for byte, with
+//! `Idempotent-Replayed: true`, and a duplicate that arrives while the first
+//! is still running is answered `409 Conflict` with `Retry-After` instead of
+//! racing it.
+//!
+//! [Tower]: https://docs.rs/tower
+//! [axum]: https://docs.rs/axum
+//! [hyper]: https://docs.rs/hyper
+//!
+//! # Quick start (axum)
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, routing::post};
+//! use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+//!
+//! async fn create_payment(body: String) -> String {
+//!     format!("charged: {body}")
+//! }
+//!
+//! let backend = MemoryBackend::builder().max_entries(100_000).build();
+//! let app: Router = Router::new()
+//!     .route("/payments", post(create_payment))
+//!     .layer(IdempotencyLayer::new(backend).ttl(Duration::from_secs(24 * 3600)));
+//! # let _ = app;
+//! ```
+//!
+//! # Quick start (tower / hyper)
+//!
+//! The layer wraps any `Service<http::Request<_>>`. The inner service
+//! receives the request with an [`IdempotencyBody`] (the buffered body for
+//! guarded requests, the original stream otherwise); a bare hyper 1 server
+//! uses it through `hyper_util::service::TowerToHyperService` (see
+//! `examples/hyper.rs`).
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use http::{Request, Response};
+//! use tower::{ServiceBuilder, service_fn};
+//! use tower_idempotency::{IdempotencyBody, IdempotencyLayer, MemoryBackend};
+//!
+//! async fn handler(_req: Request<IdempotencyBody<String>>) -> Result<Response<String>, Infallible> {
+//!     Ok(Response::new("created".to_owned()))
+//! }
+//!
+//! let service = ServiceBuilder::new()
+//!     .layer(IdempotencyLayer::new(MemoryBackend::new()))
+//!     .service(service_fn(handler));
+//! # let _ = service;
+//! ```
+//!
+//! # How a request is handled
+//!
+//! 1. Methods other than `POST` and `PATCH` (configurable with
+//!    [`methods`](IdempotencyLayer::methods)) and requests without the
+//!    header pass straight through (or get `400` when the layer is
+//!    [`required`](IdempotencyLayer::required)).
+//! 2. The key is parsed: a quoted Structured Field string (`"k1"`) or a bare
+//!    token (`k1`). Empty, longer than 255 bytes, not visible ASCII, or the
+//!    header repeated: `400`.
+//! 3. The body is buffered up to [`max_request_body`](IdempotencyLayer::max_request_body)
+//!    (`413` above it, before any lock is taken).
+//! 4. The **storage key** is SHA-256 of the caller's scope and the key; the
+//!    **fingerprint** is SHA-256 of method, path, query, body,
+//!    `Authorization` and any [configured headers](IdempotencyLayer::fingerprint_headers).
+//! 5. The [`Backend`] looks the key up and locks it in one step:
+//!    a stored response with the same fingerprint is replayed; with a
+//!    different fingerprint the answer is `422`; a key held by a request in
+//!    flight gets `409` with `Retry-After`; otherwise the handler runs.
+//! 6. The response is stored unless it is `5xx` or `429` (see
+//!    [`persist_if`](IdempotencyLayer::persist_if) and [`Persist`]), larger
+//!    than [`max_stored_response`](IdempotencyLayer::max_stored_response), or
+//!    the handler opted out; then the key is released.
+//!
+//! | Situation | Status | Handler runs |
+//! |---|---|---|
+//! | first request with a key | handler's | yes |
+//! | retry after completion, same request | stored response + `Idempotent-Replayed: true` | no |
+//! | retry while the first is in flight | `409` + `Retry-After` | no |
+//! | key reused with a different request | `422` | no |
+//! | malformed or repeated key | `400` | no |
+//! | body over the limit | `413` | no |
+//! | backend down (default: fail closed) | `503` + `Retry-After` | no |
+//! | backend down with [`fail_open`](IdempotencyLayer::fail_open) | handler's | yes, unprotected |
+//!
+//! Answers the layer makes itself are `application/problem+json` (RFC 9457)
+//! with a stable `type`; see [`problem`].
+//!
+//! # Scopes: whose key is it?
+//!
+//! Keys are per caller. By default the caller is the `Authorization` header,
+//! or the whole `Cookie` header when there is none; two callers that send the
+//! same key never see each other's response.
+//!
+//! **Access tokens rotate.** Under the default scope a retry that carries a
+//! refreshed bearer token is a *new caller* and runs the handler again. The
+//! recommended set-up scopes keys by the authenticated principal, which an
+//! authentication layer (placed outside this one) puts into the request
+//! extensions. With [`scope`](IdempotencyLayer::scope), `Authorization` also
+//! leaves the fingerprint, so the retry with the new token is replayed:
+//!
+//! ```
+//! use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+//!
+//! #[derive(Clone)]
+//! struct UserId(u64); // inserted by your authentication layer
+//!
+//! let layer = IdempotencyLayer::new(MemoryBackend::new())
+//!     .scope(|req: &http::request::Parts| req.extensions.get::<UserId>().map(|u| u.0.to_string()));
+//! # let _ = layer;
+//! ```
+//!
+//! For cookie sessions, [`scope_cookie`](IdempotencyLayer::scope_cookie)
+//! scopes by the session cookie alone (an analytics cookie that changes
+//! between retries would otherwise split one caller into two).
+//!
+//! # Guarantees
+//!
+//! - **Exactly once while healthy.** For one (scope, key), the handler runs
+//!   at most once while the backend is reachable and the lock is kept:
+//!   either extended by the heartbeat (on by default, every `lock_ttl / 3`),
+//!   or the handler finishes within [`lock_ttl`](IdempotencyLayer::lock_ttl).
+//!   Concurrent duplicates are answered `409`; later ones replay.
+//! - **A lost lock is never overwritten.** If a lock lapses (heartbeat off
+//!   and a slow handler, or a backend that lost it), another request may run;
+//!   the first one's response is returned to its client but not stored, so
+//!   it never replaces the newer holder's record.
+//! - **No stuck keys.** When the response future is dropped (client gone,
+//!   timeout layer), the inner service returns `Err`, or the handler panics,
+//!   the key is released and nothing is stored; a retry runs the handler.
+//!   With a remote backend the release is sent in the background; if that
+//!   fails too, the lock expires after `lock_ttl`.
+//! - **At least once, beyond that.** If the store fails *after* the handler
+//!   ran (`complete` errors), the client still gets its response, but a retry
+//!   runs the handler again. If the process crashes mid-handler, the key is
+//!   free after `lock_ttl` and a retry runs again: make the side effect itself
+//!   idempotent too where that matters (e.g. pass the key to your payment
+//!   provider; handlers can read it as an [`IdempotencyKey`] extension).
+//! - **Expiry.** A response is replayed until its TTL ends; after that the
+//!   key is free and the next request runs the handler.
+//! - **Single process for [`MemoryBackend`].** It protects one process only;
+//!   several instances need a shared backend.
+//! - **Fail closed.** A backend error answers `503` and the handler does not
+//!   run, unless [`fail_open`](IdempotencyLayer::fail_open) is chosen.
+//! - **Corrupt data is never replayed.** A stored record that fails its
+//!   checksum or does not decode is a [`CodecError`] and the request gets `503`.
+//!
+//! # Runtime
+//!
+//! The guarded path uses Tokio timers (the heartbeat), so it must run inside
+//! a Tokio runtime with time enabled, as axum and hyper servers do.
+
+pub mod backend;
+mod body;
+mod fingerprint;
+mod flow;
+mod future;
+mod key;
+mod layer;
+pub mod problem;
+mod record;
+mod service;
+
+#[cfg(feature = "memory")]
+pub use backend::memory::{MemoryBackend, MemoryBackendBuilder, MemoryLock};
+pub use backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};
+pub use body::IdempotencyBody;
+pub use fingerprint::Fingerprint;
+pub use flow::IDEMPOTENT_REPLAYED;
+pub use future::ResponseFuture;
+pub use key::{IDEMPOTENCY_KEY, IdempotencyKey, KeyError, MAX_KEY_LEN, ScopeValue, StorageKey};
+pub use layer::{IdempotencyLayer, Persist};
+pub use record::{CodecError, Record, RecordCodec};
+pub use service::IdempotencyService;

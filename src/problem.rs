@@ -1,0 +1,179 @@
+//! The responses the layer makes itself, as RFC 9457 `application/problem+json`.
+//!
+//! Every case has a stable `type` URI that points at its heading below, so a
+//! client can match on `type` rather than on status or wording.
+//!
+//! # Missing key
+//! `400 Bad Request`: the layer is [`required`](crate::IdempotencyLayer::required)
+//! and the request has no `Idempotency-Key`.
+//!
+//! # Invalid key
+//! `400 Bad Request`: the key is empty, longer than 255 bytes, not visible
+//! ASCII, a malformed quoted string, or the header was sent twice. The
+//! handler did not run and nothing was stored.
+//!
+//! # Request body error
+//! `400 Bad Request`: the request body could not be read to the end.
+//!
+//! # Body too large
+//! `413 Content Too Large`: the body is over the layer's
+//! [`max_request_body`](crate::IdempotencyLayer::max_request_body). Checked
+//! before any lock is taken.
+//!
+//! # Fingerprint mismatch
+//! `422 Unprocessable Content`: the key was used before with a different
+//! request (method, path, query, body, credentials or a configured header).
+//! A key names one request; make a new key for a new request.
+//!
+//! # Request in flight
+//! `409 Conflict` with `Retry-After`: a request with this key is being
+//! processed. Retry after the given number of seconds to get its response.
+//!
+//! # Backend unavailable
+//! `503 Service Unavailable` with `Retry-After`: the idempotency store could
+//! not be reached, so the request was not run (the layer fails closed unless
+//! [`fail_open`](crate::IdempotencyLayer::fail_open) is set).
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+
+/// Where the `type` URIs point.
+const TYPE_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#";
+
+/// The cases the layer answers on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ProblemKind {
+    /// See [Missing key](self#missing-key).
+    MissingKey,
+    /// See [Invalid key](self#invalid-key).
+    InvalidKey,
+    /// See [Request body error](self#request-body-error).
+    RequestBodyError,
+    /// See [Body too large](self#body-too-large).
+    BodyTooLarge,
+    /// See [Fingerprint mismatch](self#fingerprint-mismatch).
+    FingerprintMismatch,
+    /// See [Request in flight](self#request-in-flight).
+    InFlight,
+    /// See [Backend unavailable](self#backend-unavailable).
+    BackendUnavailable,
+}
+
+impl ProblemKind {
+    /// The status code the layer answers with.
+    #[must_use]
+    pub const fn status(self) -> StatusCode {
+        match self {
+            Self::MissingKey | Self::InvalidKey | Self::RequestBodyError => StatusCode::BAD_REQUEST,
+            Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::InFlight => StatusCode::CONFLICT,
+            Self::BackendUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The fragment of the stable `type` URI.
+    const fn slug(self) -> &'static str {
+        match self {
+            Self::MissingKey => "missing-key",
+            Self::InvalidKey => "invalid-key",
+            Self::RequestBodyError => "request-body-error",
+            Self::BodyTooLarge => "body-too-large",
+            Self::FingerprintMismatch => "fingerprint-mismatch",
+            Self::InFlight => "request-in-flight",
+            Self::BackendUnavailable => "backend-unavailable",
+        }
+    }
+
+    /// The stable `type` URI of the problem document.
+    #[must_use]
+    pub fn type_uri(self) -> String {
+        format!("{TYPE_BASE}{}", self.slug())
+    }
+
+    /// The short human-readable summary (`title`).
+    #[must_use]
+    pub const fn title(self) -> &'static str {
+        match self {
+            Self::MissingKey => "Idempotency-Key header is required",
+            Self::InvalidKey => "Invalid Idempotency-Key header",
+            Self::RequestBodyError => "Request body could not be read",
+            Self::BodyTooLarge => "Request body too large",
+            Self::FingerprintMismatch => "Idempotency-Key reused with a different request",
+            Self::InFlight => "A request with this Idempotency-Key is in progress",
+            Self::BackendUnavailable => "Idempotency store unavailable",
+        }
+    }
+}
+
+/// Builds the problem response; `detail` must not echo client input verbatim
+/// beyond what [`json_string`] escapes.
+pub(crate) fn response(
+    kind: ProblemKind,
+    detail: &str,
+    retry_after: Option<Duration>,
+) -> Response<Bytes> {
+    let status = kind.status();
+    let body = format!(
+        "{{\"type\":{},\"title\":{},\"status\":{},\"detail\":{}}}",
+        json_string(&kind.type_uri()),
+        json_string(kind.title()),
+        status.as_u16(),
+        json_string(detail),
+    );
+    let mut res = Response::new(Bytes::from(body));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    if let Some(after) = retry_after {
+        res.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(after)));
+    }
+    res
+}
+
+/// Whole seconds, rounded up, at least 1.
+pub(crate) fn retry_after_secs(after: Duration) -> u64 {
+    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_and_rounds() {
+        assert_eq!(json_string("a\"b\\\n"), r#""a\"b\\\u000a""#);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        let res = response(ProblemKind::InFlight, "x", Some(Duration::from_secs(3)));
+        assert_eq!(res.status(), 409);
+        assert_eq!(res.headers()[RETRY_AFTER], "3");
+    }
+}

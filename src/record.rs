@@ -1,0 +1,426 @@
+//! Stored responses and their wire format.
+//!
+//! A [`Record`] is what a backend keeps for a completed request: the response
+//! (status, replayable headers, body) and the fingerprint of the request that
+//! produced it. The in-memory backend keeps the struct itself; remote backends
+//! store the bytes made by [`RecordCodec`]:
+//!
+//! ```text
+//! +---------+-------+-----------------+--------------------------------------+
+//! | version | flags | CRC-32 (LE, 4B) | MessagePack record, deflated if flag |
+//! +---------+-------+-----------------+--------------------------------------+
+//! ```
+//!
+//! The CRC covers the flags and the payload, so a flipped bit or a truncated
+//! value is a [`CodecError`] and never a replay of garbage. Inflating stops at
+//! the configured maximum, so a small "deflate bomb" cannot exhaust memory.
+
+use std::io::{Read, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use flate2::Compression;
+use flate2::read::DeflateDecoder;
+use flate2::write::DeflateEncoder;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, response};
+use serde::{Deserialize, Serialize};
+
+use crate::Fingerprint;
+
+/// A completed response, as stored and replayed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Record {
+    /// The response status.
+    pub status: StatusCode,
+    /// The response headers, without the ones that are never replayed
+    /// (see [`Record::new`]).
+    pub headers: HeaderMap,
+    /// The whole response body.
+    pub body: Bytes,
+    /// The fingerprint of the request that produced the response.
+    pub fingerprint: Fingerprint,
+    /// When the response was recorded.
+    pub created_at: SystemTime,
+}
+
+impl Record {
+    /// Makes a record, dropping the headers that must never be replayed:
+    /// `Set-Cookie` (a replay must not hand out a session), the hop-by-hop
+    /// headers of RFC 9110 §7.6.1 and any header listed in `Connection`, and
+    /// `Content-Length` (recomputed from the stored body on replay).
+    #[must_use]
+    pub fn new(
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: Bytes,
+        fingerprint: Fingerprint,
+    ) -> Self {
+        strip_unreplayable(&mut headers);
+        Self {
+            status,
+            headers,
+            body,
+            fingerprint,
+            created_at: SystemTime::now(),
+        }
+    }
+
+    /// Makes a record from the parts of a response and its buffered body.
+    #[must_use]
+    pub fn from_parts(parts: &response::Parts, body: Bytes, fingerprint: Fingerprint) -> Self {
+        Self::new(parts.status, parts.headers.clone(), body, fingerprint)
+    }
+
+    /// An estimate of the memory the record holds, in bytes.
+    #[must_use]
+    pub fn size(&self) -> usize {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| n.as_str().len() + v.len() + 32)
+            .sum();
+        self.body.len() + headers + 96
+    }
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+pub(crate) fn strip_unreplayable(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&listed) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+    headers.remove(header::SET_COOKIE);
+    headers.remove(header::CONTENT_LENGTH);
+}
+
+/// Why stored bytes could not be turned back into a [`Record`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// Fewer bytes than the fixed header.
+    #[error("stored record is truncated ({len} bytes)")]
+    Truncated {
+        /// How many bytes there were.
+        len: usize,
+    },
+    /// Written by a format version this crate does not know.
+    #[error("stored record has unsupported format version {0}")]
+    UnsupportedVersion(u8),
+    /// Flags this crate does not know.
+    #[error("stored record has unknown flags {0:#04x}")]
+    UnknownFlags(u8),
+    /// The checksum does not match: the bytes were altered or cut.
+    #[error("stored record failed its checksum")]
+    ChecksumMismatch,
+    /// Larger than the configured maximum.
+    #[error("record is larger than the maximum of {max} bytes")]
+    TooLarge {
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The payload could not be inflated.
+    #[error("stored record could not be inflated")]
+    Inflate(#[source] std::io::Error),
+    /// The payload could not be encoded or decoded as a record.
+    #[error("stored record is malformed: {0}")]
+    Malformed(String),
+}
+
+const VERSION: u8 = 1;
+const FLAG_DEFLATE: u8 = 0b0000_0001;
+const HEADER_LEN: usize = 6;
+
+/// Turns [`Record`]s into bytes and back, for backends that store bytes.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{HeaderMap, StatusCode};
+/// use tower_idempotency::{Fingerprint, Record, RecordCodec};
+///
+/// let codec = RecordCodec::new();
+/// let record = Record::new(
+///     StatusCode::CREATED,
+///     HeaderMap::new(),
+///     Bytes::from_static(br#"{"id":1}"#),
+///     Fingerprint::from_bytes([7; 32]),
+/// );
+/// let bytes = codec.encode(&record).unwrap();
+/// assert_eq!(codec.decode(&bytes).unwrap(), record);
+/// assert!(codec.decode(&bytes[..bytes.len() - 1]).is_err());
+/// ```
+#[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
+pub struct RecordCodec {
+    compress_above: usize,
+    max_record_size: usize,
+}
+
+impl Default for RecordCodec {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[derive(Serialize)]
+struct WireRef<'a> {
+    status: u16,
+    headers: Vec<(&'a str, &'a serde_bytes::Bytes)>,
+    body: &'a serde_bytes::Bytes,
+    fingerprint: &'a serde_bytes::Bytes,
+    created_at_ms: u64,
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    status: u16,
+    headers: Vec<(String, serde_bytes::ByteBuf)>,
+    body: serde_bytes::ByteBuf,
+    fingerprint: serde_bytes::ByteBuf,
+    created_at_ms: u64,
+}
+
+impl RecordCodec {
+    /// Deflates records whose MessagePack form exceeds 1 KiB; refuses to
+    /// encode or inflate records larger than 8 MiB.
+    #[must_use]
+    pub const fn new() -> Self {
+        Self {
+            compress_above: 1024,
+            max_record_size: 8 * 1024 * 1024,
+        }
+    }
+
+    /// Deflate records whose MessagePack form is larger than `bytes`.
+    #[must_use]
+    pub const fn compress_above(mut self, bytes: usize) -> Self {
+        self.compress_above = bytes;
+        self
+    }
+
+    /// The largest record (uncompressed MessagePack) that is encoded or
+    /// decoded; larger ones are [`CodecError::TooLarge`].
+    #[must_use]
+    pub const fn max_record_size(mut self, bytes: usize) -> Self {
+        self.max_record_size = bytes;
+        self
+    }
+
+    /// Encodes a record.
+    ///
+    /// # Errors
+    ///
+    /// [`CodecError::TooLarge`] above the maximum record size.
+    pub fn encode(&self, record: &Record) -> Result<Vec<u8>, CodecError> {
+        let created_at_ms = record
+            .created_at
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO)
+            .as_millis();
+        let wire = WireRef {
+            status: record.status.as_u16(),
+            headers: record
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), serde_bytes::Bytes::new(v.as_bytes())))
+                .collect(),
+            body: serde_bytes::Bytes::new(&record.body),
+            fingerprint: serde_bytes::Bytes::new(record.fingerprint.as_bytes()),
+            created_at_ms: u64::try_from(created_at_ms).unwrap_or(u64::MAX),
+        };
+        let mut out = vec![VERSION, 0, 0, 0, 0, 0];
+        rmp_serde::encode::write(&mut out, &wire)
+            .map_err(|e| CodecError::Malformed(e.to_string()))?;
+        let plain_len = out.len() - HEADER_LEN;
+        if plain_len > self.max_record_size {
+            return Err(CodecError::TooLarge {
+                max: self.max_record_size,
+            });
+        }
+        if plain_len > self.compress_above {
+            let deflated = deflate(&out[HEADER_LEN..])?;
+            if deflated.len() < plain_len {
+                let mut framed = Vec::with_capacity(HEADER_LEN + deflated.len());
+                framed.extend_from_slice(&[VERSION, FLAG_DEFLATE, 0, 0, 0, 0]);
+                framed.extend_from_slice(&deflated);
+                out = framed;
+            }
+        }
+        let crc = checksum(out[1], &out[HEADER_LEN..]);
+        out[2..HEADER_LEN].copy_from_slice(&crc.to_le_bytes());
+        Ok(out)
+    }
+
+    /// Decodes bytes made by [`RecordCodec::encode`].
+    ///
+    /// # Errors
+    ///
+    /// A [`CodecError`] for truncated, altered, oversized or unknown input;
+    /// never a panic.
+    pub fn decode(&self, bytes: &[u8]) -> Result<Record, CodecError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(CodecError::Truncated { len: bytes.len() });
+        }
+        if bytes[0] != VERSION {
+            return Err(CodecError::UnsupportedVersion(bytes[0]));
+        }
+        let flags = bytes[1];
+        let payload = &bytes[HEADER_LEN..];
+        let stored = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
+        if checksum(flags, payload) != stored {
+            return Err(CodecError::ChecksumMismatch);
+        }
+        let too_large = CodecError::TooLarge {
+            max: self.max_record_size,
+        };
+        let wire: Wire = match flags {
+            0 if payload.len() > self.max_record_size => return Err(too_large),
+            0 => from_msgpack(payload)?,
+            FLAG_DEFLATE => {
+                let limit = u64::try_from(self.max_record_size).unwrap_or(u64::MAX);
+                let mut plain = Vec::new();
+                DeflateDecoder::new(payload)
+                    .take(limit.saturating_add(1))
+                    .read_to_end(&mut plain)
+                    .map_err(CodecError::Inflate)?;
+                if plain.len() > self.max_record_size {
+                    return Err(too_large);
+                }
+                from_msgpack(&plain)?
+            }
+            other => return Err(CodecError::UnknownFlags(other)),
+        };
+        wire.into_record()
+    }
+}
+
+fn deflate(plain: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let mut enc = DeflateEncoder::new(Vec::with_capacity(plain.len() / 2), Compression::fast());
+    enc.write_all(plain)
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    enc.finish().map_err(|e| CodecError::Malformed(e.to_string()))
+}
+
+fn checksum(flags: u8, payload: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[flags]);
+    h.update(payload);
+    h.finalize()
+}
+
+fn from_msgpack(bytes: &[u8]) -> Result<Wire, CodecError> {
+    rmp_serde::from_slice(bytes).map_err(|e| CodecError::Malformed(e.to_string()))
+}
+
+impl Wire {
+    fn into_record(self) -> Result<Record, CodecError> {
+        let malformed = |what: &str| CodecError::Malformed(what.to_owned());
+        let status = StatusCode::from_u16(self.status).map_err(|_| malformed("invalid status"))?;
+        let fingerprint: [u8; 32] = self
+            .fingerprint
+            .as_slice()
+            .try_into()
+            .map_err(|_| malformed("fingerprint is not 32 bytes"))?;
+        let mut headers = HeaderMap::with_capacity(self.headers.len());
+        for (name, value) in self.headers {
+            let name = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| malformed("invalid header name"))?;
+            let value = HeaderValue::from_bytes(&value)
+                .map_err(|_| malformed("invalid header value"))?;
+            headers.append(name, value);
+        }
+        Ok(Record {
+            status,
+            headers,
+            body: Bytes::from(self.body.into_vec()),
+            fingerprint: Fingerprint::from_bytes(fingerprint),
+            created_at: UNIX_EPOCH + Duration::from_millis(self.created_at_ms),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(body: &[u8]) -> Record {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        let mut r = Record::new(
+            StatusCode::CREATED,
+            headers,
+            Bytes::copy_from_slice(body),
+            Fingerprint::from_bytes([3; 32]),
+        );
+        r.created_at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        r
+    }
+
+    #[test]
+    fn large_compressible_records_are_deflated() {
+        let codec = RecordCodec::new();
+        let r = record(&vec![b'a'; 64 * 1024]);
+        let bytes = codec.encode(&r).unwrap();
+        assert_eq!(bytes[1], FLAG_DEFLATE);
+        assert!(bytes.len() < 4096, "{}", bytes.len());
+        assert_eq!(codec.decode(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn small_records_are_plain() {
+        let codec = RecordCodec::new();
+        let r = record(b"{}");
+        let bytes = codec.encode(&r).unwrap();
+        assert_eq!(bytes[1], 0);
+        assert_eq!(codec.decode(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn inflate_is_bounded() {
+        let big = RecordCodec::new();
+        let bytes = big.encode(&record(&vec![0; 1024 * 1024])).unwrap();
+        let small = RecordCodec::new().max_record_size(64 * 1024);
+        assert!(matches!(
+            small.decode(&bytes),
+            Err(CodecError::TooLarge { max: 65536 })
+        ));
+        assert!(matches!(
+            small.encode(&record(&vec![0; 100 * 1024])),
+            Err(CodecError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn unreplayable_headers_are_dropped() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::SET_COOKIE, HeaderValue::from_static("s=1"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        headers.insert("x-keep", HeaderValue::from_static("1"));
+        let r = Record::new(StatusCode::OK, headers, Bytes::new(), Fingerprint::from_bytes([0; 32]));
+        assert_eq!(r.headers.len(), 1);
+        assert!(r.headers.contains_key("x-keep"));
+    }
+}

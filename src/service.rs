@@ -1,0 +1,105 @@
+//! [`IdempotencyService`]: the middleware itself.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use http_body::Body;
+use tower::Service;
+
+use crate::backend::Backend;
+use crate::body::IdempotencyBody;
+use crate::flow;
+use crate::future::ResponseFuture;
+use crate::key::IdempotencyKey;
+use crate::layer::Config;
+use crate::problem::ProblemKind;
+
+/// Middleware that runs each keyed request exactly once. Made by
+/// [`IdempotencyLayer`](crate::IdempotencyLayer).
+#[derive(Clone, Debug)]
+pub struct IdempotencyService<S, B> {
+    inner: S,
+    backend: B,
+    config: Arc<Config>,
+}
+
+impl<S, B> IdempotencyService<S, B> {
+    pub(crate) const fn new(inner: S, backend: B, config: Arc<Config>) -> Self {
+        Self {
+            inner,
+            backend,
+            config,
+        }
+    }
+
+    /// The wrapped service.
+    pub const fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub const fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for IdempotencyService<S, B>
+where
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Backend,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Send,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
+{
+    type Response = Response<IdempotencyBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // Keep the service that was driven to readiness; leave a clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !self.config.methods.contains(req.method()) {
+            return ResponseFuture::passthrough(inner.call(req.map(IdempotencyBody::stream)));
+        }
+        match IdempotencyKey::from_headers(req.headers()) {
+            Ok(Some(key)) => ResponseFuture::guarded(Box::pin(flow::run(
+                inner,
+                self.backend.clone(),
+                Arc::clone(&self.config),
+                req,
+                key,
+            ))),
+            Ok(None) if !self.config.required => {
+                ResponseFuture::passthrough(inner.call(req.map(IdempotencyBody::stream)))
+            }
+            Ok(None) => ResponseFuture::ready(flow::problem(
+                ProblemKind::MissingKey,
+                "send an Idempotency-Key header with this request",
+                None,
+            )),
+            Err(error) => {
+                tracing::debug!(%error, "rejected malformed Idempotency-Key");
+                ResponseFuture::ready(flow::problem(ProblemKind::InvalidKey, &error.to_string(), None))
+            }
+        }
+    }
+}
