@@ -1,0 +1,261 @@
+//! The backend conformance suite: every backend runs it unchanged.
+//!
+//! A backend's test file invokes [`backend_conformance!`] with an expression
+//! that makes a backend and the test attribute to use. Time passes through
+//! `tokio::time::sleep`, so an in-process backend can run the suite under a
+//! paused clock while a remote backend runs it in real time.
+//!
+//! Every case uses its own random keys, so cases run in parallel and on a
+//! shared server.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use tokio::time::sleep;
+use tower_idempotency::{Backend, Begin, Completion, Fingerprint, Record, StorageKey};
+
+/// A storage key no other case (or test run) uses.
+pub fn fresh_key() -> StorageKey {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut bytes = [0u8; 32];
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
+    bytes[..16].copy_from_slice(&nanos.to_le_bytes());
+    bytes[16..24].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    bytes[24..28].copy_from_slice(&std::process::id().to_le_bytes());
+    // Mix, so keys spread over shards and slots.
+    let mut mixed = [0u8; 32];
+    for (i, b) in bytes.iter().enumerate() {
+        mixed[(i * 7) % 32] = b.wrapping_mul(31).wrapping_add(i as u8);
+    }
+    mixed[31] ^= bytes[16];
+    StorageKey::from_bytes(mixed)
+}
+
+pub fn fingerprint(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+pub fn record(fp: Fingerprint, body: &[u8]) -> Record {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.append("x-multi", HeaderValue::from_static("1"));
+    headers.append("x-multi", HeaderValue::from_static("2"));
+    Record::new(StatusCode::CREATED, headers, Bytes::copy_from_slice(body), fp)
+}
+
+const LOCK_TTL: Duration = Duration::from_millis(500);
+const TTL: Duration = Duration::from_secs(60);
+
+fn acquired<L>(begin: Begin<L>) -> L {
+    match begin {
+        Begin::Acquired(lock) => lock,
+        Begin::Completed(_) => panic!("expected Acquired, got Completed"),
+        Begin::Busy { retry_after } => panic!("expected Acquired, got Busy({retry_after:?})"),
+        _ => panic!("unexpected Begin variant"),
+    }
+}
+
+fn completed<L>(begin: Begin<L>) -> Record {
+    match begin {
+        Begin::Completed(record) => record,
+        Begin::Acquired(_) => panic!("expected Completed, got Acquired"),
+        Begin::Busy { .. } => panic!("expected Completed, got Busy"),
+        _ => panic!("unexpected Begin variant"),
+    }
+}
+
+fn busy<L>(begin: Begin<L>) -> Duration {
+    match begin {
+        Begin::Busy { retry_after } => retry_after,
+        Begin::Acquired(_) => panic!("expected Busy, got Acquired"),
+        Begin::Completed(_) => panic!("expected Busy, got Completed"),
+        _ => panic!("unexpected Begin variant"),
+    }
+}
+
+pub async fn begin_locks_a_free_key<B: Backend>(b: B) {
+    let key = fresh_key();
+    let lock = acquired(b.begin(&key, &fingerprint(1), LOCK_TTL).await.unwrap());
+    let retry_after = busy(b.begin(&key, &fingerprint(1), LOCK_TTL).await.unwrap());
+    assert!(retry_after > Duration::ZERO && retry_after <= LOCK_TTL, "{retry_after:?}");
+    b.release(lock).await.unwrap();
+}
+
+pub async fn complete_stores_and_unlocks<B: Backend>(b: B) {
+    let key = fresh_key();
+    let rec = record(fingerprint(2), br#"{"id":42}"#);
+    let lock = acquired(b.begin(&key, &fingerprint(2), LOCK_TTL).await.unwrap());
+    assert_eq!(b.complete(lock, rec.clone(), TTL).await.unwrap(), Completion::Saved);
+    let stored = completed(b.begin(&key, &fingerprint(2), LOCK_TTL).await.unwrap());
+    assert_eq!(stored.status, rec.status);
+    assert_eq!(stored.headers, rec.headers);
+    assert_eq!(stored.body, rec.body);
+    assert_eq!(stored.fingerprint, rec.fingerprint);
+    // A lookup with another fingerprint still finds the record (the layer answers 422).
+    let other = completed(b.begin(&key, &fingerprint(9), LOCK_TTL).await.unwrap());
+    assert_eq!(other.fingerprint, fingerprint(2));
+}
+
+pub async fn large_records_round_trip<B: Backend>(b: B) {
+    let key = fresh_key();
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let lock = acquired(b.begin(&key, &fingerprint(3), LOCK_TTL).await.unwrap());
+    let rec = record(fingerprint(3), &body);
+    assert_eq!(b.complete(lock, rec, TTL).await.unwrap(), Completion::Saved);
+    let stored = completed(b.begin(&key, &fingerprint(3), LOCK_TTL).await.unwrap());
+    assert_eq!(stored.body.as_ref(), body.as_slice());
+}
+
+pub async fn release_frees_without_storing<B: Backend>(b: B) {
+    let key = fresh_key();
+    let lock = acquired(b.begin(&key, &fingerprint(4), LOCK_TTL).await.unwrap());
+    b.release(lock).await.unwrap();
+    let lock = acquired(b.begin(&key, &fingerprint(4), LOCK_TTL).await.unwrap());
+    b.release(lock).await.unwrap();
+}
+
+pub async fn keys_are_independent<B: Backend>(b: B) {
+    let (k1, k2) = (fresh_key(), fresh_key());
+    let l1 = acquired(b.begin(&k1, &fingerprint(5), LOCK_TTL).await.unwrap());
+    let l2 = acquired(b.begin(&k2, &fingerprint(5), LOCK_TTL).await.unwrap());
+    assert_eq!(
+        b.complete(l1, record(fingerprint(5), b"one"), TTL).await.unwrap(),
+        Completion::Saved
+    );
+    busy(b.begin(&k2, &fingerprint(5), LOCK_TTL).await.unwrap());
+    b.release(l2).await.unwrap();
+    acquired(b.begin(&k2, &fingerprint(5), LOCK_TTL).await.unwrap());
+}
+
+pub async fn extend_keeps_the_lock<B: Backend>(b: B) {
+    let key = fresh_key();
+    let lock = acquired(b.begin(&key, &fingerprint(6), LOCK_TTL).await.unwrap());
+    for _ in 0..4 {
+        sleep(LOCK_TTL / 2).await;
+        assert!(b.extend(&lock, LOCK_TTL).await.unwrap(), "extend of a live lock failed");
+    }
+    // Two lock TTLs have passed since begin: only the extensions kept it.
+    busy(b.begin(&key, &fingerprint(6), LOCK_TTL).await.unwrap());
+    assert_eq!(
+        b.complete(lock, record(fingerprint(6), b"slow"), TTL).await.unwrap(),
+        Completion::Saved
+    );
+}
+
+pub async fn lapsed_lock_is_lost<B: Backend>(b: B) {
+    let key = fresh_key();
+    let short = Duration::from_millis(200);
+    let first = acquired(b.begin(&key, &fingerprint(7), short).await.unwrap());
+    sleep(short * 2).await;
+    assert!(!b.extend(&first, short).await.unwrap(), "a lapsed lock was extended");
+    let second = acquired(b.begin(&key, &fingerprint(7), LOCK_TTL).await.unwrap());
+    // The first holder may neither store nor unlock the second holder's key.
+    assert_eq!(
+        b.complete(first, record(fingerprint(7), b"stale"), TTL).await.unwrap(),
+        Completion::Lost
+    );
+    busy(b.begin(&key, &fingerprint(7), LOCK_TTL).await.unwrap());
+    sleep(LOCK_TTL + Duration::from_millis(100)).await;
+    let third = acquired(b.begin(&key, &fingerprint(7), LOCK_TTL).await.unwrap());
+    b.release(third).await.unwrap();
+    assert_eq!(
+        b.complete(second, record(fingerprint(7), b"fresh"), TTL).await.unwrap(),
+        Completion::Lost,
+        "the second lock lapsed and was taken over by a third"
+    );
+    let lock = acquired(b.begin(&key, &fingerprint(7), LOCK_TTL).await.unwrap());
+    assert_eq!(
+        b.complete(lock, record(fingerprint(7), b"final"), TTL).await.unwrap(),
+        Completion::Saved
+    );
+    assert_eq!(
+        completed(b.begin(&key, &fingerprint(7), LOCK_TTL).await.unwrap()).body,
+        Bytes::from_static(b"final")
+    );
+}
+
+pub async fn release_of_a_lost_lock_spares_the_new_holder<B: Backend>(b: B) {
+    let key = fresh_key();
+    let short = Duration::from_millis(200);
+    let first = acquired(b.begin(&key, &fingerprint(8), short).await.unwrap());
+    sleep(short * 2).await;
+    let second = acquired(b.begin(&key, &fingerprint(8), LOCK_TTL).await.unwrap());
+    b.release(first).await.unwrap();
+    busy(b.begin(&key, &fingerprint(8), LOCK_TTL).await.unwrap());
+    b.release(second).await.unwrap();
+}
+
+pub async fn records_expire<B: Backend>(b: B) {
+    let key = fresh_key();
+    let lock = acquired(b.begin(&key, &fingerprint(10), LOCK_TTL).await.unwrap());
+    let ttl = Duration::from_millis(300);
+    assert_eq!(
+        b.complete(lock, record(fingerprint(10), b"short-lived"), ttl).await.unwrap(),
+        Completion::Saved
+    );
+    completed(b.begin(&key, &fingerprint(10), LOCK_TTL).await.unwrap());
+    sleep(ttl + Duration::from_millis(200)).await;
+    let lock = acquired(b.begin(&key, &fingerprint(10), LOCK_TTL).await.unwrap());
+    b.release(lock).await.unwrap();
+}
+
+pub async fn concurrent_begin_has_one_winner<B: Backend>(b: B) {
+    let key = fresh_key();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let b = b.clone();
+        tasks.spawn(async move {
+            match b.begin(&key, &fingerprint(11), LOCK_TTL * 20).await.unwrap() {
+                Begin::Acquired(lock) => Some(lock),
+                Begin::Busy { .. } => None,
+                _ => panic!("nothing was stored yet"),
+            }
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(res) = tasks.join_next().await {
+        winners.extend(res.unwrap());
+    }
+    assert_eq!(winners.len(), 1, "exactly one begin may acquire the key");
+    let lock = winners.pop().unwrap();
+    assert_eq!(
+        b.complete(lock, record(fingerprint(11), b"winner"), TTL).await.unwrap(),
+        Completion::Saved
+    );
+    for _ in 0..8 {
+        completed(b.begin(&key, &fingerprint(11), LOCK_TTL).await.unwrap());
+    }
+}
+
+/// Generates one `#[test]` per conformance case.
+///
+/// `backend_conformance!(#[tokio::test(start_paused = true)], MemoryBackend::new());`
+#[macro_export]
+macro_rules! backend_conformance {
+    (#[$attr:meta], $make:expr) => {
+        $crate::backend_conformance!(@cases #[$attr], $make;
+            begin_locks_a_free_key,
+            complete_stores_and_unlocks,
+            large_records_round_trip,
+            release_frees_without_storing,
+            keys_are_independent,
+            extend_keeps_the_lock,
+            lapsed_lock_is_lost,
+            release_of_a_lost_lock_spares_the_new_holder,
+            records_expire,
+            concurrent_begin_has_one_winner,
+        );
+    };
+    (@cases #[$attr:meta], $make:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[$attr]
+            async fn $case() {
+                conformance::$case($make).await;
+            }
+        )*
+    };
+}
