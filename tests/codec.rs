@@ -1,0 +1,115 @@
+//! The record codec: round trips and hostile input.
+
+use std::io::Write;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use proptest::prelude::*;
+use tower_idempotency::{CodecError, Fingerprint, Record, RecordCodec};
+
+fn arb_record() -> impl Strategy<Value = Record> {
+    (
+        100u16..1000,
+        proptest::collection::vec(("[a-z][a-z0-9-]{0,20}", proptest::collection::vec(0x20u8..0x7f, 0..40)), 0..8),
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..4096),
+            (any::<u8>(), 0usize..100_000).prop_map(|(b, n)| vec![b; n]),
+        ],
+        any::<[u8; 32]>(),
+        0u64..4_000_000_000_000,
+    )
+        .prop_map(|(status, headers, body, fp, ms)| {
+            let mut map = HeaderMap::new();
+            for (name, value) in headers {
+                map.append(
+                    HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(&value).unwrap(),
+                );
+            }
+            let mut r = Record::new(StatusCode::from_u16(status).unwrap(), map, Bytes::from(body), Fingerprint::from_bytes(fp));
+            r.created_at = UNIX_EPOCH + Duration::from_millis(ms);
+            r
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
+    #[test]
+    fn records_round_trip(record in arb_record(), threshold in prop_oneof![Just(0usize), Just(1024), Just(usize::MAX)]) {
+        let codec = RecordCodec::new().compress_above(threshold);
+        let bytes = codec.encode(&record).unwrap();
+        prop_assert_eq!(codec.decode(&bytes).unwrap(), record);
+    }
+
+    #[test]
+    fn every_truncation_is_an_error(record in arb_record(), cut in any::<prop::sample::Index>()) {
+        let codec = RecordCodec::new();
+        let bytes = codec.encode(&record).unwrap();
+        let cut = cut.index(bytes.len());
+        prop_assert!(codec.decode(&bytes[..cut]).is_err());
+    }
+
+    #[test]
+    fn every_bit_flip_is_an_error(record in arb_record(), at in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let codec = RecordCodec::new();
+        let mut bytes = codec.encode(&record).unwrap();
+        let at = at.index(bytes.len());
+        bytes[at] ^= 1 << bit;
+        prop_assert!(codec.decode(&bytes).is_err(), "flip at {} bit {} was accepted", at, bit);
+    }
+
+    #[test]
+    fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = RecordCodec::new().decode(&bytes);
+    }
+
+    /// Random payloads behind a valid header and checksum reach the
+    /// MessagePack and inflate decoders themselves.
+    #[test]
+    fn garbage_with_a_valid_checksum_never_panics(payload in proptest::collection::vec(any::<u8>(), 0..2048), deflate in any::<bool>()) {
+        let flags = u8::from(deflate);
+        let _ = RecordCodec::new().decode(&frame(flags, &payload));
+    }
+}
+
+fn frame(flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&[flags]);
+    h.update(payload);
+    let mut out = vec![1, flags];
+    out.extend_from_slice(&h.finalize().to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[test]
+fn deflate_bomb_is_refused_without_inflating_it_all() {
+    // 256 MiB of zeros deflate to about 256 KiB.
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1024 * 1024];
+    for _ in 0..256 {
+        enc.write_all(&zeros).unwrap();
+    }
+    let bomb = frame(1, &enc.finish().unwrap());
+    let codec = RecordCodec::new().max_record_size(1024 * 1024);
+    assert!(matches!(codec.decode(&bomb), Err(CodecError::TooLarge { max }) if max == 1024 * 1024));
+}
+
+#[test]
+fn typed_errors_for_each_kind_of_damage() {
+    let codec = RecordCodec::new();
+    let record = Record::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"ok"), Fingerprint::from_bytes([1; 32]));
+    let good = codec.encode(&record).unwrap();
+    assert!(matches!(codec.decode(&good[..3]), Err(CodecError::Truncated { len: 3 })));
+    let mut v = good.clone();
+    v[0] = 9;
+    assert!(matches!(codec.decode(&v), Err(CodecError::UnsupportedVersion(9))));
+    let mut v = good.clone();
+    *v.last_mut().unwrap() ^= 0xff;
+    assert!(matches!(codec.decode(&v), Err(CodecError::ChecksumMismatch)));
+    assert!(matches!(codec.decode(&frame(0x80, b"")), Err(CodecError::UnknownFlags(0x80))));
+    assert!(matches!(codec.decode(&frame(0, b"\xc1")), Err(CodecError::Malformed(_))));
+    assert!(matches!(codec.decode(&frame(1, b"\xff\xff\xff")), Err(CodecError::Inflate(_))));
+}

@@ -1,0 +1,125 @@
+//! Many requests, one key: the handler runs once.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Answer, Runs, counting, post, send};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use tokio::sync::Notify;
+use tower::Layer;
+use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+
+const N: usize = 100;
+
+/// The handler holds the first request until every other request has been
+/// answered, so all 99 duplicates truly overlap it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_overlapping_duplicates_run_once() {
+    let runs = Runs::default();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let notify = Arc::new(Notify::new());
+    let handler = {
+        let (runs, answered, notify) = (runs.clone(), answered.clone(), notify.clone());
+        tower::service_fn(move |_req: common::InnerReq| {
+            let (runs, answered, notify) = (runs.clone(), answered.clone(), notify.clone());
+            async move {
+                let n = runs.bump();
+                // Bounded: if a second run slipped through, the test fails
+                // on the count below instead of hanging.
+                let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                    while answered.load(Ordering::SeqCst) < N - 1 {
+                        notify.notified().await;
+                    }
+                })
+                .await;
+                let res = Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(Full::new(Bytes::from(format!("payment {n}"))))
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        })
+    };
+    let backend = MemoryBackend::new();
+    let svc = IdempotencyLayer::new(backend.clone()).layer(handler);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..N {
+        let mut svc = svc.clone();
+        let (answered, notify) = (answered.clone(), notify.clone());
+        tasks.spawn(async move {
+            let answer = send(&mut svc, post("/payments", Some("\"hot\""), r#"{"amount":5}"#)).await;
+            answered.fetch_add(1, Ordering::SeqCst);
+            notify.notify_waiters();
+            answer
+        });
+    }
+    let answers: Vec<Answer> = tasks.join_all().await;
+    assert_eq!(runs.get(), 1, "the handler must run exactly once");
+    let created: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::CREATED).collect();
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].body, "payment 1");
+    for conflict in answers.iter().filter(|a| a.status != StatusCode::CREATED) {
+        assert_eq!(conflict.status, StatusCode::CONFLICT);
+        assert_eq!(conflict.problem_type(), "request-in-flight");
+        assert!(conflict.headers.contains_key("retry-after"));
+    }
+    let mut svc = svc.clone();
+    let retry = send(&mut svc, post("/payments", Some("\"hot\""), r#"{"amount":5}"#)).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, "payment 1");
+    assert_eq!(backend.in_flight_count(), 0);
+}
+
+/// Without a gate, duplicates land before, during and after the first run:
+/// each one is the original, a replay of it, or a 409.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_racing_duplicates_run_once() {
+    for round in 0..5 {
+        let runs = Runs::default();
+        let svc = IdempotencyLayer::new(MemoryBackend::new()).layer(counting(runs.clone()));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..N {
+            let mut svc = svc.clone();
+            tasks.spawn(async move { send(&mut svc, post("/p", Some("race"), "same body")).await });
+        }
+        let answers = tasks.join_all().await;
+        assert_eq!(runs.get(), 1, "round {round}");
+        let originals = answers
+            .iter()
+            .filter(|a| a.status == StatusCode::CREATED && !a.replayed())
+            .count();
+        assert_eq!(originals, 1);
+        let original = answers.iter().find(|a| a.status == StatusCode::CREATED && !a.replayed()).unwrap();
+        for a in &answers {
+            match a.status {
+                StatusCode::CREATED => assert_eq!(a.body, original.body),
+                StatusCode::CONFLICT => assert_eq!(a.problem_type(), "request-in-flight"),
+                other => panic!("unexpected status {other}"),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_keys_each_run() {
+    let runs = Runs::default();
+    let backend = MemoryBackend::new();
+    let svc = IdempotencyLayer::new(backend.clone()).layer(counting(runs.clone()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let mut svc = svc.clone();
+        tasks.spawn(async move { send(&mut svc, post("/p", Some(&format!("key-{i}")), "x")).await });
+    }
+    for a in tasks.join_all().await {
+        assert_eq!(a.status, StatusCode::CREATED);
+        assert!(!a.replayed());
+    }
+    assert_eq!(runs.get(), N);
+    assert_eq!(backend.stored_count(), N as u64);
+}
