@@ -1,0 +1,62 @@
+//! `tower-idempotency` on a bare hyper 1 server, without axum.
+//!
+//! ```sh
+//! cargo run --example hyper
+//! curl -i -H 'Idempotency-Key: "k1"' -d 'hello' localhost:3001/orders
+//! curl -i -H 'Idempotency-Key: "k1"' -d 'hello' localhost:3001/orders   # replayed
+//! ```
+//!
+//! Environment: `ADDR` (default `127.0.0.1:3001`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use hyper_util::service::TowerToHyperService;
+use tower::ServiceBuilder;
+use tower_idempotency::{IdempotencyBody, IdempotencyLayer, MemoryBackend};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3001".to_owned());
+    let orders = Arc::new(AtomicU64::new(0));
+
+    let handler = tower::service_fn(move |req: Request<IdempotencyBody<Incoming>>| {
+        let orders = Arc::clone(&orders);
+        async move {
+            let body = match req.into_body().collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(_) => Bytes::new(),
+            };
+            let n = orders.fetch_add(1, Ordering::SeqCst) + 1;
+            let text = format!("order {n} for {:?}\n", String::from_utf8_lossy(&body));
+            let mut res = Response::new(Full::new(Bytes::from(text)));
+            *res.status_mut() = StatusCode::CREATED;
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let service = ServiceBuilder::new()
+        .layer(IdempotencyLayer::new(MemoryBackend::new()))
+        .service(handler);
+
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on {}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let service = TowerToHyperService::new(service.clone());
+        tokio::spawn(async move {
+            if let Err(error) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                eprintln!("connection error: {error}");
+            }
+        });
+    }
+}
