@@ -113,7 +113,9 @@ impl<B: Body> Body for IdempotencyBody<B> {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Stream { body } => body.size_hint(),
-            Kind::Full { data, .. } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Kind::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
             Kind::Prefixed { prefix, body } => {
                 let extra = prefix.as_ref().map_or(0, |d| d.len() as u64);
                 let inner = body.size_hint();
@@ -137,7 +139,9 @@ impl<B: Body> fmt::Debug for IdempotencyBody<B> {
             Kind::Prefixed { .. } => "Prefixed",
             Kind::Failed { .. } => "Failed",
         };
-        f.debug_struct("IdempotencyBody").field("kind", &kind).finish()
+        f.debug_struct("IdempotencyBody")
+            .field("kind", &kind)
+            .finish()
     }
 }
 
@@ -164,14 +168,18 @@ pub(crate) async fn collect_limited<B: Body>(
     loop {
         let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
         let frame = match frame {
-            None => return Collected::Complete {
-                data: concat(chunks, total),
-                trailers: None,
-            },
-            Some(Err(error)) => return Collected::Failed {
-                prefix: concat(chunks, total),
-                error,
-            },
+            None => {
+                return Collected::Complete {
+                    data: concat(chunks, total),
+                    trailers: None,
+                };
+            }
+            Some(Err(error)) => {
+                return Collected::Failed {
+                    prefix: concat(chunks, total),
+                    error,
+                };
+            }
             Some(Ok(frame)) => frame,
         };
         match frame.into_data() {

@@ -99,8 +99,17 @@ mod tests {
 
     #[test]
     fn authorization_counts_only_when_included() {
-        assert_ne!(fp("/a", b"x", Some("t1"), true), fp("/a", b"x", Some("t2"), true));
-        assert_eq!(fp("/a", b"x", Some("t1"), false), fp("/a", b"x", Some("t2"), false));
-        assert_eq!(fp("/a", b"x", Some("t1"), true), fp("/a", b"x", Some("t1"), true));
+        assert_ne!(
+            fp("/a", b"x", Some("t1"), true),
+            fp("/a", b"x", Some("t2"), true)
+        );
+        assert_eq!(
+            fp("/a", b"x", Some("t1"), false),
+            fp("/a", b"x", Some("t2"), false)
+        );
+        assert_eq!(
+            fp("/a", b"x", Some("t1"), true),
+            fp("/a", b"x", Some("t1"), true)
+        );
     }
 }

@@ -69,7 +69,10 @@ where
     parts.extensions.insert(key);
     let req = Request::from_parts(parts, IdempotencyBody::full(data, trailers));
 
-    let lock = match backend.begin(&storage_key, &fingerprint, config.lock_ttl).await {
+    let lock = match backend
+        .begin(&storage_key, &fingerprint, config.lock_ttl)
+        .await
+    {
         Ok(Begin::Acquired(lock)) => lock,
         Ok(Begin::Completed(record)) if record.fingerprint == fingerprint => {
             tracing::debug!(key = %storage_key, "replaying stored response");
@@ -115,16 +118,26 @@ where
         Outcome::Complete { parts, data, .. } if lost => {
             tracing::warn!(key = %storage_key, "lock lost while the handler ran; response not stored");
             guard.release(&storage_key, "lock lost").await;
-            Ok(Response::from_parts(parts, IdempotencyBody::full(data, None)))
+            Ok(Response::from_parts(
+                parts,
+                IdempotencyBody::full(data, None),
+            ))
         }
         Outcome::Complete { parts, data, ttl } => {
             let record = Record::from_parts(&parts, data.clone(), fingerprint);
             match guard.complete(record, ttl).await {
                 Ok(Completion::Saved) => tracing::debug!(key = %storage_key, "response stored"),
-                Ok(_) => tracing::warn!(key = %storage_key, "lock lost before the response was stored"),
-                Err(error) => tracing::warn!(key = %storage_key, %error, "storing the response failed"),
+                Ok(_) => {
+                    tracing::warn!(key = %storage_key, "lock lost before the response was stored");
+                }
+                Err(error) => {
+                    tracing::warn!(key = %storage_key, %error, "storing the response failed");
+                }
             }
-            Ok(Response::from_parts(parts, IdempotencyBody::full(data, None)))
+            Ok(Response::from_parts(
+                parts,
+                IdempotencyBody::full(data, None),
+            ))
         }
     }
 }
@@ -300,7 +313,11 @@ impl<B: Backend> LockGuard<'_, B> {
         }
     }
 
-    async fn complete(&mut self, record: Record, ttl: Duration) -> Result<Completion, BackendError> {
+    async fn complete(
+        &mut self,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<Completion, BackendError> {
         match self.lock.take() {
             Some(lock) => self.backend.complete(lock, record, ttl).await,
             None => Ok(Completion::Lost),

@@ -87,6 +87,8 @@ impl<F, ResBody: Body, E> fmt::Debug for ResponseFuture<F, ResBody, E> {
             Kind::Ready { .. } => "Ready",
             Kind::Guarded { .. } => "Guarded",
         };
-        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }

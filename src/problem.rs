@@ -42,7 +42,8 @@ use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 
 /// Where the `type` URIs point.
-const TYPE_BASE: &str = "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#";
+const TYPE_BASE: &str =
+    "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#";
 
 /// The cases the layer answers on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -63,7 +63,7 @@ impl Record {
             headers,
             body,
             fingerprint,
-            created_at: SystemTime::now(),
+            created_at: now_millis(),
         }
     }
 
@@ -83,6 +83,15 @@ impl Record {
             .sum();
         self.body.len() + headers + 96
     }
+}
+
+/// Now, truncated to the millisecond precision records are stored with, so a
+/// record reads back equal to what was written.
+fn now_millis() -> SystemTime {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
 }
 
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -316,7 +325,8 @@ fn deflate(plain: &[u8]) -> Result<Vec<u8>, CodecError> {
     let mut enc = DeflateEncoder::new(Vec::with_capacity(plain.len() / 2), Compression::fast());
     enc.write_all(plain)
         .map_err(|e| CodecError::Malformed(e.to_string()))?;
-    enc.finish().map_err(|e| CodecError::Malformed(e.to_string()))
+    enc.finish()
+        .map_err(|e| CodecError::Malformed(e.to_string()))
 }
 
 fn checksum(flags: u8, payload: &[u8]) -> u32 {
@@ -343,8 +353,8 @@ impl Wire {
         for (name, value) in self.headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .map_err(|_| malformed("invalid header name"))?;
-            let value = HeaderValue::from_bytes(&value)
-                .map_err(|_| malformed("invalid header value"))?;
+            let value =
+                HeaderValue::from_bytes(&value).map_err(|_| malformed("invalid header value"))?;
             headers.append(name, value);
         }
         Ok(Record {
@@ -363,7 +373,10 @@ mod tests {
 
     fn record(body: &[u8]) -> Record {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         headers.append("x-multi", HeaderValue::from_static("a"));
         headers.append("x-multi", HeaderValue::from_static("b"));
         let mut r = Record::new(
@@ -416,10 +429,18 @@ mod tests {
         headers.insert(header::SET_COOKIE, HeaderValue::from_static("s=1"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
         headers.insert("x-hop", HeaderValue::from_static("1"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
         headers.insert("x-keep", HeaderValue::from_static("1"));
-        let r = Record::new(StatusCode::OK, headers, Bytes::new(), Fingerprint::from_bytes([0; 32]));
+        let r = Record::new(
+            StatusCode::OK,
+            headers,
+            Bytes::new(),
+            Fingerprint::from_bytes([0; 32]),
+        );
         assert_eq!(r.headers.len(), 1);
         assert!(r.headers.contains_key("x-keep"));
     }

@@ -98,7 +98,11 @@ where
             )),
             Err(error) => {
                 tracing::debug!(%error, "rejected malformed Idempotency-Key");
-                ResponseFuture::ready(flow::problem(ProblemKind::InvalidKey, &error.to_string(), None))
+                ResponseFuture::ready(flow::problem(
+                    ProblemKind::InvalidKey,
+                    &error.to_string(),
+                    None,
+                ))
             }
         }
     }

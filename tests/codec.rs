@@ -11,7 +11,13 @@ use tower_idempotency::{CodecError, Fingerprint, Record, RecordCodec};
 fn arb_record() -> impl Strategy<Value = Record> {
     (
         100u16..1000,
-        proptest::collection::vec(("[a-z][a-z0-9-]{0,20}", proptest::collection::vec(0x20u8..0x7f, 0..40)), 0..8),
+        proptest::collection::vec(
+            (
+                "[a-z][a-z0-9-]{0,20}",
+                proptest::collection::vec(0x20u8..0x7f, 0..40),
+            ),
+            0..8,
+        ),
         prop_oneof![
             proptest::collection::vec(any::<u8>(), 0..4096),
             (any::<u8>(), 0usize..100_000).prop_map(|(b, n)| vec![b; n]),
@@ -27,7 +33,12 @@ fn arb_record() -> impl Strategy<Value = Record> {
                     HeaderValue::from_bytes(&value).unwrap(),
                 );
             }
-            let mut r = Record::new(StatusCode::from_u16(status).unwrap(), map, Bytes::from(body), Fingerprint::from_bytes(fp));
+            let mut r = Record::new(
+                StatusCode::from_u16(status).unwrap(),
+                map,
+                Bytes::from(body),
+                Fingerprint::from_bytes(fp),
+            );
             r.created_at = UNIX_EPOCH + Duration::from_millis(ms);
             r
         })
@@ -100,16 +111,39 @@ fn deflate_bomb_is_refused_without_inflating_it_all() {
 #[test]
 fn typed_errors_for_each_kind_of_damage() {
     let codec = RecordCodec::new();
-    let record = Record::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"ok"), Fingerprint::from_bytes([1; 32]));
+    let record = Record::new(
+        StatusCode::OK,
+        HeaderMap::new(),
+        Bytes::from_static(b"ok"),
+        Fingerprint::from_bytes([1; 32]),
+    );
     let good = codec.encode(&record).unwrap();
-    assert!(matches!(codec.decode(&good[..3]), Err(CodecError::Truncated { len: 3 })));
+    assert!(matches!(
+        codec.decode(&good[..3]),
+        Err(CodecError::Truncated { len: 3 })
+    ));
     let mut v = good.clone();
     v[0] = 9;
-    assert!(matches!(codec.decode(&v), Err(CodecError::UnsupportedVersion(9))));
+    assert!(matches!(
+        codec.decode(&v),
+        Err(CodecError::UnsupportedVersion(9))
+    ));
     let mut v = good.clone();
     *v.last_mut().unwrap() ^= 0xff;
-    assert!(matches!(codec.decode(&v), Err(CodecError::ChecksumMismatch)));
-    assert!(matches!(codec.decode(&frame(0x80, b"")), Err(CodecError::UnknownFlags(0x80))));
-    assert!(matches!(codec.decode(&frame(0, b"\xc1")), Err(CodecError::Malformed(_))));
-    assert!(matches!(codec.decode(&frame(1, b"\xff\xff\xff")), Err(CodecError::Inflate(_))));
+    assert!(matches!(
+        codec.decode(&v),
+        Err(CodecError::ChecksumMismatch)
+    ));
+    assert!(matches!(
+        codec.decode(&frame(0x80, b"")),
+        Err(CodecError::UnknownFlags(0x80))
+    ));
+    assert!(matches!(
+        codec.decode(&frame(0, b"\xc1")),
+        Err(CodecError::Malformed(_))
+    ));
+    assert!(matches!(
+        codec.decode(&frame(1, b"\xff\xff\xff")),
+        Err(CodecError::Inflate(_))
+    ));
 }

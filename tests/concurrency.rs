@@ -53,7 +53,11 @@ async fn hundred_overlapping_duplicates_run_once() {
         let mut svc = svc.clone();
         let (answered, notify) = (answered.clone(), notify.clone());
         tasks.spawn(async move {
-            let answer = send(&mut svc, post("/payments", Some("\"hot\""), r#"{"amount":5}"#)).await;
+            let answer = send(
+                &mut svc,
+                post("/payments", Some("\"hot\""), r#"{"amount":5}"#),
+            )
+            .await;
             answered.fetch_add(1, Ordering::SeqCst);
             notify.notify_waiters();
             answer
@@ -61,7 +65,10 @@ async fn hundred_overlapping_duplicates_run_once() {
     }
     let answers: Vec<Answer> = tasks.join_all().await;
     assert_eq!(runs.get(), 1, "the handler must run exactly once");
-    let created: Vec<&Answer> = answers.iter().filter(|a| a.status == StatusCode::CREATED).collect();
+    let created: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED)
+        .collect();
     assert_eq!(created.len(), 1);
     assert_eq!(created[0].body, "payment 1");
     for conflict in answers.iter().filter(|a| a.status != StatusCode::CREATED) {
@@ -70,7 +77,11 @@ async fn hundred_overlapping_duplicates_run_once() {
         assert!(conflict.headers.contains_key("retry-after"));
     }
     let mut svc = svc.clone();
-    let retry = send(&mut svc, post("/payments", Some("\"hot\""), r#"{"amount":5}"#)).await;
+    let retry = send(
+        &mut svc,
+        post("/payments", Some("\"hot\""), r#"{"amount":5}"#),
+    )
+    .await;
     assert!(retry.replayed());
     assert_eq!(retry.body, "payment 1");
     assert_eq!(backend.in_flight_count(), 0);
@@ -95,7 +106,10 @@ async fn hundred_racing_duplicates_run_once() {
             .filter(|a| a.status == StatusCode::CREATED && !a.replayed())
             .count();
         assert_eq!(originals, 1);
-        let original = answers.iter().find(|a| a.status == StatusCode::CREATED && !a.replayed()).unwrap();
+        let original = answers
+            .iter()
+            .find(|a| a.status == StatusCode::CREATED && !a.replayed())
+            .unwrap();
         for a in &answers {
             match a.status {
                 StatusCode::CREATED => assert_eq!(a.body, original.body),
@@ -114,7 +128,8 @@ async fn distinct_keys_each_run() {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..N {
         let mut svc = svc.clone();
-        tasks.spawn(async move { send(&mut svc, post("/p", Some(&format!("key-{i}")), "x")).await });
+        tasks
+            .spawn(async move { send(&mut svc, post("/p", Some(&format!("key-{i}")), "x")).await });
     }
     for a in tasks.join_all().await {
         assert_eq!(a.status, StatusCode::CREATED);

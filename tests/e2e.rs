@@ -25,11 +25,22 @@ struct Reply {
 }
 
 /// One request on a fresh HTTP/1.1 connection.
-async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
     tokio::spawn(conn);
-    let mut req = Request::builder().method(method).uri(path).header("host", addr.to_string());
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
     for (name, value) in headers {
         req = req.header(*name, *value);
     }
@@ -46,7 +57,17 @@ async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &
 }
 
 async fn post_key(addr: SocketAddr, key: &str, body: &str) -> Reply {
-    request(addr, "POST", "/orders", &[("idempotency-key", key), ("content-type", "application/json")], body).await
+    request(
+        addr,
+        "POST",
+        "/orders",
+        &[
+            ("idempotency-key", key),
+            ("content-type", "application/json"),
+        ],
+        body,
+    )
+    .await
 }
 
 async fn listener() -> (tokio::net::TcpListener, SocketAddr) {
@@ -58,8 +79,11 @@ async fn listener() -> (tokio::net::TcpListener, SocketAddr) {
 /// Serves a tower service with hyper 1, one task per connection.
 fn serve_hyper<S>(listener: tokio::net::TcpListener, service: S)
 where
-    S: tower::Service<Request<Incoming>, Response = Response<IdempotencyBody<Full<Bytes>>>, Error = Infallible>
-        + Clone
+    S: tower::Service<
+            Request<Incoming>,
+            Response = Response<IdempotencyBody<Full<Bytes>>>,
+            Error = Infallible,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -84,7 +108,10 @@ async fn assert_exactly_once(addr: SocketAddr, runs: &AtomicUsize) {
     assert_eq!(again.status, StatusCode::CREATED);
     assert_eq!(again.body, first.body);
     assert_eq!(again.headers["idempotent-replayed"], "true");
-    assert_eq!(again.headers["content-length"], first.body.len().to_string());
+    assert_eq!(
+        again.headers["content-length"],
+        first.body.len().to_string()
+    );
     assert!(!again.headers.contains_key("set-cookie"));
     let mismatch = post_key(addr, "\"order-1\"", r#"{"item":"car"}"#).await;
     assert_eq!(mismatch.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -102,10 +129,16 @@ async fn assert_exactly_once(addr: SocketAddr, runs: &AtomicUsize) {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
     let originals = replies
         .iter()
-        .filter(|r| r.status == StatusCode::CREATED && !r.headers.contains_key("idempotent-replayed"))
+        .filter(|r| {
+            r.status == StatusCode::CREATED && !r.headers.contains_key("idempotent-replayed")
+        })
         .count();
     assert_eq!(originals, 1);
-    assert!(replies.iter().all(|r| r.status == StatusCode::CREATED || r.status == StatusCode::CONFLICT));
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == StatusCode::CREATED || r.status == StatusCode::CONFLICT)
+    );
 }
 
 #[tokio::test]
@@ -138,8 +171,12 @@ async fn axum_router_layer() {
 
 fn counting_handler(
     runs: Arc<AtomicUsize>,
-) -> impl tower::Service<Request<IdempotencyBody<Incoming>>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
-+ Clone
+) -> impl tower::Service<
+    Request<IdempotencyBody<Incoming>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future: Send,
+> + Clone
 + Send
 + 'static {
     tower::service_fn(move |req: Request<IdempotencyBody<Incoming>>| {
@@ -150,7 +187,8 @@ fn counting_handler(
             tokio::time::sleep(Duration::from_millis(20)).await;
             let mut res = Response::new(Full::new(Bytes::from(format!("order {n}: {body:?}"))));
             *res.status_mut() = StatusCode::CREATED;
-            res.headers_mut().insert("set-cookie", "seen=1".parse().unwrap());
+            res.headers_mut()
+                .insert("set-cookie", "seen=1".parse().unwrap());
             Ok::<_, Infallible>(res)
         }
     })
@@ -167,7 +205,11 @@ async fn tower_service_builder_with_another_layer() {
     serve_hyper(listener, service);
     assert_exactly_once(addr, &runs).await;
     let missing = request(addr, "POST", "/orders", &[], "{}").await;
-    assert_eq!(missing.status, StatusCode::BAD_REQUEST, "required() over TCP");
+    assert_eq!(
+        missing.status,
+        StatusCode::BAD_REQUEST,
+        "required() over TCP"
+    );
 }
 
 #[tokio::test]
@@ -186,8 +228,18 @@ async fn payments_example_answers_twice_with_the_same_id() {
 
     // target/<profile>/deps/e2e-<hash> → target/<profile>/examples/payments
     let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("examples").join("payments");
-    assert!(bin.exists(), "{} is missing: cargo test builds examples", bin.display());
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("payments");
+    assert!(
+        bin.exists(),
+        "{} is missing: cargo test builds examples",
+        bin.display()
+    );
     let mut child = tokio::process::Command::new(&bin)
         .env("ADDR", "127.0.0.1:0")
         .stdout(std::process::Stdio::piped())
@@ -212,7 +264,10 @@ async fn payments_example_answers_twice_with_the_same_id() {
             addr,
             "POST",
             "/payments",
-            &[("idempotency-key", "\"k1\""), ("content-type", "application/json")],
+            &[
+                ("idempotency-key", "\"k1\""),
+                ("content-type", "application/json"),
+            ],
             body,
         )
         .await
@@ -221,13 +276,20 @@ async fn payments_example_answers_twice_with_the_same_id() {
     assert_eq!(first.status, StatusCode::CREATED);
     let second = payment(r#"{"amount":5,"currency":"EUR"}"#).await;
     assert_eq!(second.status, StatusCode::CREATED);
-    let id = |r: &Reply| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].clone();
+    let id =
+        |r: &Reply| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].clone();
     assert_eq!(id(&first), id(&second));
     assert_eq!(second.headers["idempotent-replayed"], "true");
-    assert_eq!(payment(r#"{"amount":6,"currency":"EUR"}"#).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        payment(r#"{"amount":6,"currency":"EUR"}"#).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
 
     let stats = request(addr, "GET", "/stats", &[], "").await;
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&stats.body).unwrap(), serde_json::json!({"handler_runs": 1}));
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&stats.body).unwrap(),
+        serde_json::json!({"handler_runs": 1})
+    );
     let list = request(addr, "GET", "/payments", &[], "").await;
     let list: serde_json::Value = serde_json::from_slice(&list.body).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);

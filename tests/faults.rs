@@ -47,7 +47,11 @@ async fn dropping_the_response_future_mid_handler_frees_the_key() {
     assert_eq!(backend.in_flight_count(), 1);
     task.abort();
     assert!(task.await.unwrap_err().is_cancelled());
-    assert_eq!(backend.in_flight_count(), 0, "the lock must be released on drop");
+    assert_eq!(
+        backend.in_flight_count(),
+        0,
+        "the lock must be released on drop"
+    );
     let retry = send(&mut svc, post("/p", Some("k"), "x")).await;
     assert_eq!(retry.status, StatusCode::OK);
     assert!(!retry.replayed());
@@ -78,7 +82,10 @@ struct SlowBody {
 impl http_body::Body for SlowBody {
     type Data = Bytes;
     type Error = Infallible;
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.chunks.is_empty() {
             return Poll::Ready(None);
         }
@@ -138,14 +145,24 @@ async fn cancellation_at_every_await_point_leaves_no_stuck_lock() {
         }
         drop(fut);
         saw_completion |= finished;
-        assert_eq!(backend.in_flight_count(), 0, "stuck lock after {polls} polls");
+        assert_eq!(
+            backend.in_flight_count(),
+            0,
+            "stuck lock after {polls} polls"
+        );
         let retry = svc.clone().oneshot(slow_request(&key)).await.unwrap();
         assert_eq!(retry.status(), StatusCode::OK, "after {polls} polls");
         let replayed = retry.headers().contains_key("idempotent-replayed");
-        assert_eq!(replayed, finished, "after {polls} polls: replay exactly when the first finished");
+        assert_eq!(
+            replayed, finished,
+            "after {polls} polls: replay exactly when the first finished"
+        );
         assert_eq!(retry.into_body().collect().await.unwrap().to_bytes(), "abc");
     }
-    assert!(saw_completion, "the poll budget never reached completion; raise it");
+    assert!(
+        saw_completion,
+        "the poll budget never reached completion; raise it"
+    );
 }
 
 #[tokio::test]
@@ -165,7 +182,13 @@ async fn inner_error_releases_and_stores_nothing() {
     };
     let backend = MemoryBackend::new();
     let mut svc = IdempotencyLayer::new(backend.clone()).layer(handler);
-    let err = svc.ready().await.unwrap().call(post("/p", Some("k"), "x")).await.unwrap_err();
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(post("/p", Some("k"), "x"))
+        .await
+        .unwrap_err();
     assert_eq!(err, "inner failure", "the inner error type passes through");
     assert_eq!(backend.in_flight_count(), 0);
     assert_eq!(backend.stored_count(), 0);
@@ -215,22 +238,32 @@ async fn oversize_request_is_413_before_any_lock() {
     // Streamed without a length.
     let streamed = Request::post("/p")
         .header("idempotency-key", "k2")
-        .body(SlowBody { chunks: vec![b"0123456789", b"0123456789"], pending: false })
+        .body(SlowBody {
+            chunks: vec![b"0123456789", b"0123456789"],
+            pending: false,
+        })
         .unwrap();
     let mut svc2 = IdempotencyLayer::new(backend.clone())
         .max_request_body(16)
-        .layer(tower::service_fn(|_req: Request<IdempotencyBody<SlowBody>>| async {
-            panic!("handler must not run");
-            #[allow(unreachable_code)]
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
-        }));
+        .layer(tower::service_fn(
+            |_req: Request<IdempotencyBody<SlowBody>>| async {
+                panic!("handler must not run");
+                #[allow(unreachable_code)]
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            },
+        ));
     let res = svc2.ready().await.unwrap().call(streamed).await.unwrap();
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(runs.get(), 0);
     assert_eq!(backend.in_flight_count(), 0);
     assert_eq!(backend.stored_count(), 0);
     // Exactly at the limit is fine.
-    assert_eq!(send(&mut svc, post("/p", Some("k"), &"x".repeat(16))).await.status, StatusCode::CREATED);
+    assert_eq!(
+        send(&mut svc, post("/p", Some("k"), &"x".repeat(16)))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
 }
 
 #[tokio::test]
@@ -239,7 +272,10 @@ async fn failing_request_body_is_400() {
     impl http_body::Body for Broken {
         type Data = Bytes;
         type Error = &'static str;
-        fn poll_frame(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, &'static str>>> {
             Poll::Ready(Some(Err("connection reset")))
         }
     }
@@ -249,7 +285,10 @@ async fn failing_request_body_is_400() {
             Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
         },
     ));
-    let req = Request::post("/p").header("idempotency-key", "k").body(Broken).unwrap();
+    let req = Request::post("/p")
+        .header("idempotency-key", "k")
+        .body(Broken)
+        .unwrap();
     let res = svc.ready().await.unwrap().call(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     assert_eq!(backend.in_flight_count(), 0);
@@ -271,14 +310,24 @@ fn outage() -> BackendError {
 impl Backend for Flaky {
     type Lock = MemoryLock;
 
-    async fn begin(&self, key: &StorageKey, fp: &Fingerprint, ttl: Duration) -> Result<Begin<MemoryLock>, BackendError> {
+    async fn begin(
+        &self,
+        key: &StorageKey,
+        fp: &Fingerprint,
+        ttl: Duration,
+    ) -> Result<Begin<MemoryLock>, BackendError> {
         if self.fail_begin.load(Ordering::SeqCst) {
             return Err(outage());
         }
         self.inner.begin(key, fp, ttl).await
     }
 
-    async fn complete(&self, lock: MemoryLock, record: Record, ttl: Duration) -> Result<Completion, BackendError> {
+    async fn complete(
+        &self,
+        lock: MemoryLock,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<Completion, BackendError> {
         if self.fail_complete.load(Ordering::SeqCst) {
             self.inner.release(lock).await?;
             return Err(outage());
@@ -311,7 +360,10 @@ async fn backend_outage_is_503_and_the_handler_does_not_run() {
     assert_eq!(runs.get(), 0);
     // Recovery needs no restart.
     backend.fail_begin.store(false, Ordering::SeqCst);
-    assert_eq!(send(&mut svc, post("/p", Some("k"), "x")).await.status, StatusCode::CREATED);
+    assert_eq!(
+        send(&mut svc, post("/p", Some("k"), "x")).await.status,
+        StatusCode::CREATED
+    );
     assert!(send(&mut svc, post("/p", Some("k"), "x")).await.replayed());
 }
 
@@ -320,7 +372,9 @@ async fn fail_open_runs_the_handler_unprotected() {
     let runs = Runs::default();
     let backend = Flaky::default();
     backend.fail_begin.store(true, Ordering::SeqCst);
-    let mut svc = IdempotencyLayer::new(backend.clone()).fail_open().layer(counting(runs.clone()));
+    let mut svc = IdempotencyLayer::new(backend.clone())
+        .fail_open()
+        .layer(counting(runs.clone()));
     for _ in 0..2 {
         let answer = send(&mut svc, post("/p", Some("k"), "x")).await;
         assert_eq!(answer.status, StatusCode::CREATED);
@@ -345,7 +399,13 @@ async fn store_failure_still_answers_the_client() {
 }
 
 /// The first call sleeps `first_call_secs`, later ones answer at once.
-fn slow_first(runs: Runs, first_call_secs: u64) -> impl Service<common::InnerReq, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send> + Clone + Send + 'static {
+fn slow_first(
+    runs: Runs,
+    first_call_secs: u64,
+) -> impl Service<common::InnerReq, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
     tower::service_fn(move |_req: common::InnerReq| {
         let n = runs.bump();
         async move {
@@ -371,9 +431,16 @@ async fn heartbeat_keeps_the_lock_of_a_slow_handler() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     backend.fail_extend.store(false, Ordering::SeqCst);
     let during = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
-    assert_eq!(during.status, StatusCode::CONFLICT, "the lock must still be held at t=6.5s");
+    assert_eq!(
+        during.status,
+        StatusCode::CONFLICT,
+        "the lock must still be held at t=6.5s"
+    );
     let first = first.await.unwrap().unwrap();
-    assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "run 1");
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes(),
+        "run 1"
+    );
     let after = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
     assert!(after.replayed());
     assert_eq!(after.body, "run 1");
@@ -391,12 +458,22 @@ async fn without_heartbeat_a_lapsed_lock_never_overwrites_the_new_holder() {
     let first = tokio::spawn(svc.clone().oneshot(post("/p", Some("k"), "x")));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let second = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
-    assert_eq!(second.body, "run 2", "the lapsed lock let a second request run");
+    assert_eq!(
+        second.body, "run 2",
+        "the lapsed lock let a second request run"
+    );
     let first = first.await.unwrap().unwrap();
-    assert_eq!(first.into_body().collect().await.unwrap().to_bytes(), "run 1", "the slow client still gets its answer");
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes(),
+        "run 1",
+        "the slow client still gets its answer"
+    );
     let third = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
     assert!(third.replayed());
-    assert_eq!(third.body, "run 2", "the stale holder must not overwrite the record");
+    assert_eq!(
+        third.body, "run 2",
+        "the stale holder must not overwrite the record"
+    );
     assert_eq!(backend.in_flight_count(), 0);
 }
 
@@ -428,10 +505,18 @@ async fn concurrent_duplicate_gets_409_with_retry_after() {
     }
     let dup = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
     assert_eq!(dup.status, StatusCode::CONFLICT);
-    let retry_after: u64 = dup.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry_after: u64 = dup.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!((1..=30).contains(&retry_after), "{retry_after}");
     release_tx.send(()).unwrap();
     first.await.unwrap().unwrap();
-    assert!(send(&mut svc.clone(), post("/p", Some("k"), "x")).await.replayed());
+    assert!(
+        send(&mut svc.clone(), post("/p", Some("k"), "x"))
+            .await
+            .replayed()
+    );
     assert_eq!(runs.get(), 1);
 }

@@ -14,7 +14,9 @@ async fn rejected(raw_values: &[&[u8]]) {
     let runs = Runs::default();
     let backend = MemoryBackend::new();
     let mut svc = IdempotencyLayer::new(backend.clone()).layer(counting(runs.clone()));
-    let mut req = Request::post("/p").body(Full::new(Bytes::from_static(b"x"))).unwrap();
+    let mut req = Request::post("/p")
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
     for raw in raw_values {
         req.headers_mut()
             .append("idempotency-key", HeaderValue::from_bytes(raw).unwrap());
@@ -62,7 +64,11 @@ async fn key_of_255_bytes_is_accepted() {
     let mut svc = IdempotencyLayer::new(MemoryBackend::new()).layer(counting(runs.clone()));
     let key = "k".repeat(255);
     send(&mut svc, post("/p", Some(&key), "x")).await;
-    assert!(send(&mut svc, post("/p", Some(&format!("\"{key}\"")), "x")).await.replayed());
+    assert!(
+        send(&mut svc, post("/p", Some(&format!("\"{key}\"")), "x"))
+            .await
+            .replayed()
+    );
     assert_eq!(runs.get(), 1);
 }
 

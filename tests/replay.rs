@@ -19,17 +19,28 @@ fn layer(backend: &MemoryBackend) -> IdempotencyLayer<MemoryBackend> {
 async fn sequential_retry_replays_the_original_response() {
     let runs = Runs::default();
     let mut svc = layer(&MemoryBackend::new()).layer(counting(runs.clone()));
-    let first = send(&mut svc, post("/payments", Some("\"k1\""), r#"{"amount":5}"#)).await;
+    let first = send(
+        &mut svc,
+        post("/payments", Some("\"k1\""), r#"{"amount":5}"#),
+    )
+    .await;
     assert_eq!(first.status, StatusCode::CREATED);
     assert!(!first.replayed());
     assert_eq!(first.headers["set-cookie"], "run=1");
 
     for _ in 0..3 {
-        let again = send(&mut svc, post("/payments", Some("\"k1\""), r#"{"amount":5}"#)).await;
+        let again = send(
+            &mut svc,
+            post("/payments", Some("\"k1\""), r#"{"amount":5}"#),
+        )
+        .await;
         assert_eq!(again.status, first.status);
         assert_eq!(again.body, first.body);
         assert!(again.replayed());
-        assert!(!again.headers.contains_key("set-cookie"), "Set-Cookie must not be replayed");
+        assert!(
+            !again.headers.contains_key("set-cookie"),
+            "Set-Cookie must not be replayed"
+        );
         let mut expected = first.headers.clone();
         expected.remove("set-cookie");
         expected.insert("content-length", first.body.len().into());
@@ -44,7 +55,11 @@ async fn quoted_and_bare_keys_are_the_same_key() {
     let runs = Runs::default();
     let mut svc = layer(&MemoryBackend::new()).layer(counting(runs.clone()));
     send(&mut svc, post("/p", Some("\"same\""), "x")).await;
-    assert!(send(&mut svc, post("/p", Some("same"), "x")).await.replayed());
+    assert!(
+        send(&mut svc, post("/p", Some("same"), "x"))
+            .await
+            .replayed()
+    );
     assert_eq!(runs.get(), 1);
 }
 
@@ -67,7 +82,10 @@ async fn same_key_different_request_is_422() {
         .header("idempotency-key", "k")
         .body(Full::new(Bytes::from_static(b"a")))
         .unwrap();
-    assert_eq!(send(&mut svc, patch).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        send(&mut svc, patch).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
     assert_eq!(runs.get(), 1);
 }
 
@@ -75,13 +93,25 @@ async fn same_key_different_request_is_422() {
 async fn two_callers_never_share_a_response() {
     let runs = Runs::default();
     let mut svc = layer(&MemoryBackend::new()).layer(counting(runs.clone()));
-    let alice = send(&mut svc, with_header(post("/p", Some("k"), "x"), "authorization", "Bearer alice")).await;
-    let bob = send(&mut svc, with_header(post("/p", Some("k"), "x"), "authorization", "Bearer bob")).await;
+    let alice = send(
+        &mut svc,
+        with_header(post("/p", Some("k"), "x"), "authorization", "Bearer alice"),
+    )
+    .await;
+    let bob = send(
+        &mut svc,
+        with_header(post("/p", Some("k"), "x"), "authorization", "Bearer bob"),
+    )
+    .await;
     assert!(!bob.replayed());
     assert_ne!(alice.body, bob.body);
     assert_eq!(runs.get(), 2);
     // Each replays only its own.
-    let alice2 = send(&mut svc, with_header(post("/p", Some("k"), "x"), "authorization", "Bearer alice")).await;
+    let alice2 = send(
+        &mut svc,
+        with_header(post("/p", Some("k"), "x"), "authorization", "Bearer alice"),
+    )
+    .await;
     assert_eq!(alice2.body, alice.body);
     // No credentials at all is a third caller.
     let anon = send(&mut svc, post("/p", Some("k"), "x")).await;
@@ -93,9 +123,27 @@ async fn two_callers_never_share_a_response() {
 async fn default_scope_falls_back_to_cookie() {
     let runs = Runs::default();
     let mut svc = layer(&MemoryBackend::new()).layer(counting(runs.clone()));
-    send(&mut svc, with_header(post("/p", Some("k"), "x"), "cookie", "sid=1")).await;
-    assert!(send(&mut svc, with_header(post("/p", Some("k"), "x"), "cookie", "sid=1")).await.replayed());
-    assert!(!send(&mut svc, with_header(post("/p", Some("k"), "x"), "cookie", "sid=2")).await.replayed());
+    send(
+        &mut svc,
+        with_header(post("/p", Some("k"), "x"), "cookie", "sid=1"),
+    )
+    .await;
+    assert!(
+        send(
+            &mut svc,
+            with_header(post("/p", Some("k"), "x"), "cookie", "sid=1")
+        )
+        .await
+        .replayed()
+    );
+    assert!(
+        !send(
+            &mut svc,
+            with_header(post("/p", Some("k"), "x"), "cookie", "sid=2")
+        )
+        .await
+        .replayed()
+    );
     assert_eq!(runs.get(), 2);
 }
 
@@ -105,10 +153,25 @@ async fn named_cookie_scope_ignores_other_cookies() {
     let mut svc = layer(&MemoryBackend::new())
         .scope_cookie("session")
         .layer(counting(runs.clone()));
-    send(&mut svc, with_header(post("/p", Some("k"), "x"), "cookie", "session=s1; _ga=1")).await;
-    let retry = send(&mut svc, with_header(post("/p", Some("k"), "x"), "cookie", "_ga=2; session=s1")).await;
-    assert!(retry.replayed(), "a changed analytics cookie must not split the caller");
-    let other = send(&mut svc, with_header(post("/p", Some("k"), "x"), "cookie", "session=s2")).await;
+    send(
+        &mut svc,
+        with_header(post("/p", Some("k"), "x"), "cookie", "session=s1; _ga=1"),
+    )
+    .await;
+    let retry = send(
+        &mut svc,
+        with_header(post("/p", Some("k"), "x"), "cookie", "_ga=2; session=s1"),
+    )
+    .await;
+    assert!(
+        retry.replayed(),
+        "a changed analytics cookie must not split the caller"
+    );
+    let other = send(
+        &mut svc,
+        with_header(post("/p", Some("k"), "x"), "cookie", "session=s2"),
+    )
+    .await;
     assert!(!other.replayed());
     assert_eq!(runs.get(), 2);
 }
@@ -141,7 +204,11 @@ async fn principal_scope_replays_across_token_rotation() {
         .layer(counting(runs.clone()));
     let first = send(&mut svc, authenticated("Bearer token-v1", "user-1")).await;
     let retry = send(&mut svc, authenticated("Bearer token-v2", "user-1")).await;
-    assert_eq!(retry.status, StatusCode::CREATED, "a refreshed token must replay, not 422");
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "a refreshed token must replay, not 422"
+    );
     assert!(retry.replayed());
     assert_eq!(retry.body, first.body);
     // Another principal with the same key is isolated.
@@ -158,15 +225,23 @@ async fn fingerprint_headers_must_match() {
         .layer(counting(runs.clone()));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     let mut req = post("/p", Some("k"), "x");
-    req.headers_mut().insert("content-type", "text/plain".parse().unwrap());
-    assert_eq!(send(&mut svc, req).await.status, StatusCode::UNPROCESSABLE_ENTITY);
+    req.headers_mut()
+        .insert("content-type", "text/plain".parse().unwrap());
+    assert_eq!(
+        send(&mut svc, req).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
 }
 
 fn status_service(
     runs: Runs,
     status: StatusCode,
-) -> impl tower::Service<common::InnerReq, Response = Response<Full<Bytes>>, Error = std::convert::Infallible, Future: Send>
-+ Clone
+) -> impl tower::Service<
+    common::InnerReq,
+    Response = Response<Full<Bytes>>,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
 + Send
 + 'static {
     tower::service_fn(move |_req| {
@@ -181,7 +256,11 @@ fn status_service(
 
 #[tokio::test]
 async fn server_errors_and_429_are_not_stored() {
-    for status in [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::SERVICE_UNAVAILABLE, StatusCode::TOO_MANY_REQUESTS] {
+    for status in [
+        StatusCode::INTERNAL_SERVER_ERROR,
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
         let runs = Runs::default();
         let backend = MemoryBackend::new();
         let mut svc = layer(&backend).layer(status_service(runs.clone(), status));
@@ -200,7 +279,8 @@ async fn server_errors_and_429_are_not_stored() {
 #[tokio::test]
 async fn client_errors_are_stored() {
     let runs = Runs::default();
-    let mut svc = layer(&MemoryBackend::new()).layer(status_service(runs.clone(), StatusCode::PAYMENT_REQUIRED));
+    let mut svc = layer(&MemoryBackend::new())
+        .layer(status_service(runs.clone(), StatusCode::PAYMENT_REQUIRED));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     let again = send(&mut svc, post("/p", Some("k"), "x")).await;
     assert_eq!(again.status, StatusCode::PAYMENT_REQUIRED);
@@ -223,8 +303,12 @@ fn persist_service(
     runs: Runs,
     status: StatusCode,
     persist: Persist,
-) -> impl tower::Service<common::InnerReq, Response = Response<Full<Bytes>>, Error = std::convert::Infallible, Future: Send>
-+ Clone
+) -> impl tower::Service<
+    common::InnerReq,
+    Response = Response<Full<Bytes>>,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
 + Send
 + 'static {
     tower::service_fn(move |_req| {
@@ -242,7 +326,11 @@ fn persist_service(
 async fn handler_can_opt_out() {
     let runs = Runs::default();
     let backend = MemoryBackend::new();
-    let mut svc = layer(&backend).layer(persist_service(runs.clone(), StatusCode::OK, Persist::Never));
+    let mut svc = layer(&backend).layer(persist_service(
+        runs.clone(),
+        StatusCode::OK,
+        Persist::Never,
+    ));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     assert!(!send(&mut svc, post("/p", Some("k"), "x")).await.replayed());
     assert_eq!(runs.get(), 2);
@@ -255,7 +343,11 @@ async fn handler_ttl_overrides_the_layer_ttl() {
     let backend = MemoryBackend::new();
     let mut svc = layer(&backend)
         .ttl(Duration::from_secs(3600))
-        .layer(persist_service(runs.clone(), StatusCode::OK, Persist::For(Duration::from_secs(60))));
+        .layer(persist_service(
+            runs.clone(),
+            StatusCode::OK,
+            Persist::For(Duration::from_secs(60)),
+        ));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     tokio::time::advance(Duration::from_secs(59)).await;
     assert!(send(&mut svc, post("/p", Some("k"), "x")).await.replayed());
@@ -297,14 +389,20 @@ fn big_body_service(
     runs: Runs,
     size: usize,
     declare_length: bool,
-) -> impl tower::Service<common::InnerReq, Response = Response<http_body_util::StreamBody<futures_stream::Chunks>>, Error = std::convert::Infallible, Future: Send>
-+ Clone
+) -> impl tower::Service<
+    common::InnerReq,
+    Response = Response<http_body_util::StreamBody<futures_stream::Chunks>>,
+    Error = std::convert::Infallible,
+    Future: Send,
+> + Clone
 + Send
 + 'static {
     tower::service_fn(move |_req| {
         runs.bump();
         async move {
-            let mut res = Response::new(http_body_util::StreamBody::new(futures_stream::Chunks::new(size)));
+            let mut res = Response::new(http_body_util::StreamBody::new(
+                futures_stream::Chunks::new(size),
+            ));
             if declare_length {
                 res.headers_mut().insert("content-length", size.into());
             }
@@ -353,7 +451,13 @@ async fn oversize_responses_pass_through_unstored() {
             .max_stored_response(64 * 1024)
             .layer(big_body_service(runs.clone(), 100 * 1024, declare_length));
         for _ in 0..2 {
-            let res = svc.ready().await.unwrap().call(post("/p", Some("k"), "x")).await.unwrap();
+            let res = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(post("/p", Some("k"), "x"))
+                .await
+                .unwrap();
             assert!(!res.headers().contains_key("idempotent-replayed"));
             let body = res.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body.len(), 100 * 1024, "the whole body reaches the client");
@@ -413,13 +517,19 @@ async fn methods_can_be_configured() {
         send(&mut svc, put).await;
     }
     send(&mut svc, post("/p", Some("k"), "x")).await;
-    assert_eq!(runs.get(), 2, "PUT guarded (1 run), POST no longer guarded (1 run)");
+    assert_eq!(
+        runs.get(),
+        2,
+        "PUT guarded (1 run), POST no longer guarded (1 run)"
+    );
 }
 
 #[tokio::test]
 async fn required_rejects_requests_without_a_key() {
     let runs = Runs::default();
-    let mut svc = layer(&MemoryBackend::new()).required().layer(counting(runs.clone()));
+    let mut svc = layer(&MemoryBackend::new())
+        .required()
+        .layer(counting(runs.clone()));
     let answer = send(&mut svc, post("/p", None, "x")).await;
     assert_eq!(answer.status, StatusCode::BAD_REQUEST);
     assert_eq!(answer.problem_type(), "missing-key");
@@ -429,9 +539,18 @@ async fn required_rejects_requests_without_a_key() {
 #[tokio::test]
 async fn handler_sees_the_key() {
     let svc = tower::service_fn(|req: common::InnerReq| async move {
-        let key = req.extensions().get::<tower_idempotency::IdempotencyKey>().unwrap().clone();
-        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(key.as_str().to_owned()))))
+        let key = req
+            .extensions()
+            .get::<tower_idempotency::IdempotencyKey>()
+            .unwrap()
+            .clone();
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+            key.as_str().to_owned(),
+        ))))
     });
     let mut svc = layer(&MemoryBackend::new()).layer(svc);
-    assert_eq!(send(&mut svc, post("/p", Some("\"abc\""), "x")).await.body, "abc");
+    assert_eq!(
+        send(&mut svc, post("/p", Some("\"abc\""), "x")).await.body,
+        "abc"
+    );
 }

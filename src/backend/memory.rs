@@ -219,7 +219,10 @@ impl MemoryBackend {
 
     fn release_now(&self, lock_: &MemoryLock) {
         let mut shard = self.shard(&lock_.key);
-        if shard.get(&lock_.key).is_some_and(|l| l.token == lock_.token) {
+        if shard
+            .get(&lock_.key)
+            .is_some_and(|l| l.token == lock_.token)
+        {
             shard.remove(&lock_.key);
         }
     }

@@ -167,7 +167,11 @@ impl BackendError {
 
 impl fmt::Display for BackendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "idempotency backend error ({:?}): {}", self.kind, self.message)
+        write!(
+            f,
+            "idempotency backend error ({:?}): {}",
+            self.kind, self.message
+        )
     }
 }
 

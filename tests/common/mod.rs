@@ -89,7 +89,13 @@ impl Answer {
         );
         let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap();
         assert_eq!(v["status"], self.status.as_u16());
-        v["type"].as_str().unwrap().rsplit('#').next().unwrap().to_owned()
+        v["type"]
+            .as_str()
+            .unwrap()
+            .rsplit('#')
+            .next()
+            .unwrap()
+            .to_owned()
     }
 }
 
