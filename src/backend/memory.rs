@@ -18,7 +18,6 @@
 //! ```
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -40,8 +39,11 @@ pub struct MemoryBackend {
 }
 
 struct Inner {
-    records: moka::sync::Cache<StorageKey, Arc<Stored>, KeyHasher>,
-    locks: Box<[Mutex<HashMap<StorageKey, LockState, KeyHasher>>]>,
+    // Std's randomly keyed SipHash, not a shortcut over the SHA-256 bytes:
+    // a client knows its own scope and could grind keys whose storage keys
+    // collide in a fixed hash, degrading the maps to lists.
+    records: moka::sync::Cache<StorageKey, Arc<Stored>>,
+    locks: Box<[Mutex<HashMap<StorageKey, LockState>>]>,
     next_token: AtomicU64,
 }
 
@@ -62,32 +64,6 @@ struct LockState {
 pub struct MemoryLock {
     key: StorageKey,
     token: u64,
-}
-
-/// Storage keys are already SHA-256 output: their first bytes are a perfect
-/// hash, no need to hash them again.
-#[derive(Clone, Copy, Default)]
-struct KeyHasher;
-
-impl BuildHasher for KeyHasher {
-    type Hasher = FirstBytes;
-    fn build_hasher(&self) -> FirstBytes {
-        FirstBytes(0)
-    }
-}
-
-#[derive(Default)]
-struct FirstBytes(u64);
-
-impl Hasher for FirstBytes {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes.iter().take(8) {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
 }
 
 /// How a [`MemoryBackend`] bounds its size.
@@ -129,13 +105,11 @@ impl MemoryBackendBuilder {
                 .weigher(|_, v: &Arc<Stored>| u32::try_from(v.record.size()).unwrap_or(u32::MAX))
                 .max_capacity(n),
         }
-        .build_with_hasher(KeyHasher);
+        .build();
         MemoryBackend {
             inner: Arc::new(Inner {
                 records,
-                locks: (0..SHARDS)
-                    .map(|_| Mutex::new(HashMap::with_hasher(KeyHasher)))
-                    .collect(),
+                locks: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
                 next_token: AtomicU64::new(1),
             }),
         }
@@ -205,7 +179,7 @@ impl MemoryBackend {
             .sum()
     }
 
-    fn shard(&self, key: &StorageKey) -> MutexGuard<'_, HashMap<StorageKey, LockState, KeyHasher>> {
+    fn shard(&self, key: &StorageKey) -> MutexGuard<'_, HashMap<StorageKey, LockState>> {
         let index = usize::from(key.as_bytes()[31]) % SHARDS;
         lock(&self.inner.locks[index])
     }
