@@ -21,6 +21,9 @@ use crate::{Fingerprint, IdempotencyKey, Record, StorageKey};
 /// The header that marks a replayed response.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// The longest `Retry-After` hint given to a duplicate of a request in flight.
+const IN_FLIGHT_RETRY_AFTER: Duration = Duration::from_secs(1);
+
 pub(crate) fn problem<B: Body>(
     kind: ProblemKind,
     detail: &str,
@@ -91,7 +94,9 @@ where
             return Ok(problem(
                 ProblemKind::InFlight,
                 "a request with this Idempotency-Key is being processed; retry later",
-                Some(retry_after),
+                // The lock's expiry is only the worst case (a crashed holder);
+                // most requests finish well within a second.
+                Some(retry_after.min(IN_FLIGHT_RETRY_AFTER)),
             ));
         }
         Err(error) => return backend_failed(inner, req, &config, &storage_key, &error).await,

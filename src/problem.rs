@@ -27,7 +27,8 @@
 //!
 //! # Request in flight
 //! `409 Conflict` with `Retry-After`: a request with this key is being
-//! processed. Retry after the given number of seconds to get its response.
+//! processed. Retry after the given number of seconds (at most 1: most
+//! requests finish sooner than that) to get its response, or another `409`.
 //!
 //! # Backend unavailable
 //! `503 Service Unavailable` with `Retry-After`: the idempotency store could
