@@ -138,3 +138,60 @@ async fn distinct_keys_each_run() {
     assert_eq!(runs.get(), N);
     assert_eq!(backend.stored_count(), N as u64);
 }
+
+/// Polls a future that is ready at once (the memory backend never waits).
+fn now<F: std::future::Future>(fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(out) => out,
+        std::task::Poll::Pending => panic!("the memory backend never waits"),
+    }
+}
+
+/// A `begin` that looks up just before a `complete` stores, and takes the
+/// key just after it unlocks, must still see the record: the window the
+/// lookup-then-lock sequence has to close. A thread spins `begin` while the
+/// holder completes, over many rounds.
+#[test]
+fn begin_racing_complete_never_acquires_a_completed_key() {
+    use std::sync::atomic::AtomicBool;
+    use tower_idempotency::{Backend, Begin, Fingerprint, Record, StorageKey};
+
+    let backend = MemoryBackend::new();
+    let fp = Fingerprint::from_bytes([1; 32]);
+    let lock_ttl = Duration::from_secs(60);
+    for round in 0u32..3000 {
+        let mut raw = [0u8; 32];
+        raw[..4].copy_from_slice(&round.to_le_bytes());
+        raw[31] = raw[0];
+        let key = StorageKey::from_bytes(raw);
+        let Begin::Acquired(lock) = now(backend.begin(&key, &fp, lock_ttl)).unwrap() else {
+            panic!("fresh key");
+        };
+        let spinning = Arc::new(AtomicBool::new(false));
+        let spinner = {
+            let (backend, spinning) = (backend.clone(), spinning.clone());
+            std::thread::spawn(move || {
+                loop {
+                    spinning.store(true, Ordering::Release);
+                    match now(backend.begin(&key, &fp, lock_ttl)).unwrap() {
+                        Begin::Busy { .. } => {}
+                        Begin::Completed(_) => return true,
+                        Begin::Acquired(_) => return false,
+                        _ => unreachable!(),
+                    }
+                }
+            })
+        };
+        while !spinning.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        let record = Record::new(StatusCode::OK, http::HeaderMap::new(), Bytes::new(), fp);
+        now(backend.complete(lock, record, Duration::from_secs(60))).unwrap();
+        assert!(
+            spinner.join().unwrap(),
+            "round {round}: begin acquired a key whose record was just stored"
+        );
+    }
+}
