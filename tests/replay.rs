@@ -233,9 +233,12 @@ async fn fingerprint_headers_must_match() {
     );
 }
 
+/// Answers `status` with `run <n>`, with `persist` in the response
+/// extensions when given.
 fn status_service(
     runs: Runs,
     status: StatusCode,
+    persist: Option<Persist>,
 ) -> impl tower::Service<
     common::InnerReq,
     Response = Response<Full<Bytes>>,
@@ -249,6 +252,9 @@ fn status_service(
         async move {
             let mut res = Response::new(Full::new(Bytes::from(format!("run {n}"))));
             *res.status_mut() = status;
+            if let Some(persist) = persist {
+                res.extensions_mut().insert(persist);
+            }
             Ok(res)
         }
     })
@@ -263,7 +269,7 @@ async fn server_errors_and_429_are_not_stored() {
     ] {
         let runs = Runs::default();
         let backend = MemoryBackend::new();
-        let mut svc = layer(&backend).layer(status_service(runs.clone(), status));
+        let mut svc = layer(&backend).layer(status_service(runs.clone(), status, None));
         for n in 1..=3 {
             let answer = send(&mut svc, post("/p", Some("k"), "x")).await;
             assert_eq!(answer.status, status);
@@ -279,8 +285,11 @@ async fn server_errors_and_429_are_not_stored() {
 #[tokio::test]
 async fn client_errors_are_stored() {
     let runs = Runs::default();
-    let mut svc = layer(&MemoryBackend::new())
-        .layer(status_service(runs.clone(), StatusCode::PAYMENT_REQUIRED));
+    let mut svc = layer(&MemoryBackend::new()).layer(status_service(
+        runs.clone(),
+        StatusCode::PAYMENT_REQUIRED,
+        None,
+    ));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     let again = send(&mut svc, post("/p", Some("k"), "x")).await;
     assert_eq!(again.status, StatusCode::PAYMENT_REQUIRED);
@@ -293,43 +302,20 @@ async fn persist_if_decides_what_is_stored() {
     let runs = Runs::default();
     let mut svc = layer(&MemoryBackend::new())
         .persist_if(|parts| parts.status.is_success())
-        .layer(status_service(runs.clone(), StatusCode::CONFLICT));
+        .layer(status_service(runs.clone(), StatusCode::CONFLICT, None));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     assert!(!send(&mut svc, post("/p", Some("k"), "x")).await.replayed());
     assert_eq!(runs.get(), 2);
-}
-
-fn persist_service(
-    runs: Runs,
-    status: StatusCode,
-    persist: Persist,
-) -> impl tower::Service<
-    common::InnerReq,
-    Response = Response<Full<Bytes>>,
-    Error = std::convert::Infallible,
-    Future: Send,
-> + Clone
-+ Send
-+ 'static {
-    tower::service_fn(move |_req| {
-        let n = runs.bump();
-        async move {
-            let mut res = Response::new(Full::new(Bytes::from(format!("run {n}"))));
-            *res.status_mut() = status;
-            res.extensions_mut().insert(persist);
-            Ok(res)
-        }
-    })
 }
 
 #[tokio::test]
 async fn handler_can_opt_out() {
     let runs = Runs::default();
     let backend = MemoryBackend::new();
-    let mut svc = layer(&backend).layer(persist_service(
+    let mut svc = layer(&backend).layer(status_service(
         runs.clone(),
         StatusCode::OK,
-        Persist::Never,
+        Some(Persist::Never),
     ));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     assert!(!send(&mut svc, post("/p", Some("k"), "x")).await.replayed());
@@ -343,10 +329,10 @@ async fn handler_ttl_overrides_the_layer_ttl() {
     let backend = MemoryBackend::new();
     let mut svc = layer(&backend)
         .ttl(Duration::from_secs(3600))
-        .layer(persist_service(
+        .layer(status_service(
             runs.clone(),
             StatusCode::OK,
-            Persist::For(Duration::from_secs(60)),
+            Some(Persist::For(Duration::from_secs(60))),
         ));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     tokio::time::advance(Duration::from_secs(59)).await;
@@ -359,10 +345,10 @@ async fn handler_ttl_overrides_the_layer_ttl() {
 #[tokio::test]
 async fn handler_can_force_storing_an_error() {
     let runs = Runs::default();
-    let mut svc = layer(&MemoryBackend::new()).layer(persist_service(
+    let mut svc = layer(&MemoryBackend::new()).layer(status_service(
         runs.clone(),
         StatusCode::BAD_GATEWAY,
-        Persist::For(Duration::from_secs(60)),
+        Some(Persist::For(Duration::from_secs(60))),
     ));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     assert!(send(&mut svc, post("/p", Some("k"), "x")).await.replayed());
