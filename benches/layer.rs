@@ -204,7 +204,7 @@ fn parts(c: &mut Criterion) {
                     .unwrap()
                 {
                     tower_idempotency::Begin::Acquired(lock) => backend
-                        .complete(lock, record, Duration::from_secs(60))
+                        .complete(lock, record, Duration::from_mins(1))
                         .await
                         .unwrap(),
                     _ => unreachable!("fresh key"),

@@ -110,7 +110,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let app = Router::new()
         .route("/payments", post(create_payment).get(list_payments))
         .route("/stats", get(stats))
-        .layer(IdempotencyLayer::new(backend).ttl(Duration::from_secs(24 * 3600)))
+        .layer(IdempotencyLayer::new(backend).ttl(Duration::from_hours(24)))
         .with_state(state);
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;

@@ -311,10 +311,10 @@ struct LockGuard<'a, B: Backend> {
 impl<B: Backend> LockGuard<'_, B> {
     async fn release(&mut self, key: &StorageKey, why: &str) {
         tracing::debug!(key = %key, why, "response not stored; key released");
-        if let Some(lock) = self.lock.take() {
-            if let Err(error) = self.backend.release(lock).await {
-                tracing::warn!(key = %key, %error, "releasing the idempotency lock failed");
-            }
+        if let Some(lock) = self.lock.take()
+            && let Err(error) = self.backend.release(lock).await
+        {
+            tracing::warn!(key = %key, %error, "releasing the idempotency lock failed");
         }
     }
 

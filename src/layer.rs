@@ -34,7 +34,7 @@ pub(crate) struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            ttl: Duration::from_secs(24 * 60 * 60),
+            ttl: Duration::from_hours(24),
             lock_ttl: Duration::from_secs(30),
             heartbeat: true,
             methods: vec![Method::POST, Method::PATCH],
@@ -91,7 +91,7 @@ impl fmt::Debug for Config {
 ///     .route("/payments", post(create_payment))
 ///     .layer(
 ///         IdempotencyLayer::new(MemoryBackend::new())
-///             .ttl(Duration::from_secs(24 * 3600))
+///             .ttl(Duration::from_hours(24))
 ///             .max_request_body(64 * 1024),
 ///     );
 /// # let _ = app;
@@ -266,7 +266,7 @@ impl<S, B: Clone> Layer<S> for IdempotencyLayer<B> {
 ///
 /// // A quote that is only valid for a minute: replay it for a minute only.
 /// async fn quote() -> impl IntoResponse {
-///     (Extension(Persist::For(Duration::from_secs(60))), "EUR 10.00")
+///     (Extension(Persist::For(Duration::from_mins(1))), "EUR 10.00")
 /// }
 ///
 /// // A result the client should not see again on a retry.

@@ -26,7 +26,7 @@
 //! let backend = MemoryBackend::builder().max_entries(100_000).build();
 //! let app: Router = Router::new()
 //!     .route("/payments", post(create_payment))
-//!     .layer(IdempotencyLayer::new(backend).ttl(Duration::from_secs(24 * 3600)));
+//!     .layer(IdempotencyLayer::new(backend).ttl(Duration::from_hours(24)));
 //! # let _ = app;
 //! ```
 //!

@@ -160,7 +160,7 @@ fn begin_racing_complete_never_acquires_a_completed_key() {
 
     let backend = MemoryBackend::new();
     let fp = Fingerprint::from_bytes([1; 32]);
-    let lock_ttl = Duration::from_secs(60);
+    let lock_ttl = Duration::from_mins(1);
     for round in 0u32..3000 {
         let mut raw = [0u8; 32];
         raw[..4].copy_from_slice(&round.to_le_bytes());
@@ -188,7 +188,7 @@ fn begin_racing_complete_never_acquires_a_completed_key() {
             std::hint::spin_loop();
         }
         let record = Record::new(StatusCode::OK, http::HeaderMap::new(), Bytes::new(), fp);
-        now(backend.complete(lock, record, Duration::from_secs(60))).unwrap();
+        now(backend.complete(lock, record, Duration::from_mins(1))).unwrap();
         assert!(
             spinner.join().unwrap(),
             "round {round}: begin acquired a key whose record was just stored"

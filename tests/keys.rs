@@ -87,12 +87,12 @@ fn quote(key: &str) -> String {
 proptest! {
     #[test]
     fn parser_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..400)) {
-        if let Ok(value) = HeaderValue::from_bytes(&raw) {
-            if let Ok(key) = IdempotencyKey::parse(&value) {
-                prop_assert!(!key.as_str().is_empty());
-                prop_assert!(key.as_str().len() <= 255);
-                prop_assert!(key.as_str().bytes().all(|b| (0x20..=0x7e).contains(&b)));
-            }
+        if let Ok(value) = HeaderValue::from_bytes(&raw)
+            && let Ok(key) = IdempotencyKey::parse(&value)
+        {
+            prop_assert!(!key.as_str().is_empty());
+            prop_assert!(key.as_str().len() <= 255);
+            prop_assert!(key.as_str().bytes().all(|b| (0x20..=0x7e).contains(&b)));
         }
     }
 

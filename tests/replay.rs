@@ -328,11 +328,11 @@ async fn handler_ttl_overrides_the_layer_ttl() {
     let runs = Runs::default();
     let backend = MemoryBackend::new();
     let mut svc = layer(&backend)
-        .ttl(Duration::from_secs(3600))
+        .ttl(Duration::from_hours(1))
         .layer(status_service(
             runs.clone(),
             StatusCode::OK,
-            Some(Persist::For(Duration::from_secs(60))),
+            Some(Persist::For(Duration::from_mins(1))),
         ));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     tokio::time::advance(Duration::from_secs(59)).await;
@@ -348,7 +348,7 @@ async fn handler_can_force_storing_an_error() {
     let mut svc = layer(&MemoryBackend::new()).layer(status_service(
         runs.clone(),
         StatusCode::BAD_GATEWAY,
-        Some(Persist::For(Duration::from_secs(60))),
+        Some(Persist::For(Duration::from_mins(1))),
     ));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     assert!(send(&mut svc, post("/p", Some("k"), "x")).await.replayed());
@@ -359,7 +359,7 @@ async fn handler_can_force_storing_an_error() {
 async fn records_expire_at_their_ttl() {
     let runs = Runs::default();
     let mut svc = layer(&MemoryBackend::new())
-        .ttl(Duration::from_secs(24 * 3600))
+        .ttl(Duration::from_hours(24))
         .layer(counting(runs.clone()));
     send(&mut svc, post("/p", Some("k"), "x")).await;
     tokio::time::advance(Duration::from_secs(24 * 3600 - 1)).await;

@@ -56,7 +56,7 @@ pub fn record(fp: Fingerprint, body: &[u8]) -> Record {
 }
 
 const LOCK_TTL: Duration = Duration::from_millis(500);
-const TTL: Duration = Duration::from_secs(60);
+const TTL: Duration = Duration::from_mins(1);
 
 fn acquired<L>(begin: Begin<L>) -> L {
     match begin {
