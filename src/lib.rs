@@ -168,6 +168,8 @@ mod service;
 
 #[cfg(feature = "memory")]
 pub use backend::memory::{MemoryBackend, MemoryBackendBuilder, MemoryLock};
+#[cfg(feature = "redis")]
+pub use backend::redis::{RedisBackend, RedisBackendBuilder, RedisLock};
 pub use backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 pub use body::IdempotencyBody;
 pub use fingerprint::Fingerprint;

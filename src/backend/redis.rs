@@ -1,0 +1,630 @@
+//! The Redis backend: several service instances share one Redis (standalone
+//! or Redis Cluster) through the user's [`deadpool_redis`] pool.
+//!
+//! ```no_run
+//! use tower_idempotency::{IdempotencyLayer, RedisBackend};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+//!     .create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+//! let layer = IdempotencyLayer::new(RedisBackend::new(pool));
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Round trips
+//!
+//! A fresh request costs **two** Redis commands and a replay **one**, each a
+//! Lua script run with `EVALSHA`:
+//!
+//! - *begin*: `GET` the record; if there is none, `SET lock token NX PX ttl`;
+//!   if that fails, answer busy with the lock's `PTTL`.
+//! - *complete*: only while `GET lock == token`, `SET` the record with its TTL
+//!   and `DEL` the lock; otherwise report the lock lost and write nothing.
+//! - *release* (compare-and-delete) and *extend* (compare-and-`PEXPIRE`, the
+//!   heartbeat of slow handlers) are only spent when needed.
+//!
+//! Scripts run by hash; after a `SCRIPT FLUSH` or a server restart
+//! (`NOSCRIPT`) the call is repeated once as `EVAL` with the source, which
+//! caches the script again.
+//!
+//! A pool checkout is a round trip too: deadpool-redis pings every recycled
+//! connection (`UNWATCH` + `PING`) on `get()`. So the backend checks one
+//! connection out of your pool **once** and multiplexes every request over
+//! it (Redis connections pipeline concurrent commands). It gives the
+//! connection up — detached from the pool, never returned broken — on an I/O
+//! error or a timeout, and takes a fresh one from the pool on the next
+//! request. Size your pool for this one connection on top of your own use.
+//!
+//! # Keys
+//!
+//! For a storage key `<hex>` and the prefix (default `idem:`), the record is
+//! `idem:{<hex>}:rec` and the lock `idem:{<hex>}:lock`. The braces are a hash
+//! tag: both keys of a request live in one slot, so the scripts run on Redis
+//! Cluster. Records are encoded with [`RecordCodec`] (MessagePack, deflated
+//! when large, checksummed) and expire with Redis' own `PX`.
+//!
+//! # Configure Redis with `maxmemory-policy noeviction`
+//!
+//! Redis must not evict these keys. An evicted *lock* lets a duplicate run
+//! the handler concurrently; an evicted *record* makes a later retry run the
+//! handler again. With `noeviction`, Redis refuses writes when full instead:
+//! begin then fails with [`BackendErrorKind::Rejected`] and the layer answers
+//! `503` (fail closed) — an outage, never a duplicate charge. If your Redis
+//! must use an evicting policy, give these keys their own instance.
+//!
+//! # Failures
+//!
+//! Every command is bounded by [`timeout`](RedisBackendBuilder::timeout)
+//! (default 1 second). Refused or dropped connections, timeouts, `OOM`,
+//! wrong-type values and corrupt records become a [`BackendError`] with a
+//! [`kind`](BackendError::kind); the layer answers `503`. A corrupt record is
+//! never replayed.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind, ToRedisArgs, Value,
+};
+
+use super::{Backend, BackendError, BackendErrorKind, Begin, Completion};
+use crate::{Fingerprint, Record, RecordCodec, StorageKey};
+
+const BEGIN: &str = r"
+-- KEYS[1] record, KEYS[2] lock; ARGV[1] token, ARGV[2] lock TTL (ms)
+local record = redis.call('GET', KEYS[1])
+if record then
+  return {1, record}
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {0}
+end
+return {2, redis.call('PTTL', KEYS[2])}
+";
+
+const COMPLETE: &str = r"
+-- KEYS[1] record, KEYS[2] lock; ARGV[1] token, ARGV[2] record, ARGV[3] TTL (ms)
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('DEL', KEYS[2])
+return 1
+";
+
+const RELEASE: &str = r"
+-- KEYS[1] lock; ARGV[1] token
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+const EXTEND: &str = r"
+-- KEYS[1] lock; ARGV[1] token, ARGV[2] lock TTL (ms)
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+";
+
+/// A [`Backend`] on Redis (standalone or Cluster), for services with more
+/// than one instance. See the [module documentation](self).
+///
+/// Cloning is cheap; clones share the held connection.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: Pool,
+    held: ArcSwapOption<Held>,
+    connecting: tokio::sync::Mutex<()>,
+    generations: AtomicU64,
+    prefix: String,
+    timeout: Duration,
+    codec: RecordCodec,
+    begin: Lua,
+    complete: Lua,
+    release: Lua,
+    extend: Lua,
+}
+
+/// A Lua script and its SHA-1, for `EVALSHA`.
+struct Lua {
+    source: &'static str,
+    sha: String,
+}
+
+impl Lua {
+    fn new(source: &'static str) -> Self {
+        let sha = redis::Script::new(source).get_hash().to_owned();
+        Self { source, sha }
+    }
+}
+
+/// The keys and arguments of one script call.
+struct Call {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Call {
+    fn new(keys: &[&str]) -> Self {
+        Self {
+            keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            args: Vec::new(),
+        }
+    }
+
+    fn arg(mut self, arg: impl ToRedisArgs) -> Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+
+    /// `EVALSHA <sha> …` or `EVAL <source> …`.
+    fn command(&self, verb: &str, script: &str) -> Cmd {
+        let mut cmd = redis::cmd(verb);
+        cmd.arg(script)
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        cmd
+    }
+}
+
+enum Pool {
+    Single(deadpool_redis::Pool),
+    Cluster(deadpool_redis::cluster::Pool),
+}
+
+/// A connection checked out of the pool and shared by all requests.
+struct Held {
+    conn: Conn,
+    generation: u64,
+    pooled: Option<Pooled>,
+}
+
+enum Pooled {
+    Single(deadpool_redis::Connection),
+    Cluster(deadpool_redis::cluster::Connection),
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Only dropped when given up after an error: detach it so the pool
+        // never hands a broken connection to anyone else.
+        match self.pooled.take() {
+            Some(Pooled::Single(c)) => drop(deadpool_redis::Connection::take(c)),
+            Some(Pooled::Cluster(c)) => drop(deadpool_redis::cluster::Connection::take(c)),
+            None => {}
+        }
+    }
+}
+
+/// A cheap handle on the held connection: both kinds multiplex.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Proof of holding a key in a [`RedisBackend`]: the lock key and the
+/// 128-bit random token stored in it.
+#[derive(Debug)]
+pub struct RedisLock {
+    record_key: String,
+    lock_key: String,
+    token: String,
+}
+
+/// Builds a [`RedisBackend`].
+#[must_use]
+pub struct RedisBackendBuilder {
+    pool: Pool,
+    prefix: String,
+    timeout: Duration,
+    codec: RecordCodec,
+}
+
+impl fmt::Debug for RedisBackendBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackendBuilder")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackendBuilder {
+    /// The prefix of every key (default `idem:`). It may not contain `{` or
+    /// `}`, which would break the hash tag.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The bound on each Redis operation, including taking a connection
+    /// from the pool (default 1 second).
+    pub const fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How records are encoded: deflate threshold and the largest record
+    /// accepted (see [`RecordCodec`]). Keep `max_record_size` above the
+    /// layer's `max_stored_response` plus headers.
+    pub const fn codec(mut self, codec: RecordCodec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Builds the backend. No connection is made until the first request.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendErrorKind::Misconfigured`] when the prefix holds `{` or `}`.
+    pub fn build(self) -> Result<RedisBackend, BackendError> {
+        if self.prefix.contains(['{', '}']) {
+            return Err(BackendError::new(
+                BackendErrorKind::Misconfigured,
+                "the Redis key prefix may not contain '{' or '}' (they form the hash tag)",
+            ));
+        }
+        Ok(self.into_backend())
+    }
+
+    fn into_backend(self) -> RedisBackend {
+        RedisBackend {
+            inner: Arc::new(Inner {
+                pool: self.pool,
+                held: ArcSwapOption::empty(),
+                connecting: tokio::sync::Mutex::new(()),
+                generations: AtomicU64::new(0),
+                prefix: self.prefix,
+                timeout: self.timeout,
+                codec: self.codec,
+                begin: Lua::new(BEGIN),
+                complete: Lua::new(COMPLETE),
+                release: Lua::new(RELEASE),
+                extend: Lua::new(EXTEND),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.inner.pool {
+            Pool::Single(_) => "standalone",
+            Pool::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisBackend")
+            .field("kind", &kind)
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// A backend on a standalone Redis, with the default settings.
+    #[must_use]
+    pub fn new(pool: deadpool_redis::Pool) -> Self {
+        Self::builder_for(Pool::Single(pool)).into_backend()
+    }
+
+    /// A backend on Redis Cluster, with the default settings.
+    #[must_use]
+    pub fn new_cluster(pool: deadpool_redis::cluster::Pool) -> Self {
+        Self::builder_for(Pool::Cluster(pool)).into_backend()
+    }
+
+    /// Starts a builder for a standalone Redis.
+    pub fn builder(pool: deadpool_redis::Pool) -> RedisBackendBuilder {
+        Self::builder_for(Pool::Single(pool))
+    }
+
+    /// Starts a builder for Redis Cluster.
+    pub fn cluster_builder(pool: deadpool_redis::cluster::Pool) -> RedisBackendBuilder {
+        Self::builder_for(Pool::Cluster(pool))
+    }
+
+    fn builder_for(pool: Pool) -> RedisBackendBuilder {
+        RedisBackendBuilder {
+            pool,
+            prefix: "idem:".to_owned(),
+            timeout: Duration::from_secs(1),
+            codec: RecordCodec::new(),
+        }
+    }
+
+    /// The Redis keys of a storage key: (record, lock).
+    fn keys(&self, key: &StorageKey) -> (String, String) {
+        let hex = key.to_hex();
+        let prefix = &self.inner.prefix;
+        (
+            format!("{prefix}{{{hex}}}:rec"),
+            format!("{prefix}{{{hex}}}:lock"),
+        )
+    }
+
+    /// The shared connection, taking one from the pool if none is held.
+    async fn connection(&self) -> Result<(Conn, u64), BackendError> {
+        if let Some(held) = &*self.inner.held.load() {
+            return Ok((held.conn.clone(), held.generation));
+        }
+        // One task connects; the others wait for it instead of draining
+        // the pool.
+        let _connecting = self.inner.connecting.lock().await;
+        if let Some(held) = &*self.inner.held.load() {
+            return Ok((held.conn.clone(), held.generation));
+        }
+        let pooled = tokio::time::timeout(self.inner.timeout, self.checkout())
+            .await
+            .map_err(|_| {
+                BackendError::new(
+                    BackendErrorKind::Timeout,
+                    "timed out taking a Redis connection from the pool",
+                )
+            })??;
+        let conn = match &pooled {
+            Pooled::Single(c) => Conn::Single((**c).clone()),
+            Pooled::Cluster(c) => Conn::Cluster((**c).clone()),
+        };
+        let generation = self.inner.generations.fetch_add(1, Ordering::Relaxed) + 1;
+        self.inner.held.store(Some(Arc::new(Held {
+            conn: conn.clone(),
+            generation,
+            pooled: Some(pooled),
+        })));
+        Ok((conn, generation))
+    }
+
+    async fn checkout(&self) -> Result<Pooled, BackendError> {
+        let unavailable = |e: &dyn fmt::Display| {
+            BackendError::new(
+                BackendErrorKind::Unavailable,
+                format!("no Redis connection from the pool: {e}"),
+            )
+        };
+        match &self.inner.pool {
+            Pool::Single(pool) => pool
+                .get()
+                .await
+                .map(Pooled::Single)
+                .map_err(|e| unavailable(&e).with_source(e)),
+            Pool::Cluster(pool) => pool
+                .get()
+                .await
+                .map(Pooled::Cluster)
+                .map_err(|e| unavailable(&e).with_source(e)),
+        }
+    }
+
+    /// Gives up the connection of `generation`, unless it was already
+    /// replaced.
+    fn discard(&self, generation: u64) {
+        self.inner.held.rcu(|current| match current {
+            Some(held) if held.generation == generation => None,
+            other => other.clone(),
+        });
+    }
+
+    /// Runs one script on the shared connection, bounded by the timeout:
+    /// `EVALSHA`, and after a `SCRIPT FLUSH` or restart (`NOSCRIPT`) one
+    /// `EVAL` with the source, which also caches it again. (`SCRIPT LOAD`
+    /// then `EVALSHA` would cost a round trip more and fail again if another
+    /// flush came in between.)
+    async fn invoke(&self, lua: &Lua, call: Call) -> Result<Value, BackendError> {
+        let (mut conn, generation) = self.connection().await?;
+        let run = async {
+            match call
+                .command("EVALSHA", &lua.sha)
+                .query_async(&mut conn)
+                .await
+            {
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    call.command("EVAL", lua.source)
+                        .query_async(&mut conn)
+                        .await
+                }
+                other => other,
+            }
+        };
+        match tokio::time::timeout(self.inner.timeout, run).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => {
+                if error.is_unrecoverable_error()
+                    || error.is_io_error()
+                    || error.is_connection_dropped()
+                    || error.is_timeout()
+                {
+                    self.discard(generation);
+                }
+                Err(map_error(error))
+            }
+            Err(_) => {
+                // A silent peer: replace the connection so a server that
+                // comes back is found again.
+                self.discard(generation);
+                Err(BackendError::new(
+                    BackendErrorKind::Timeout,
+                    format!("Redis did not answer within {:?}", self.inner.timeout),
+                ))
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn token() -> Result<String, BackendError> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        BackendError::new(
+            BackendErrorKind::Other,
+            format!("no randomness for a lock token: {e}"),
+        )
+    })?;
+    Ok(crate::key::hex(&bytes))
+}
+
+fn map_error(error: RedisError) -> BackendError {
+    let kind = if error.is_timeout() {
+        BackendErrorKind::Timeout
+    } else if error.is_connection_refusal()
+        || error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+    {
+        BackendErrorKind::Unavailable
+    } else {
+        match error.code() {
+            Some("OOM") => BackendErrorKind::Rejected,
+            Some("WRONGTYPE") => BackendErrorKind::Corrupt,
+            Some("NOPERM" | "NOAUTH" | "WRONGPASS") => BackendErrorKind::Misconfigured,
+            Some("LOADING" | "READONLY" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN" | "BUSY") => {
+                BackendErrorKind::Unavailable
+            }
+            _ => BackendErrorKind::Other,
+        }
+    };
+    BackendError::new(kind, format!("Redis: {error}")).with_source(error)
+}
+
+fn unexpected(what: &str) -> BackendError {
+    BackendError::new(
+        BackendErrorKind::Corrupt,
+        format!("unexpected reply from the {what} script"),
+    )
+}
+
+fn as_flag(value: &Value, what: &str) -> Result<bool, BackendError> {
+    match value {
+        Value::Int(n) => Ok(*n != 0),
+        _ => Err(unexpected(what)),
+    }
+}
+
+impl Backend for RedisBackend {
+    type Lock = RedisLock;
+
+    async fn begin(
+        &self,
+        key: &StorageKey,
+        _fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<Begin<RedisLock>, BackendError> {
+        let (record_key, lock_key) = self.keys(key);
+        let token = token()?;
+        let call = Call::new(&[&record_key, &lock_key])
+            .arg(&token)
+            .arg(millis(lock_ttl));
+        let reply = self.invoke(&self.inner.begin, call).await?;
+        let Value::Array(items) = reply else {
+            return Err(unexpected("begin"));
+        };
+        match items.as_slice() {
+            [Value::Int(0)] => Ok(Begin::Acquired(RedisLock {
+                record_key,
+                lock_key,
+                token,
+            })),
+            [Value::Int(1), Value::BulkString(blob)] => {
+                Ok(Begin::Completed(self.inner.codec.decode(blob)?))
+            }
+            [Value::Int(2), Value::Int(ms)] => Ok(Begin::Busy {
+                retry_after: Duration::from_millis(u64::try_from(*ms).unwrap_or(0)),
+            }),
+            _ => Err(unexpected("begin")),
+        }
+    }
+
+    async fn complete(
+        &self,
+        lock: RedisLock,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<Completion, BackendError> {
+        let blob = match self.inner.codec.encode(&record) {
+            Ok(blob) => blob,
+            Err(error) => {
+                // Nothing can be stored; free the key for a retry.
+                let _ = self.release(lock).await;
+                return Err(BackendError::new(
+                    BackendErrorKind::Other,
+                    "the response cannot be encoded within the backend's max_record_size",
+                )
+                .with_source(error));
+            }
+        };
+        let call = Call::new(&[&lock.record_key, &lock.lock_key])
+            .arg(&lock.token)
+            .arg(blob)
+            .arg(millis(ttl));
+        match self.invoke(&self.inner.complete, call).await {
+            Ok(reply) if as_flag(&reply, "complete")? => Ok(Completion::Saved),
+            Ok(_) => Ok(Completion::Lost),
+            Err(error) => {
+                // Best effort (e.g. OOM refused the record): a DEL is still
+                // allowed, and otherwise the lock expires by its TTL.
+                if error.kind() != BackendErrorKind::Timeout {
+                    let _ = self.release(lock).await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn release(&self, lock: RedisLock) -> Result<(), BackendError> {
+        let call = Call::new(&[&lock.lock_key]).arg(&lock.token);
+        self.invoke(&self.inner.release, call).await.map(drop)
+    }
+
+    async fn extend(&self, lock: &RedisLock, lock_ttl: Duration) -> Result<bool, BackendError> {
+        let call = Call::new(&[&lock.lock_key])
+            .arg(&lock.token)
+            .arg(millis(lock_ttl));
+        let reply = self.invoke(&self.inner.extend, call).await?;
+        as_flag(&reply, "extend")
+    }
+}

@@ -1,0 +1,342 @@
+//! The Redis backend against the real server on `REDIS_URL`.
+
+mod common;
+mod conformance;
+mod redis_support;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{Runs, counting, post, send};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use redis_support::{admin, backend, pool, redis_url, unique_prefix};
+use tower::{Layer, ServiceExt};
+use tower_idempotency::{
+    Backend, BackendErrorKind, Begin, IdempotencyKey, IdempotencyLayer, RedisBackend, ScopeValue,
+    StorageKey,
+};
+
+backend_conformance!(#[tokio::test], backend().await);
+
+/// Two instances of a service (two pools, two backends) behind one Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_run_a_hundred_duplicates_once() {
+    let prefix = unique_prefix();
+    let runs = Runs::default();
+    let handler = {
+        let runs = runs.clone();
+        tower::service_fn(move |_req: common::InnerReq| {
+            let n = runs.bump();
+            async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut res = Response::new(Full::new(Bytes::from(format!("payment {n}"))));
+                *res.status_mut() = StatusCode::CREATED;
+                Ok::<_, Infallible>(res)
+            }
+        })
+    };
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let backend = RedisBackend::builder(pool().await)
+            .prefix(prefix.clone())
+            .build()
+            .unwrap();
+        instances.push(IdempotencyLayer::new(backend).layer(handler.clone()));
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let mut svc = instances[i % 2].clone();
+        tasks.spawn(async move { send(&mut svc, post("/payments", Some("\"hot\""), "{}")).await });
+    }
+    let answers = tasks.join_all().await;
+    assert_eq!(
+        runs.get(),
+        1,
+        "the handler must run once across both instances"
+    );
+    for a in &answers {
+        match a.status {
+            StatusCode::CREATED => assert_eq!(a.body, "payment 1"),
+            StatusCode::CONFLICT => assert_eq!(a.problem_type(), "request-in-flight"),
+            other => panic!("unexpected {other}: {:?}", a.body),
+        }
+    }
+    for svc in &mut instances {
+        let again = send(svc, post("/payments", Some("\"hot\""), "{}")).await;
+        assert!(again.replayed());
+        assert_eq!(again.body, "payment 1");
+    }
+}
+
+/// The first call sleeps `first_call`, later ones answer at once.
+fn slow_first(
+    runs: Runs,
+    first_call: Duration,
+) -> impl tower::Service<
+    common::InnerReq,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_req: common::InnerReq| {
+        let n = runs.bump();
+        async move {
+            if n == 1 {
+                tokio::time::sleep(first_call).await;
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run {n}")))))
+        }
+    })
+}
+
+#[tokio::test]
+async fn without_heartbeat_a_lapsed_lock_is_lost_and_never_overwrites() {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(backend().await)
+        .lock_ttl(Duration::from_millis(300))
+        .heartbeat(false)
+        .layer(slow_first(runs.clone(), Duration::from_millis(1200)));
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some("k"), "x")));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let second = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
+    assert_eq!(
+        second.body, "run 2",
+        "the lapsed lock let a second request take the key"
+    );
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(
+        first.into_body().collect().await.unwrap().to_bytes(),
+        "run 1"
+    );
+    let third = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
+    assert!(third.replayed());
+    assert_eq!(
+        third.body, "run 2",
+        "the stale holder's save must be refused"
+    );
+}
+
+#[tokio::test]
+async fn heartbeat_keeps_the_lock_of_a_handler_slower_than_the_lock_ttl() {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(backend().await)
+        .lock_ttl(Duration::from_millis(300))
+        .layer(slow_first(runs.clone(), Duration::from_millis(1200)));
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some("k"), "x")));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let during = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
+    assert_eq!(
+        during.status,
+        StatusCode::CONFLICT,
+        "still locked after 2.6 lock TTLs"
+    );
+    first.await.unwrap().unwrap();
+    let after = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
+    assert!(after.replayed());
+    assert_eq!(after.body, "run 1");
+    assert_eq!(runs.get(), 1);
+}
+
+#[tokio::test]
+async fn script_flush_mid_run_is_survived() {
+    let runs = Runs::default();
+    let mut svc = IdempotencyLayer::new(backend().await).layer(counting(runs.clone()));
+    let mut admin = admin(&redis_url()).await;
+    for i in 0..40 {
+        if i % 10 == 5 {
+            let () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+        let key = format!("flush-{i}");
+        let first = send(&mut svc, post("/p", Some(&key), "x")).await;
+        assert_eq!(
+            first.status,
+            StatusCode::CREATED,
+            "request {i}: {:?}",
+            first.body
+        );
+        if i % 10 == 5 {
+            let () = redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+        assert!(
+            send(&mut svc, post("/p", Some(&key), "x")).await.replayed(),
+            "request {i}"
+        );
+    }
+    assert_eq!(runs.get(), 40);
+}
+
+fn redis_keys(prefix: &str, key: &str) -> (String, String) {
+    let storage = StorageKey::derive(
+        &ScopeValue::anonymous(),
+        &IdempotencyKey::parse(&key.parse().unwrap()).unwrap(),
+    );
+    let hex = storage.to_hex();
+    (
+        format!("{prefix}{{{hex}}}:rec"),
+        format!("{prefix}{{{hex}}}:lock"),
+    )
+}
+
+#[tokio::test]
+async fn corrupt_or_foreign_values_are_503_never_replayed() {
+    let prefix = unique_prefix();
+    let backend = RedisBackend::builder(pool().await)
+        .prefix(prefix.clone())
+        .build()
+        .unwrap();
+    let runs = Runs::default();
+    let mut svc = IdempotencyLayer::new(backend.clone()).layer(counting(runs.clone()));
+    let mut admin = admin(&redis_url()).await;
+
+    // Garbage bytes where a record should be.
+    let (rec, _) = redis_keys(&prefix, "garbage");
+    let () = redis::cmd("SET")
+        .arg(&rec)
+        .arg(b"\x01\x00not a record")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let answer = send(&mut svc, post("/p", Some("garbage"), "x")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.problem_type(), "backend-unavailable");
+
+    // A valid record with one bit flipped.
+    send(&mut svc, post("/p", Some("flipped"), "x")).await;
+    let (rec, _) = redis_keys(&prefix, "flipped");
+    let mut blob: Vec<u8> = redis::cmd("GET")
+        .arg(&rec)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let last = blob.len() - 1;
+    blob[last] ^= 0x10;
+    let () = redis::cmd("SET")
+        .arg(&rec)
+        .arg(blob)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        send(&mut svc, post("/p", Some("flipped"), "x"))
+            .await
+            .status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    // Another type at the record key.
+    let (rec, _) = redis_keys(&prefix, "list");
+    let _: i64 = redis::cmd("LPUSH")
+        .arg(&rec)
+        .arg("x")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("PEXPIRE")
+        .arg(&rec)
+        .arg(60_000)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        send(&mut svc, post("/p", Some("list"), "x")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let storage = StorageKey::derive(
+        &ScopeValue::anonymous(),
+        &IdempotencyKey::parse(&"list".parse().unwrap()).unwrap(),
+    );
+    let error = backend
+        .begin(
+            &storage,
+            &conformance::fingerprint(1),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), BackendErrorKind::Corrupt);
+
+    assert_eq!(
+        runs.get(),
+        1,
+        "only the 'flipped' request ran, before its record was damaged"
+    );
+}
+
+#[tokio::test]
+async fn keys_share_a_hash_tag_and_expire() {
+    let prefix = unique_prefix();
+    let backend = RedisBackend::builder(pool().await)
+        .prefix(prefix.clone())
+        .build()
+        .unwrap();
+    let mut admin = admin(&redis_url()).await;
+    let key = conformance::fresh_key();
+    let Begin::Acquired(lock) = backend
+        .begin(&key, &conformance::fingerprint(1), Duration::from_secs(5))
+        .await
+        .unwrap()
+    else {
+        panic!("fresh key");
+    };
+    let lock_key = format!("{prefix}{{{}}}:lock", key.to_hex());
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&lock_key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!((1..=5000).contains(&pttl), "lock PTTL {pttl}");
+    backend
+        .complete(
+            lock,
+            conformance::record(conformance::fingerprint(1), b"{}"),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let rec_key = format!("{prefix}{{{}}}:rec", key.to_hex());
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&rec_key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!((25_000..=30_000).contains(&pttl), "record PTTL {pttl}");
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&lock_key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "complete deletes the lock");
+    // Redis hashes only what stands between the first '{' and the next '}'.
+    let tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_owned();
+    assert_eq!(
+        tag(&rec_key),
+        tag(&lock_key),
+        "both keys of a request hash to one slot"
+    );
+    assert_eq!(tag(&rec_key), format!("{{{}}}", key.to_hex()));
+}
+
+#[tokio::test]
+async fn prefix_with_braces_is_refused() {
+    let error = RedisBackend::builder(pool().await)
+        .prefix("bad{tag}:")
+        .build()
+        .unwrap_err();
+    assert_eq!(error.kind(), BackendErrorKind::Misconfigured);
+}
