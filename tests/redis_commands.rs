@@ -31,11 +31,12 @@ impl Monitor {
     async fn until(&mut self, marker: &str) -> Vec<String> {
         let mut seen = Vec::new();
         loop {
-            let line = tokio::time::timeout(std::time::Duration::from_secs(10), self.lines.next_line())
-                .await
-                .expect("MONITOR went silent")
-                .unwrap()
-                .expect("MONITOR closed");
+            let line =
+                tokio::time::timeout(std::time::Duration::from_secs(10), self.lines.next_line())
+                    .await
+                    .expect("MONITOR went silent")
+                    .unwrap()
+                    .expect("MONITOR closed");
             if line.contains("\"ECHO\"") && line.contains(marker) {
                 return seen;
             }
@@ -49,11 +50,19 @@ impl Monitor {
 }
 
 async fn mark(admin: &mut redis::aio::MultiplexedConnection, marker: &str) {
-    let _: String = redis::cmd("ECHO").arg(marker).query_async(admin).await.unwrap();
+    let _: String = redis::cmd("ECHO")
+        .arg(marker)
+        .query_async(admin)
+        .await
+        .unwrap();
 }
 
 async fn calls(admin: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(admin).await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(admin)
+        .await
+        .unwrap();
     info.lines()
         .find(|l| l.starts_with(&format!("cmdstat_{command}:")))
         .and_then(|l| l.split("calls=").nth(1))
@@ -91,9 +100,22 @@ async fn two_commands_fresh_one_command_replay() {
     println!("fresh request: {fresh_commands:?} (commandstats evalsha +{evalsha_fresh})");
     println!("replay: {replay_commands:?} (commandstats evalsha +{evalsha_replay})");
     // The INFO calls of this test sit between the markers too.
-    let ours = |cmds: &[String]| cmds.iter().filter(|c| c.as_str() != "INFO").cloned().collect::<Vec<_>>();
-    assert_eq!(ours(&fresh_commands), ["EVALSHA", "EVALSHA"], "a fresh request costs begin + complete");
-    assert_eq!(ours(&replay_commands), ["EVALSHA"], "a replay costs begin only");
+    let ours = |cmds: &[String]| {
+        cmds.iter()
+            .filter(|c| c.as_str() != "INFO")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ours(&fresh_commands),
+        ["EVALSHA", "EVALSHA"],
+        "a fresh request costs begin + complete"
+    );
+    assert_eq!(
+        ours(&replay_commands),
+        ["EVALSHA"],
+        "a replay costs begin only"
+    );
     assert_eq!(evalsha_fresh, 2);
     assert_eq!(evalsha_replay, 1);
     assert_eq!(runs.get(), 2);

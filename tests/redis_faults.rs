@@ -1,0 +1,271 @@
+//! Redis outages: a stopped server, a silent (black-holed) peer, and a full
+//! server. Each test runs its own `redis-server` (or proxy), never the
+//! shared one.
+
+mod common;
+mod redis_support;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Runs, counting, post, send};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use redis_support::{RedisProcess, admin, pool_for};
+use tower::{Layer, ServiceExt};
+use tower_idempotency::{Backend, BackendErrorKind, Begin, IdempotencyLayer, RedisBackend};
+
+fn backend_on(url: &str, timeout: Duration) -> RedisBackend {
+    RedisBackend::builder(pool_for(url))
+        .timeout(timeout)
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn stopped_server_is_503_quickly_and_recovery_needs_no_restart() {
+    let mut server = RedisProcess::start(&[]);
+    let runs = Runs::default();
+    let mut svc = IdempotencyLayer::new(backend_on(&server.url(), Duration::from_millis(500)))
+        .layer(counting(runs.clone()));
+    assert_eq!(
+        send(&mut svc, post("/p", Some("before"), "x")).await.status,
+        StatusCode::CREATED
+    );
+
+    server.stop();
+    for i in 0..3 {
+        let started = Instant::now();
+        let answer = send(&mut svc, post("/p", Some(&format!("down-{i}")), "x")).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.problem_type(), "backend-unavailable");
+        assert!(answer.headers.contains_key("retry-after"));
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "no hang: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(runs.get(), 1, "fail closed: the handler did not run");
+
+    server.restart();
+    let back = send(&mut svc, post("/p", Some("after"), "x")).await;
+    assert_eq!(
+        back.status,
+        StatusCode::CREATED,
+        "the same service recovers: {:?}",
+        back.body
+    );
+    assert!(
+        send(&mut svc, post("/p", Some("after"), "x"))
+            .await
+            .replayed()
+    );
+}
+
+#[tokio::test]
+async fn server_lost_while_the_handler_runs_still_answers_the_client() {
+    let mut server = RedisProcess::start(&[]);
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let gates = Arc::new(std::sync::Mutex::new(Some((started_tx, finish_rx))));
+    let runs = Runs::default();
+    let handler = {
+        let runs = runs.clone();
+        tower::service_fn(move |_req: common::InnerReq| {
+            let n = runs.bump();
+            let gates = gates.lock().unwrap().take();
+            async move {
+                if let Some((started, finish)) = gates {
+                    started.send(()).unwrap();
+                    finish.await.unwrap();
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run {n}")))))
+            }
+        })
+    };
+    let svc =
+        IdempotencyLayer::new(backend_on(&server.url(), Duration::from_millis(500))).layer(handler);
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some("k"), "x")));
+    started_rx.await.unwrap();
+    server.stop();
+    finish_tx.send(()).unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(
+        first.status(),
+        StatusCode::OK,
+        "the handler ran: its answer is delivered"
+    );
+    server.restart();
+    // Nothing could be stored (and the restarted server kept nothing): a
+    // retry runs again — at least once, as documented.
+    let retry = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
+    assert_eq!(retry.body, "run 2");
+}
+
+#[tokio::test]
+async fn full_server_refuses_writes_and_the_layer_fails_closed() {
+    let server = RedisProcess::start(&["--maxmemory-policy", "noeviction"]);
+    let backend = backend_on(&server.url(), Duration::from_secs(2));
+    let mut admin = admin(&server.url()).await;
+    let key = StorageKey::from_bytes([42; 32]);
+    let fp = tower_idempotency::Fingerprint::from_bytes([1; 32]);
+    let Begin::Acquired(lock) = backend
+        .begin(&key, &fp, Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("fresh key");
+    };
+    // A limit below what the server already holds: with `noeviction` every
+    // write is now refused with OOM (DEL still works).
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    let record = tower_idempotency::Record::new(
+        StatusCode::OK,
+        http::HeaderMap::new(),
+        Bytes::from_static(b"{}"),
+        fp,
+    );
+    let error = backend
+        .complete(lock, record, Duration::from_mins(1))
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), BackendErrorKind::Rejected, "{error}");
+    let lock_key = format!("idem:{{{}}}:lock", key.to_hex());
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&lock_key)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "a refused save still frees the key");
+
+    let error = backend
+        .begin(
+            &StorageKey::from_bytes([43; 32]),
+            &fp,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(error.kind(), BackendErrorKind::Rejected, "{error}");
+    let runs = Runs::default();
+    let mut svc = IdempotencyLayer::new(backend.clone()).layer(counting(runs.clone()));
+    let answer = send(&mut svc, post("/p", Some("full"), "x")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.problem_type(), "backend-unavailable");
+    assert_eq!(runs.get(), 0, "fail closed");
+
+    // Room again: everything works, and the refused save left nothing behind.
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("0")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        send(&mut svc, post("/p", Some("full"), "x")).await.status,
+        StatusCode::CREATED
+    );
+    let Begin::Acquired(lock) = backend
+        .begin(&key, &fp, Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("the key must be free");
+    };
+    backend.release(lock).await.unwrap();
+}
+
+use tower_idempotency::StorageKey;
+
+/// A TCP proxy that can be frozen: it keeps connections open but forwards
+/// nothing, like a peer behind a dead network path.
+async fn freezable_proxy(target: u16) -> (u16, Arc<AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = listener.accept().await.unwrap();
+            let flag = flag.clone();
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+                    return;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::join!(pump(cr, sw, flag.clone()), pump(sr, cw, flag));
+            });
+        }
+    });
+    (port, frozen)
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(n) = from.read(&mut buf).await else {
+            return;
+        };
+        if n == 0 {
+            return;
+        }
+        while frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn silent_peer_times_out_and_the_connection_is_replaced() {
+    let server = RedisProcess::start(&[]);
+    let (port, frozen) = freezable_proxy(server.port).await;
+    let runs = Runs::default();
+    let mut svc = IdempotencyLayer::new(backend_on(
+        &format!("redis://127.0.0.1:{port}"),
+        Duration::from_millis(300),
+    ))
+    .layer(counting(runs.clone()));
+    assert_eq!(
+        send(&mut svc, post("/p", Some("a"), "x")).await.status,
+        StatusCode::CREATED
+    );
+
+    frozen.store(true, Ordering::SeqCst);
+    for i in 0..2 {
+        let started = Instant::now();
+        let answer = send(&mut svc, post("/p", Some(&format!("frozen-{i}")), "x")).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(250) && took < Duration::from_secs(2),
+            "bounded by the timeout: {took:?}"
+        );
+    }
+    assert_eq!(runs.get(), 1);
+
+    frozen.store(false, Ordering::SeqCst);
+    let back = send(&mut svc, post("/p", Some("b"), "x")).await;
+    assert_eq!(back.status, StatusCode::CREATED, "{:?}", back.body);
+    assert!(send(&mut svc, post("/p", Some("a"), "x")).await.replayed());
+}
