@@ -272,7 +272,23 @@ pub async fn concurrent_begin_has_one_winner<B: Backend>(b: B) {
     }
 }
 
-/// Generates one `#[test]` per conformance case.
+/// Every case, one after another, on one backend (for set-ups too costly to
+/// repeat per test, such as a cluster started by the test itself).
+pub async fn run_all<B: Backend>(b: B) {
+    begin_locks_a_free_key(b.clone()).await;
+    complete_stores_and_unlocks(b.clone()).await;
+    large_records_round_trip(b.clone()).await;
+    release_frees_without_storing(b.clone()).await;
+    keys_are_independent(b.clone()).await;
+    extend_keeps_the_lock(b.clone()).await;
+    lapsed_lock_is_lost(b.clone()).await;
+    release_of_a_lost_lock_spares_the_new_holder(b.clone()).await;
+    records_expire(b.clone()).await;
+    concurrent_begin_has_one_winner(b).await;
+}
+
+/// Generates one `#[test]` per conformance case (the same list as
+/// [`run_all`]).
 ///
 /// `backend_conformance!(#[tokio::test(start_paused = true)], MemoryBackend::new());`
 #[macro_export]
