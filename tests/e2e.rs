@@ -1,6 +1,8 @@
 //! End to end over real TCP sockets: axum `Router::layer`,
 //! `tower::ServiceBuilder`, a bare hyper 1 server, and the `payments` example.
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,51 +12,14 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::post;
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use common::{Answer as Reply, request, spawn_example};
+use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tower::{Layer, ServiceBuilder};
 use tower_idempotency::{IdempotencyBody, IdempotencyLayer, MemoryBackend};
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-/// One request on a fresh HTTP/1.1 connection.
-async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Reply {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    let res = sender
-        .send_request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
-        .await
-        .unwrap();
-    let (parts, body) = res.into_parts();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
-}
 
 async fn post_key(addr: SocketAddr, key: &str, body: &str) -> Reply {
     request(
@@ -224,41 +189,7 @@ async fn bare_hyper_server() {
 /// Runs the built `payments` example the way the README tells a new user to.
 #[tokio::test]
 async fn payments_example_answers_twice_with_the_same_id() {
-    use tokio::io::AsyncBufReadExt;
-
-    // target/<profile>/deps/e2e-<hash> → target/<profile>/examples/payments
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("payments");
-    assert!(
-        bin.exists(),
-        "{} is missing: cargo test builds examples",
-        bin.display()
-    );
-    let mut child = tokio::process::Command::new(&bin)
-        .env("ADDR", "127.0.0.1:0")
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the example printed no address")
-        .unwrap()
-        .unwrap();
-    let addr: SocketAddr = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
-    assert_ne!(addr.port(), 0);
-
+    let (mut child, addr) = spawn_example("payments", &[]).await;
     let payment = |body: &'static str| async move {
         request(
             addr,

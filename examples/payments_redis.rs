@@ -1,0 +1,34 @@
+//! The payments API of `examples/payments.rs` on the Redis backend: run two
+//! of them and they share one record of what ran.
+//!
+//! ```sh
+//! cargo run --features redis --example payments_redis
+//! ADDR=127.0.0.1:3001 cargo run --features redis --example payments_redis   # a second instance
+//! curl -i -H 'Idempotency-Key: "k1"' -H 'content-type: application/json' \
+//!      -d '{"amount":5,"currency":"EUR"}' localhost:3000/payments
+//! curl -i -H 'Idempotency-Key: "k1"' -H 'content-type: application/json' \
+//!      -d '{"amount":5,"currency":"EUR"}' localhost:3001/payments   # replayed
+//! ```
+//!
+//! (Both instances run their own handler counter, so `/stats` and
+//! `GET /payments` show what each one ran.)
+//!
+//! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`), `ADDR`,
+//! `PAYMENT_DELAY_MS` and `IDEMPOTENCY=off` as in `payments`. Configure the
+//! Redis server with `maxmemory-policy noeviction`.
+
+#[path = "support/payments_app.rs"]
+mod payments_app;
+
+use std::time::Duration;
+
+use tower_idempotency::{IdempotencyLayer, RedisBackend};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let pool =
+        deadpool_redis::Config::from_url(url).create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+    let backend = RedisBackend::new(pool);
+    payments_app::serve(IdempotencyLayer::new(backend).ttl(Duration::from_hours(24))).await
+}
