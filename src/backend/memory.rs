@@ -98,7 +98,12 @@ impl MemoryBackendBuilder {
     /// Builds the backend.
     #[must_use]
     pub fn build(self) -> MemoryBackend {
-        let builder = moka::sync::Cache::builder().expire_after(StoredExpiry);
+        // LRU, not moka's default TinyLFU: TinyLFU may refuse to admit a new
+        // entry when full, and the record just stored is the one a retry is
+        // about to ask for.
+        let builder = moka::sync::Cache::builder()
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .expire_after(StoredExpiry);
         let records = match self.capacity {
             Capacity::Entries(n) => builder.max_capacity(n),
             Capacity::Bytes(n) => builder
