@@ -54,6 +54,16 @@
 //! # let _ = service;
 //! ```
 //!
+//! # Backends
+//!
+//! - [`MemoryBackend`] (feature `memory`, on by default): bounded, in
+//!   process, no server. Protects **one** process.
+//! - `RedisBackend` (feature `redis`): several instances share one Redis or
+//!   Redis Cluster through your `deadpool_redis` pool; two commands for a
+//!   fresh request, one for a replay. See the `backend::redis` module.
+//! - Your own: implement [`Backend`]; the crate's conformance suite
+//!   (`tests/conformance/`) states the semantics.
+//!
 //! # How a request is handled
 //!
 //! 1. Methods other than `POST` and `PATCH` (configurable with
@@ -144,7 +154,7 @@
 //! - **Expiry.** A response is replayed until its TTL ends; after that the
 //!   key is free and the next request runs the handler.
 //! - **Single process for [`MemoryBackend`].** It protects one process only;
-//!   several instances need a shared backend.
+//!   several instances need a shared backend such as Redis.
 //! - **Fail closed.** A backend error answers `503` and the handler does not
 //!   run, unless [`fail_open`](IdempotencyLayer::fail_open) is chosen.
 //! - **Corrupt data is never replayed.** A stored record that fails its
