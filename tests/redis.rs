@@ -371,3 +371,33 @@ async fn payments_redis_example_instances_share_one_record() {
         "instance B never ran the handler"
     );
 }
+
+/// A `SCRIPT FLUSH` followed by a burst: every request of the burst meets
+/// `NOSCRIPT` at once and must still be served (and stored) correctly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noscript_storm_after_a_flush() {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(backend().await).layer(counting(runs.clone()));
+    send(&mut svc.clone(), post("/p", Some("storm-warm"), "x")).await;
+    let mut admin = admin(&redis_url()).await;
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..50 {
+        let mut svc = svc.clone();
+        tasks.spawn(async move {
+            let key = format!("storm-{}", i % 25);
+            send(&mut svc, post("/p", Some(&key), "x")).await.status
+        });
+    }
+    for status in tasks.join_all().await {
+        assert!(
+            status == StatusCode::CREATED || status == StatusCode::CONFLICT,
+            "{status}"
+        );
+    }
+    assert_eq!(runs.get(), 26, "one run per key (25) plus the warm-up");
+}

@@ -269,3 +269,38 @@ async fn silent_peer_times_out_and_the_connection_is_replaced() {
     assert_eq!(back.status, StatusCode::CREATED, "{:?}", back.body);
     assert!(send(&mut svc, post("/p", Some("a"), "x")).await.replayed());
 }
+
+/// Many requests arrive while the peer is silent and no connection is held:
+/// each one is answered within its own timeout, none queues behind the
+/// others' connection attempts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_to_a_silent_peer_are_each_bounded() {
+    let server = RedisProcess::start(&[]);
+    let (port, frozen) = freezable_proxy(server.port).await;
+    let timeout = Duration::from_millis(300);
+    let svc = IdempotencyLayer::new(backend_on(&format!("redis://127.0.0.1:{port}"), timeout))
+        .layer(counting(Runs::default()));
+    frozen.store(true, Ordering::SeqCst);
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let mut svc = svc.clone();
+        tasks.spawn(async move {
+            let t = Instant::now();
+            let answer = send(&mut svc, post("/p", Some(&format!("c-{i}")), "x")).await;
+            (answer.status, t.elapsed())
+        });
+    }
+    for (status, took) in tasks.join_all().await {
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            took < timeout * 4,
+            "a request waited {took:?} (timeout {timeout:?})"
+        );
+    }
+    assert!(
+        started.elapsed() < timeout * 4,
+        "all answered in {:?}",
+        started.elapsed()
+    );
+}

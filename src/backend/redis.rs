@@ -390,20 +390,27 @@ impl RedisBackend {
         if let Some(held) = &*self.inner.held.load() {
             return Ok((held.conn.clone(), held.generation));
         }
-        // One task connects; the others wait for it instead of draining
-        // the pool.
-        let _connecting = self.inner.connecting.lock().await;
-        if let Some(held) = &*self.inner.held.load() {
-            return Ok((held.conn.clone(), held.generation));
-        }
-        let pooled = tokio::time::timeout(self.inner.timeout, self.checkout())
+        // The wait for another task's attempt counts against the timeout
+        // too: against a silent server, requests must not queue behind one
+        // another's attempts.
+        tokio::time::timeout(self.inner.timeout, self.connect())
             .await
             .map_err(|_| {
                 BackendError::new(
                     BackendErrorKind::Timeout,
                     "timed out taking a Redis connection from the pool",
                 )
-            })??;
+            })?
+    }
+
+    async fn connect(&self) -> Result<(Conn, u64), BackendError> {
+        // One task connects; the others wait for it instead of draining
+        // the pool.
+        let _connecting = self.inner.connecting.lock().await;
+        if let Some(held) = &*self.inner.held.load() {
+            return Ok((held.conn.clone(), held.generation));
+        }
+        let pooled = self.checkout().await?;
         let conn = match &pooled {
             Pooled::Single(c) => Conn::Single((**c).clone()),
             Pooled::Cluster(c) => Conn::Cluster((**c).clone()),
