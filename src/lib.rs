@@ -178,6 +178,8 @@ mod service;
 
 #[cfg(feature = "memory")]
 pub use backend::memory::{MemoryBackend, MemoryBackendBuilder, MemoryLock};
+#[cfg(feature = "postgres")]
+pub use backend::postgres::{PostgresBackend, PostgresBackendBuilder, PostgresLock};
 #[cfg(feature = "redis")]
 pub use backend::redis::{RedisBackend, RedisBackendBuilder, RedisLock};
 pub use backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};

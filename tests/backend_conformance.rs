@@ -4,7 +4,7 @@ mod conformance;
 
 use tower_idempotency::MemoryBackend;
 
-backend_conformance!(#[tokio::test(start_paused = true)], MemoryBackend::new());
+backend_conformance!(#[tokio::test(start_paused = true)], MemoryBackend::new(), Lapse);
 
 /// At capacity the least recently used records go, never the one just
 /// stored: a retry is most likely for the newest requests.

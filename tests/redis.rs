@@ -18,7 +18,7 @@ use tower_idempotency::{
     StorageKey,
 };
 
-backend_conformance!(#[tokio::test], backend().await);
+backend_conformance!(#[tokio::test], backend().await, Lapse);
 
 /// Two instances of a service (two pools, two backends) behind one Redis.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -83,7 +83,7 @@ async fn redis_cluster() {
     cluster.wait_until_ok().await;
 
     // The conformance suite, unchanged.
-    conformance::run_all(cluster.backend()).await;
+    conformance::run_all(cluster.backend(), conformance::Locks::Lapse).await;
 
     // Keys land on every master, and both keys of a request share a slot.
     let backend = cluster.backend();

@@ -90,11 +90,38 @@ pub async fn begin_locks_a_free_key<B: Backend>(b: B) {
     let key = fresh_key();
     let lock = acquired(b.begin(&key, &fingerprint(1), LOCK_TTL).await.unwrap());
     let retry_after = busy(b.begin(&key, &fingerprint(1), LOCK_TTL).await.unwrap());
+    assert!(retry_after > Duration::ZERO, "{retry_after:?}");
+    b.release(lock).await.unwrap();
+}
+
+/// Locks that lapse: the busy hint is the time left on the holder's lock.
+pub async fn busy_hint_is_within_the_lock_ttl<B: Backend>(b: B) {
+    let key = fresh_key();
+    let lock = acquired(b.begin(&key, &fingerprint(12), LOCK_TTL).await.unwrap());
+    let retry_after = busy(b.begin(&key, &fingerprint(12), LOCK_TTL).await.unwrap());
     assert!(
         retry_after > Duration::ZERO && retry_after <= LOCK_TTL,
         "{retry_after:?}"
     );
     b.release(lock).await.unwrap();
+}
+
+/// Session locks: a lock lives as long as its holder, whatever `lock_ttl`
+/// says, and its holder can still store.
+pub async fn session_lock_outlives_its_ttl<B: Backend>(b: B) {
+    let key = fresh_key();
+    let short = Duration::from_millis(200);
+    let lock = acquired(b.begin(&key, &fingerprint(13), short).await.unwrap());
+    sleep(short * 3).await;
+    busy(b.begin(&key, &fingerprint(13), short).await.unwrap());
+    assert!(b.extend(&lock, short).await.unwrap());
+    assert_eq!(
+        b.complete(lock, record(fingerprint(13), b"late"), TTL)
+            .await
+            .unwrap(),
+        Completion::Saved
+    );
+    completed(b.begin(&key, &fingerprint(13), short).await.unwrap());
 }
 
 pub async fn complete_stores_and_unlocks<B: Backend>(b: B) {
@@ -272,28 +299,55 @@ pub async fn concurrent_begin_has_one_winner<B: Backend>(b: B) {
     }
 }
 
+/// How a backend's locks end when their holder goes quiet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Locks {
+    /// After `lock_ttl` unless extended (memory, Redis).
+    Lapse,
+    /// With the holder's session (PostgreSQL advisory locks).
+    Session,
+}
+
 /// Every case, one after another, on one backend (for set-ups too costly to
 /// repeat per test, such as a cluster started by the test itself).
-pub async fn run_all<B: Backend>(b: B) {
+pub async fn run_all<B: Backend>(b: B, locks: Locks) {
     begin_locks_a_free_key(b.clone()).await;
     complete_stores_and_unlocks(b.clone()).await;
     large_records_round_trip(b.clone()).await;
     release_frees_without_storing(b.clone()).await;
     keys_are_independent(b.clone()).await;
     extend_keeps_the_lock(b.clone()).await;
-    lapsed_lock_is_lost(b.clone()).await;
-    release_of_a_lost_lock_spares_the_new_holder(b.clone()).await;
     records_expire(b.clone()).await;
-    concurrent_begin_has_one_winner(b).await;
+    concurrent_begin_has_one_winner(b.clone()).await;
+    match locks {
+        Locks::Lapse => {
+            busy_hint_is_within_the_lock_ttl(b.clone()).await;
+            lapsed_lock_is_lost(b.clone()).await;
+            release_of_a_lost_lock_spares_the_new_holder(b).await;
+        }
+        Locks::Session => session_lock_outlives_its_ttl(b).await,
+    }
 }
 
-/// Generates one `#[test]` per conformance case (the same list as
+/// Generates one `#[test]` per conformance case (the same lists as
 /// [`run_all`]).
 ///
-/// `backend_conformance!(#[tokio::test(start_paused = true)], MemoryBackend::new());`
+/// `backend_conformance!(#[tokio::test(start_paused = true)], MemoryBackend::new(), Lapse);`
 #[macro_export]
 macro_rules! backend_conformance {
-    (#[$attr:meta], $make:expr) => {
+    (#[$attr:meta], $make:expr, Lapse) => {
+        $crate::backend_conformance!(@cases #[$attr], $make;
+            busy_hint_is_within_the_lock_ttl,
+            lapsed_lock_is_lost,
+            release_of_a_lost_lock_spares_the_new_holder,
+        );
+        $crate::backend_conformance!(@common #[$attr], $make);
+    };
+    (#[$attr:meta], $make:expr, Session) => {
+        $crate::backend_conformance!(@cases #[$attr], $make; session_lock_outlives_its_ttl);
+        $crate::backend_conformance!(@common #[$attr], $make);
+    };
+    (@common #[$attr:meta], $make:expr) => {
         $crate::backend_conformance!(@cases #[$attr], $make;
             begin_locks_a_free_key,
             complete_stores_and_unlocks,
@@ -301,8 +355,6 @@ macro_rules! backend_conformance {
             release_frees_without_storing,
             keys_are_independent,
             extend_keeps_the_lock,
-            lapsed_lock_is_lost,
-            release_of_a_lost_lock_spares_the_new_holder,
             records_expire,
             concurrent_begin_has_one_winner,
         );
