@@ -1,0 +1,94 @@
+//! Helpers for the tests that run against a real PostgreSQL.
+//!
+//! `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`) names
+//! the server. The tests fail, loudly, when it cannot be reached.
+#![allow(dead_code)]
+
+use tower_idempotency::PostgresBackend;
+
+pub fn database_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+pub fn pool_for(url: &str, max_size: usize) -> deadpool_postgres::Pool {
+    let mut config = deadpool_postgres::Config::new();
+    config.url = Some(url.to_owned());
+    config.pool = Some(deadpool_postgres::PoolConfig::new(max_size));
+    config
+        .create_pool(
+            Some(deadpool_postgres::Runtime::Tokio1),
+            tokio_postgres::NoTls,
+        )
+        .expect("a valid DATABASE_URL")
+}
+
+/// A pool on the server, after checking it answers.
+pub async fn pool() -> deadpool_postgres::Pool {
+    let url = database_url();
+    let pool = pool_for(&url, 32);
+    let conn = pool.get().await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is not reachable at {url} ({e}); start it (see .ci/run) or set DATABASE_URL"
+        )
+    });
+    conn.simple_query("SELECT 1").await.unwrap();
+    pool
+}
+
+/// The table the tests share; every test uses its own random keys.
+pub const TABLE: &str = "idempotency_test_records";
+
+/// A migrated backend on the shared test table.
+pub async fn backend() -> PostgresBackend {
+    let backend = PostgresBackend::builder(pool().await)
+        .table(TABLE)
+        .build()
+        .unwrap();
+    backend.migrate().await.unwrap();
+    backend
+}
+
+/// A plain client for set-up and inspection.
+pub async fn admin() -> tokio_postgres::Client {
+    let url = database_url();
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL is not reachable at {url}: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// The advisory lock id the backend uses for a storage key.
+pub fn lock_id(key: &tower_idempotency::StorageKey) -> i64 {
+    let b = key.as_bytes();
+    i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+/// Backends holding the advisory lock `id` (`pg_locks` splits it in two).
+pub async fn holders(admin: &tokio_postgres::Client, id: i64) -> Vec<i32> {
+    admin
+        .query(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND ((classid::bigint << 32) | objid::bigint) = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Waits (up to 10 s) until nobody holds the advisory lock `id`: a closed
+/// session's locks go when the server has noticed the close.
+pub async fn wait_unlocked(admin: &tokio_postgres::Client, id: i64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !holders(admin, id).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "advisory lock {id} is still held"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
