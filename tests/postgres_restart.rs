@@ -1,0 +1,119 @@
+//! The shared PostgreSQL is stopped and started again mid-run: requests get
+//! `503` during the outage and the same service recovers afterwards. Its own
+//! test binary, as it takes the server away from everything else.
+
+mod common;
+mod postgres_support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Runs, counting, post, send};
+use http::StatusCode;
+use postgres_support::{TABLE, database_url, pool_for};
+use tower::Layer;
+use tower_idempotency::{IdempotencyLayer, PostgresBackend};
+
+fn cluster_version() -> String {
+    let versions: Vec<String> = std::fs::read_dir("/etc/postgresql")
+        .expect("a Debian PostgreSQL installation (/etc/postgresql)")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    assert_eq!(
+        versions.len(),
+        1,
+        "one PostgreSQL cluster version: {versions:?}"
+    );
+    versions[0].clone()
+}
+
+fn pg_ctl(action: &str) {
+    let status = Command::new("pg_ctlcluster")
+        .args([
+            "--skip-systemctl-redirect",
+            &cluster_version(),
+            "main",
+            action,
+        ])
+        .args(if action == "stop" {
+            &["-m", "fast"][..]
+        } else {
+            &[][..]
+        })
+        .status()
+        .expect("pg_ctlcluster is installed");
+    assert!(status.success(), "pg_ctlcluster {action} failed");
+}
+
+/// Starts the server again even if the test fails half-way.
+struct Restart;
+
+impl Drop for Restart {
+    fn drop(&mut self) {
+        let _ = Command::new("pg_ctlcluster")
+            .args([
+                "--skip-systemctl-redirect",
+                &cluster_version(),
+                "main",
+                "start",
+            ])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn outage_is_503_and_the_service_recovers() {
+    let backend = PostgresBackend::builder(pool_for(&database_url(), 8))
+        .table(TABLE)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    backend.migrate().await.unwrap();
+    let runs = Runs::default();
+    let mut svc = IdempotencyLayer::new(backend).layer(counting(runs.clone()));
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    assert_eq!(
+        send(&mut svc, post("/p", Some(&format!("before-{nonce}")), "x"))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
+
+    let _restart = Restart;
+    pg_ctl("stop");
+    for i in 0..3 {
+        let started = Instant::now();
+        let answer = send(
+            &mut svc,
+            post("/p", Some(&format!("down-{nonce}-{i}")), "x"),
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.problem_type(), "backend-unavailable");
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "no hang: {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(runs.get(), 1, "fail closed");
+    pg_ctl("start");
+
+    // The pool drops its dead connections; allow the server a moment to
+    // accept connections again.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let key = format!("after-{nonce}");
+    loop {
+        let answer = send(&mut svc, post("/p", Some(&key), "x")).await;
+        if answer.status == StatusCode::CREATED {
+            break;
+        }
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(Instant::now() < deadline, "no recovery after the restart");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(send(&mut svc, post("/p", Some(&key), "x")).await.replayed());
+}
