@@ -4,7 +4,8 @@
 //!
 //! Run with `scripts/load.sh [seconds] [connections]` (it builds the
 //! examples first). Configurations: `none` (`IDEMPOTENCY=off`), `memory`,
-//! `redis` (needs `REDIS_URL` or the server on 127.0.0.1:6379). Modes:
+//! `redis` (`REDIS_URL`, default 127.0.0.1:6379) and `postgres`
+//! (`DATABASE_URL`, default the `test` database on 127.0.0.1:5432). Modes:
 //! `fresh` (a new key per request), `replay` (one key per connection, created
 //! in the warm-up), `mixed` (half and half) and `hot` (every connection on one
 //! key). The server is pinned to CPU 0 and this generator to CPU 1 when

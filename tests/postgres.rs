@@ -408,3 +408,30 @@ async fn missing_table_is_a_misconfiguration() {
         .unwrap_err();
     assert_eq!(error.kind(), BackendErrorKind::Misconfigured, "{error}");
 }
+
+/// Two processes of `examples/payments_postgres.rs` share one database: a
+/// retry sent to the other instance is replayed with the same payment id.
+#[tokio::test]
+async fn payments_postgres_example_instances_share_one_record() {
+    let url = database_url();
+    let (_a, addr_a) =
+        common::spawn_example("payments_postgres", &[("DATABASE_URL", url.as_str())]).await;
+    let (_b, addr_b) =
+        common::spawn_example("payments_postgres", &[("DATABASE_URL", url.as_str())]).await;
+    let key = format!("\"{}\"", unique("example"));
+    let headers = [
+        ("idempotency-key", key.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let body = r#"{"amount":5,"currency":"EUR"}"#;
+    let first = common::request(addr_a, "POST", "/payments", &headers, body).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let second = common::request(addr_b, "POST", "/payments", &headers, body).await;
+    assert!(second.replayed());
+    assert_eq!(
+        second.body, first.body,
+        "same payment id from the other instance"
+    );
+    let stats = common::request(addr_b, "GET", "/stats", &[], "").await;
+    assert_eq!(stats.body, r#"{"handler_runs":0}"#);
+}

@@ -168,7 +168,7 @@ pub async fn spawn_example(
         .join(name);
     assert!(
         bin.exists(),
-        "{} is missing: cargo test builds examples",
+        "{} is missing: the full `cargo test --all-features` builds the examples (or `cargo build --examples --all-features`)",
         bin.display()
     );
     let mut child = tokio::process::Command::new(&bin)
