@@ -244,6 +244,8 @@ async fn main() {
     }
     let redis_url =
         std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let database_url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
     let configs = [
         Config {
             name: "none",
@@ -259,6 +261,11 @@ async fn main() {
             name: "redis",
             example: "payments_redis",
             env: vec![("REDIS_URL", redis_url)],
+        },
+        Config {
+            name: "postgres",
+            example: "payments_postgres",
+            env: vec![("DATABASE_URL", database_url)],
         },
     ];
     let modes = [Mode::Fresh, Mode::Replay, Mode::Mixed, Mode::Hot];
@@ -296,12 +303,17 @@ async fn main() {
         }
         drop(child);
     }
+    print_table(&rows, &modes);
+}
+
+/// The results as a markdown table, each mode against its `none` baseline.
+fn print_table(rows: &[Row], modes: &[Mode]) {
     println!();
     println!(
         "| mode | config | req/s | vs none | p50 | p99 | server CPU/req | 409 | other non-2xx |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    for mode in modes {
+    for &mode in modes {
         let base = rows
             .iter()
             .find(|r| r.mode == mode && r.config == "none")

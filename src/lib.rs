@@ -61,6 +61,9 @@
 //! - `RedisBackend` (feature `redis`): several instances share one Redis or
 //!   Redis Cluster through your `deadpool_redis` pool; two commands for a
 //!   fresh request, one for a replay. See the `backend::redis` module.
+//! - `PostgresBackend` (feature `postgres`): session advisory locks and one
+//!   table through your `deadpool_postgres` pool; two round trips for a
+//!   fresh request, one for a replay. See the `backend::postgres` module.
 //! - Your own: implement [`Backend`]; the crate's conformance suite
 //!   (`tests/conformance/`) states the semantics.
 //!
