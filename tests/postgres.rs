@@ -205,7 +205,13 @@ async fn cancellation_at_every_await_point_leaves_no_lock_in_the_pool() {
             "after {n} suspensions: {:?}",
             again.body
         );
-        assert_eq!(again.replayed(), completed, "after {n} suspensions");
+        assert_eq!(again.body, "done");
+        // Finished: replayed. Dropped mid-way: free — or, when the drop came
+        // after the upsert was already on the wire, replayed: the server
+        // still commits it, and the record is the handler's own response.
+        if completed {
+            assert!(again.replayed(), "after {n} suspensions");
+        }
         if completed {
             completions += 1;
             if completions == 3 {

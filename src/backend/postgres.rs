@@ -53,12 +53,14 @@
 //! # Requirements
 //!
 //! - **No transaction-mode pooler.** Session advisory locks need a session:
-//!   PgBouncer in `pool_mode = transaction` (or statement) may run the lock
-//!   and the unlock on different server connections. Connect directly or
-//!   through session pooling. [`migrate`](PostgresBackend::migrate) probes
-//!   for this and fails with [`BackendErrorKind::Misconfigured`] when a lock
-//!   taken by one statement is not seen by the next; the probe can miss a
-//!   pooler that happens to reuse one server connection, so do not rely on it.
+//!   PgBouncer in `pool_mode = transaction` (or statement) runs each
+//!   transaction on whichever server session is free, so a lock taken by one
+//!   request could be held by — and released by — another. Connect directly
+//!   or through session pooling. [`migrate`](PostgresBackend::migrate) probes
+//!   for this (one connection takes a lock, a second asks whether its own
+//!   session holds it, which only a pooler makes possible) and fails with
+//!   [`BackendErrorKind::Misconfigured`]. The probe needs a pool of at least
+//!   two connections and is tested against PgBouncer in transaction mode.
 //! - **`READ COMMITTED`** (the PostgreSQL default) for the pool's sessions;
 //!   the begin function refuses to run under another isolation level.
 //! - **Pool size bounds concurrency.** Every request in flight holds one
@@ -342,6 +344,18 @@ fn map_error(error: tokio_postgres::Error) -> BackendError {
     BackendError::new(kind, format!("PostgreSQL: {error}")).with_source(error)
 }
 
+/// The first column of the first row of a simple (unprepared) query.
+async fn simple_value(conn: &Object, sql: &str) -> Result<String, BackendError> {
+    let messages = conn.simple_query(sql).await.map_err(map_error)?;
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or_else(|| BackendError::new(BackendErrorKind::Other, "the probe returned no row"))
+}
+
 fn timed_out(what: &str, after: Duration) -> BackendError {
     BackendError::new(
         BackendErrorKind::Timeout,
@@ -413,50 +427,50 @@ impl PostgresBackend {
         self.check_session_locks().await
     }
 
-    /// Takes a probe lock in one statement and looks for it from the next;
-    /// under a transaction-mode pooler the second statement may run in
-    /// another session, which does not hold it.
+    /// Probes that the pool's connections are sessions of their own.
+    ///
+    /// Connection A takes a probe lock; connection B then asks whether *its*
+    /// session holds that lock. Connected directly, it never can. Behind a
+    /// transaction-mode pooler, B's statement runs on whichever server
+    /// session is free — typically the one A's statement just used — and
+    /// finds the lock. The simple-query protocol is used so the probe also
+    /// works through poolers that cannot carry prepared statements.
     async fn check_session_locks(&self) -> Result<(), BackendError> {
+        let status = self.pool.status();
+        if status.max_size < 2 {
+            return Ok(());
+        }
         for probe in 0..4_i64 {
-            let conn = self.connection().await?;
-            let mut guard = PostgresLock {
-                conn: Some(conn),
-                lock_id: i64::MIN + probe,
-                key: StorageKey::from_bytes([0; 32]),
-                held: true,
-            };
-            let client = guard.client()?;
-            let row = client
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&guard.lock_id])
-                .await
-                .map_err(map_error)?;
-            if !row.get::<_, bool>(0) {
-                // Another instance is probing with the same id right now.
-                guard.held = false;
-                continue;
+            let id = i64::MIN + 7 + probe;
+            let first = self.connection().await?;
+            let second = self.connection().await?;
+            // A: take the lock (its own statement, its own transaction).
+            let taken = simple_value(&first, &format!("SELECT pg_try_advisory_lock({id})")).await?;
+            if taken != "t" {
+                continue; // another instance is probing with this id right now
             }
-            let row = client
-                .query_one(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
-                     AND pid = pg_backend_pid() AND granted \
-                     AND ((classid::bigint << 32) | objid::bigint) = $1",
-                    &[&guard.lock_id],
-                )
-                .await
-                .map_err(map_error)?;
-            let seen: i64 = row.get(0);
-            let row = client
-                .query_one("SELECT pg_advisory_unlock($1)", &[&guard.lock_id])
-                .await
-                .map_err(map_error)?;
-            guard.held = !row.get::<_, bool>(0);
-            if seen != 1 {
+            // B: does my session hold A's lock?
+            let seen = simple_value(
+                &second,
+                &format!(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                     AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = {id}"
+                ),
+            )
+            .await?;
+            let unlocked = simple_value(&first, &format!("SELECT pg_advisory_unlock({id})")).await;
+            if seen != "0" {
+                // A's connection cannot be trusted with locks: close it.
+                drop(Object::take(first));
                 return Err(BackendError::new(
                     BackendErrorKind::Misconfigured,
-                    "a session advisory lock taken by one statement was not held in the next: \
-                     PostgreSQL seems to be behind a transaction-mode pooler (e.g. PgBouncer \
-                     pool_mode=transaction), where this backend cannot work",
+                    "two pooled connections share one server session: PostgreSQL is behind a \
+                     transaction-mode pooler (e.g. PgBouncer pool_mode=transaction), where \
+                     session advisory locks cannot work; connect directly or in session mode",
                 ));
+            }
+            if unlocked? != "t" {
+                drop(Object::take(first));
             }
         }
         Ok(())
