@@ -11,7 +11,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Runs, counting, post, send};
+use common::{Runs, counting, post, send, slow_first};
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full};
@@ -398,32 +398,13 @@ async fn store_failure_still_answers_the_client() {
     assert_eq!(runs.get(), 2);
 }
 
-/// The first call sleeps `first_call_secs`, later ones answer at once.
-fn slow_first(
-    runs: Runs,
-    first_call_secs: u64,
-) -> impl Service<common::InnerReq, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
-+ Clone
-+ Send
-+ 'static {
-    tower::service_fn(move |_req: common::InnerReq| {
-        let n = runs.bump();
-        async move {
-            if n == 1 {
-                tokio::time::sleep(Duration::from_secs(first_call_secs)).await;
-            }
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run {n}")))))
-        }
-    })
-}
-
 #[tokio::test(start_paused = true)]
 async fn heartbeat_keeps_the_lock_of_a_slow_handler() {
     let runs = Runs::default();
     let backend = Flaky::default();
     let svc = IdempotencyLayer::new(backend.clone())
         .lock_ttl(Duration::from_secs(3))
-        .layer(slow_first(runs.clone(), 10));
+        .layer(slow_first(runs.clone(), Duration::from_secs(10)));
     let first = tokio::spawn(svc.clone().oneshot(post("/p", Some("k"), "x")));
     // Beats every second (lock_ttl / 3); one failed beat (t=6s) is tolerated.
     tokio::time::sleep(Duration::from_millis(5500)).await;
@@ -454,7 +435,7 @@ async fn without_heartbeat_a_lapsed_lock_never_overwrites_the_new_holder() {
     let svc = IdempotencyLayer::new(backend.clone())
         .lock_ttl(Duration::from_secs(3))
         .heartbeat(false)
-        .layer(slow_first(runs.clone(), 10));
+        .layer(slow_first(runs.clone(), Duration::from_secs(10)));
     let first = tokio::spawn(svc.clone().oneshot(post("/p", Some("k"), "x")));
     tokio::time::sleep(Duration::from_secs(5)).await;
     let second = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;

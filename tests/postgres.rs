@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Runs, counting, post, send};
+use common::{Runs, counting, gated, post, send, slow_payment};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use postgres_support::{
@@ -46,18 +46,7 @@ fn unique(name: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_run_a_hundred_duplicates_once() {
     let runs = Runs::default();
-    let handler = {
-        let runs = runs.clone();
-        tower::service_fn(move |_req: common::InnerReq| {
-            let n = runs.bump();
-            async move {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let mut res = Response::new(Full::new(Bytes::from(format!("payment {n}"))));
-                *res.status_mut() = StatusCode::CREATED;
-                Ok::<_, Infallible>(res)
-            }
-        })
-    };
+    let handler = slow_payment(runs.clone(), Duration::from_millis(200));
     let mut instances = Vec::new();
     for _ in 0..2 {
         let backend = PostgresBackend::builder(pool().await)
@@ -241,28 +230,12 @@ async fn cancellation_at_every_await_point_leaves_no_lock_in_the_pool() {
 async fn terminated_holder_frees_the_key_and_stores_nothing() {
     let backend = backend().await;
     let admin = admin().await;
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
-    let gates = Arc::new(std::sync::Mutex::new(Some((started_tx, finish_rx))));
     let runs = Runs::default();
-    let handler = {
-        let runs = runs.clone();
-        tower::service_fn(move |_req: common::InnerReq| {
-            let n = runs.bump();
-            let gates = gates.lock().unwrap().take();
-            async move {
-                if let Some((started, finish)) = gates {
-                    started.send(()).unwrap();
-                    finish.await.unwrap();
-                }
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run {n}")))))
-            }
-        })
-    };
+    let (handler, gate) = gated(runs.clone());
     let svc = IdempotencyLayer::new(backend).layer(handler);
     let key = unique("killed");
     let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(&key), "x")));
-    started_rx.await.unwrap();
+    gate.started.await.unwrap();
     let id = lock_id(&storage_key(&key));
     let pids = holders(&admin, id).await;
     assert_eq!(pids.len(), 1, "exactly one session holds the key");
@@ -273,7 +246,7 @@ async fn terminated_holder_frees_the_key_and_stores_nothing() {
         .get(0);
     assert!(killed);
     wait_unlocked(&admin, id).await;
-    finish_tx.send(()).unwrap();
+    gate.finish.send(()).unwrap();
     let first = first.await.unwrap().unwrap();
     // The handler ran: its answer is delivered; storing it failed with the
     // session, so nothing (corrupt or otherwise) was stored.
@@ -440,4 +413,67 @@ async fn payments_postgres_example_instances_share_one_record() {
     );
     let stats = common::request(addr_b, "GET", "/stats", &[], "").await;
     assert_eq!(stats.body, r#"{"handler_runs":0}"#);
+}
+
+/// Two storage keys whose 64-bit lock ids collide: the second waits (a
+/// false 409) while the first is held, and never sees the first's record.
+#[tokio::test]
+async fn lock_id_collisions_only_delay_never_replay_the_wrong_record() {
+    let backend = backend().await;
+    let fp = conformance::fingerprint(1);
+    let a = conformance::fresh_key();
+    let mut b_bytes = *conformance::fresh_key().as_bytes();
+    b_bytes[..8].copy_from_slice(&a.as_bytes()[..8]);
+    let b = StorageKey::from_bytes(b_bytes);
+    assert_ne!(a, b);
+    assert_eq!(lock_id(&a), lock_id(&b));
+
+    let Begin::Acquired(lock_a) = backend
+        .begin(&a, &fp, Duration::from_secs(5))
+        .await
+        .unwrap()
+    else {
+        panic!("fresh key");
+    };
+    assert!(
+        matches!(
+            backend
+                .begin(&b, &fp, Duration::from_secs(5))
+                .await
+                .unwrap(),
+            Begin::Busy { .. }
+        ),
+        "a colliding key waits while the other holds the id"
+    );
+    backend
+        .complete(
+            lock_a,
+            conformance::record(fp, b"a's response"),
+            Duration::from_mins(5),
+        )
+        .await
+        .unwrap();
+    let Begin::Acquired(lock_b) = backend
+        .begin(&b, &fp, Duration::from_secs(5))
+        .await
+        .unwrap()
+    else {
+        panic!("b has no record of its own: it must acquire, not replay a's");
+    };
+    backend
+        .complete(
+            lock_b,
+            conformance::record(fp, b"b's response"),
+            Duration::from_mins(5),
+        )
+        .await
+        .unwrap();
+    let Begin::Completed(record) = backend
+        .begin(&b, &fp, Duration::from_secs(5))
+        .await
+        .unwrap()
+    else {
+        panic!("b's record");
+    };
+    assert_eq!(record.body, "b's response");
 }

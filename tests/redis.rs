@@ -4,13 +4,11 @@ mod common;
 mod conformance;
 mod redis_support;
 
-use std::convert::Infallible;
 use std::time::Duration;
 
-use bytes::Bytes;
-use common::{Runs, counting, post, send};
-use http::{Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use common::{Runs, counting, post, send, slow_first, slow_payment};
+use http::StatusCode;
+use http_body_util::BodyExt;
 use redis_support::{admin, backend, pool, redis_url, unique_prefix};
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{
@@ -25,18 +23,7 @@ backend_conformance!(#[tokio::test], backend().await, Lapse);
 async fn two_instances_run_a_hundred_duplicates_once() {
     let prefix = unique_prefix();
     let runs = Runs::default();
-    let handler = {
-        let runs = runs.clone();
-        tower::service_fn(move |_req: common::InnerReq| {
-            let n = runs.bump();
-            async move {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let mut res = Response::new(Full::new(Bytes::from(format!("payment {n}"))));
-                *res.status_mut() = StatusCode::CREATED;
-                Ok::<_, Infallible>(res)
-            }
-        })
-    };
+    let handler = slow_payment(runs.clone(), Duration::from_millis(200));
     let mut instances = Vec::new();
     for _ in 0..2 {
         let backend = RedisBackend::builder(pool().await)
@@ -68,29 +55,6 @@ async fn two_instances_run_a_hundred_duplicates_once() {
         assert!(again.replayed());
         assert_eq!(again.body, "payment 1");
     }
-}
-
-/// The first call sleeps `first_call`, later ones answer at once.
-fn slow_first(
-    runs: Runs,
-    first_call: Duration,
-) -> impl tower::Service<
-    common::InnerReq,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future: Send,
-> + Clone
-+ Send
-+ 'static {
-    tower::service_fn(move |_req: common::InnerReq| {
-        let n = runs.bump();
-        async move {
-            if n == 1 {
-                tokio::time::sleep(first_call).await;
-            }
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run {n}")))))
-        }
-    })
 }
 
 #[tokio::test]

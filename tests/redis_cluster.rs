@@ -5,14 +5,11 @@ mod common;
 mod conformance;
 mod redis_support;
 
-use std::convert::Infallible;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use common::{Runs, post, send};
-use http::{Response, StatusCode};
-use http_body_util::Full;
+use common::{Runs, post, send, slow_payment};
+use http::StatusCode;
 use redis_support::{RedisProcess, admin};
 use tower::Layer;
 use tower_idempotency::{Backend, Begin, IdempotencyLayer, RedisBackend};
@@ -126,16 +123,7 @@ async fn redis_cluster() {
 
     // Through the layer: 100 concurrent duplicates from two instances.
     let runs = Runs::default();
-    let handler = {
-        let runs = runs.clone();
-        tower::service_fn(move |_req: common::InnerReq| {
-            let n = runs.bump();
-            async move {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run {n}")))))
-            }
-        })
-    };
+    let handler = slow_payment(runs.clone(), Duration::from_millis(200));
     let instances = [
         IdempotencyLayer::new(cluster.backend()).layer(handler.clone()),
         IdempotencyLayer::new(cluster.backend()).layer(handler),
@@ -147,7 +135,7 @@ async fn redis_cluster() {
     }
     for a in tasks.join_all().await {
         assert!(
-            a.status == StatusCode::OK || a.status == StatusCode::CONFLICT,
+            a.status == StatusCode::CREATED || a.status == StatusCode::CONFLICT,
             "{}",
             a.status
         );

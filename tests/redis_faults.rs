@@ -5,15 +5,13 @@
 mod common;
 mod redis_support;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Runs, counting, post, send};
-use http::{Response, StatusCode};
-use http_body_util::Full;
+use common::{Runs, counting, gated, post, send};
+use http::StatusCode;
 use redis_support::{RedisProcess, admin, pool_for};
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{Backend, BackendErrorKind, Begin, IdempotencyLayer, RedisBackend};
@@ -69,30 +67,14 @@ async fn stopped_server_is_503_quickly_and_recovery_needs_no_restart() {
 #[tokio::test]
 async fn server_lost_while_the_handler_runs_still_answers_the_client() {
     let mut server = RedisProcess::start(&[]);
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let (finish_tx, finish_rx) = tokio::sync::oneshot::channel::<()>();
-    let gates = Arc::new(std::sync::Mutex::new(Some((started_tx, finish_rx))));
     let runs = Runs::default();
-    let handler = {
-        let runs = runs.clone();
-        tower::service_fn(move |_req: common::InnerReq| {
-            let n = runs.bump();
-            let gates = gates.lock().unwrap().take();
-            async move {
-                if let Some((started, finish)) = gates {
-                    started.send(()).unwrap();
-                    finish.await.unwrap();
-                }
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("run {n}")))))
-            }
-        })
-    };
+    let (handler, gate) = gated(runs.clone());
     let svc =
         IdempotencyLayer::new(backend_on(&server.url(), Duration::from_millis(500))).layer(handler);
     let first = tokio::spawn(svc.clone().oneshot(post("/p", Some("k"), "x")));
-    started_rx.await.unwrap();
+    gate.started.await.unwrap();
     server.stop();
-    finish_tx.send(()).unwrap();
+    gate.finish.send(()).unwrap();
     let first = first.await.unwrap().unwrap();
     assert_eq!(
         first.status(),

@@ -192,3 +192,84 @@ pub async fn spawn_example(
     assert_ne!(addr.port(), 0);
     (child, addr)
 }
+
+/// The handler type the shared handlers below return.
+pub trait Handler:
+    Service<
+        InnerReq,
+        Response = Response<Full<Bytes>>,
+        Error = std::convert::Infallible,
+        Future: Send,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<S> Handler for S where
+    S: Service<
+            InnerReq,
+            Response = Response<Full<Bytes>>,
+            Error = std::convert::Infallible,
+            Future: Send,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+/// Answers `201` with `payment <n>` after `delay`, long enough for
+/// concurrent duplicates to overlap it.
+pub fn slow_payment(runs: Runs, delay: std::time::Duration) -> impl Handler {
+    tower::service_fn(move |_req: InnerReq| {
+        let n = runs.bump();
+        async move {
+            tokio::time::sleep(delay).await;
+            let mut res = Response::new(Full::new(Bytes::from(format!("payment {n}"))));
+            *res.status_mut() = StatusCode::CREATED;
+            Ok(res)
+        }
+    })
+}
+
+/// The first call sleeps `first_call`, later ones answer at once; each
+/// answers `run <n>`.
+pub fn slow_first(runs: Runs, first_call: std::time::Duration) -> impl Handler {
+    tower::service_fn(move |_req: InnerReq| {
+        let n = runs.bump();
+        async move {
+            if n == 1 {
+                tokio::time::sleep(first_call).await;
+            }
+            Ok(Response::new(Full::new(Bytes::from(format!("run {n}")))))
+        }
+    })
+}
+
+/// The two ends of a [`gated`] handler's first call.
+pub struct Gate {
+    /// Fires when the first call has started.
+    pub started: tokio::sync::oneshot::Receiver<()>,
+    /// Lets the first call finish.
+    pub finish: tokio::sync::oneshot::Sender<()>,
+}
+
+/// A handler whose first call signals that it started and then waits to be
+/// let go; every call answers `run <n>`.
+pub fn gated(runs: Runs) -> (impl Handler, Gate) {
+    let (started_tx, started) = tokio::sync::oneshot::channel::<()>();
+    let (finish, finish_rx) = tokio::sync::oneshot::channel::<()>();
+    let gates = Arc::new(std::sync::Mutex::new(Some((started_tx, finish_rx))));
+    let handler = tower::service_fn(move |_req: InnerReq| {
+        let n = runs.bump();
+        let gates = gates.lock().unwrap().take();
+        async move {
+            if let Some((started, finish)) = gates {
+                started.send(()).unwrap();
+                finish.await.unwrap();
+            }
+            Ok(Response::new(Full::new(Bytes::from(format!("run {n}")))))
+        }
+    });
+    (handler, Gate { started, finish })
+}
