@@ -168,6 +168,8 @@
 //! The guarded path uses Tokio timers (the heartbeat), so it must run inside
 //! a Tokio runtime with time enabled, as axum and hyper servers do.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 pub mod backend;
 mod body;
 mod fingerprint;
