@@ -392,27 +392,13 @@ async fn missing_table_is_a_misconfiguration() {
 /// retry sent to the other instance is replayed with the same payment id.
 #[tokio::test]
 async fn payments_postgres_example_instances_share_one_record() {
-    let url = database_url();
-    let (_a, addr_a) =
-        common::spawn_example("payments_postgres", &[("DATABASE_URL", url.as_str())]).await;
-    let (_b, addr_b) =
-        common::spawn_example("payments_postgres", &[("DATABASE_URL", url.as_str())]).await;
     let key = format!("\"{}\"", unique("example"));
-    let headers = [
-        ("idempotency-key", key.as_str()),
-        ("content-type", "application/json"),
-    ];
-    let body = r#"{"amount":5,"currency":"EUR"}"#;
-    let first = common::request(addr_a, "POST", "/payments", &headers, body).await;
-    assert_eq!(first.status, StatusCode::CREATED);
-    let second = common::request(addr_b, "POST", "/payments", &headers, body).await;
-    assert!(second.replayed());
-    assert_eq!(
-        second.body, first.body,
-        "same payment id from the other instance"
-    );
-    let stats = common::request(addr_b, "GET", "/stats", &[], "").await;
-    assert_eq!(stats.body, r#"{"handler_runs":0}"#);
+    common::example_instances_share_one_record(
+        "payments_postgres",
+        ("DATABASE_URL", &database_url()),
+        &key,
+    )
+    .await;
 }
 
 /// Two storage keys whose 64-bit lock ids collide: the second waits (a

@@ -309,31 +309,9 @@ async fn prefix_with_braces_is_refused() {
 /// sent to the other instance is replayed with the same payment id.
 #[tokio::test]
 async fn payments_redis_example_instances_share_one_record() {
-    let url = redis_url();
-    let (_a, addr_a) =
-        common::spawn_example("payments_redis", &[("REDIS_URL", url.as_str())]).await;
-    let (_b, addr_b) =
-        common::spawn_example("payments_redis", &[("REDIS_URL", url.as_str())]).await;
     let key = format!("\"{}\"", unique_prefix());
-    let headers = [
-        ("idempotency-key", key.as_str()),
-        ("content-type", "application/json"),
-    ];
-    let body = r#"{"amount":5,"currency":"EUR"}"#;
-    let first = common::request(addr_a, "POST", "/payments", &headers, body).await;
-    assert_eq!(first.status, StatusCode::CREATED);
-    let second = common::request(addr_b, "POST", "/payments", &headers, body).await;
-    assert_eq!(second.status, StatusCode::CREATED);
-    assert!(second.replayed());
-    assert_eq!(
-        second.body, first.body,
-        "same payment id from the other instance"
-    );
-    let stats = common::request(addr_b, "GET", "/stats", &[], "").await;
-    assert_eq!(
-        stats.body, r#"{"handler_runs":0}"#,
-        "instance B never ran the handler"
-    );
+    common::example_instances_share_one_record("payments_redis", ("REDIS_URL", &redis_url()), &key)
+        .await;
 }
 
 /// A `SCRIPT FLUSH` followed by a burst: every request of the burst meets

@@ -76,6 +76,20 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// Reads a whole response.
+    pub async fn read<B>(res: Response<B>) -> Self
+    where
+        B: http_body::Body,
+        B::Error: std::fmt::Debug,
+    {
+        let (parts, body) = res.into_parts();
+        Self {
+            status: parts.status,
+            headers: parts.headers,
+            body: body.collect().await.unwrap().to_bytes(),
+        }
+    }
+
     pub fn replayed(&self) -> bool {
         self.headers
             .get("idempotent-replayed")
@@ -108,12 +122,7 @@ where
     B::Error: std::fmt::Debug,
 {
     let res = svc.ready().await.unwrap().call(req).await.unwrap();
-    let (parts, body) = res.into_parts();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+    Answer::read(res).await
 }
 
 /// One request on a fresh HTTP/1.1 connection to `addr`.
@@ -141,12 +150,7 @@ pub async fn request(
         .send_request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
         .await
         .unwrap();
-    let (parts, body) = res.into_parts();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-    }
+    Answer::read(res).await
 }
 
 /// Starts a built example (`cargo test` builds them) on a free port and
@@ -272,4 +276,31 @@ pub fn gated(runs: Runs) -> (impl Handler, Gate) {
         }
     });
     (handler, Gate { started, finish })
+}
+
+/// Two processes of a payments example on one shared store (`env` names
+/// it): a retry sent to the other instance is replayed with the same
+/// payment id, and that instance never runs the handler.
+pub async fn example_instances_share_one_record(example: &str, env: (&str, &str), key: &str) {
+    let (_a, addr_a) = spawn_example(example, &[env]).await;
+    let (_b, addr_b) = spawn_example(example, &[env]).await;
+    let headers = [
+        ("idempotency-key", key),
+        ("content-type", "application/json"),
+    ];
+    let body = r#"{"amount":5,"currency":"EUR"}"#;
+    let first = request(addr_a, "POST", "/payments", &headers, body).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let second = request(addr_b, "POST", "/payments", &headers, body).await;
+    assert_eq!(second.status, StatusCode::CREATED);
+    assert!(second.replayed());
+    assert_eq!(
+        second.body, first.body,
+        "same payment id from the other instance"
+    );
+    let stats = request(addr_b, "GET", "/stats", &[], "").await;
+    assert_eq!(
+        stats.body, r#"{"handler_runs":0}"#,
+        "instance B never ran the handler"
+    );
 }
