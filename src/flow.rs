@@ -43,23 +43,14 @@ where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
     B: Backend,
     ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
     ResBody: Body,
 {
     let (mut parts, body) = req.into_parts();
-    let limit = config.max_request_body;
-    if declared_length(&parts.headers).is_some_and(|len| len > limit as u64) {
-        return Ok(too_large(limit));
-    }
-    let (data, trailers) = match collect_limited(pin!(body), limit).await {
-        Collected::Complete { data, trailers } => (data, trailers),
-        Collected::Overflow { .. } => return Ok(too_large(limit)),
-        Collected::Failed { .. } => {
-            return Ok(problem(
-                ProblemKind::RequestBodyError,
-                "the request body ended with an error before it was complete",
-                None,
-            ));
-        }
+    let (data, trailers) = match buffer_request(&parts.headers, body, config.max_request_body).await
+    {
+        Ok(buffered) => buffered,
+        Err(answer) => return Ok(answer),
     };
 
     let storage_key = StorageKey::derive(&config.scope.resolve(&parts), &key);
@@ -147,12 +138,61 @@ where
     }
 }
 
+/// Buffers the request body within `limit`, or says how to answer instead.
+async fn buffer_request<ReqBody, ResBody>(
+    headers: &HeaderMap,
+    body: ReqBody,
+    limit: usize,
+) -> Result<(Bytes, Option<HeaderMap>), Response<IdempotencyBody<ResBody>>>
+where
+    ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body,
+{
+    if declared_length(headers).is_some_and(|len| len > limit as u64) {
+        return Err(too_large(limit));
+    }
+    match collect_limited(pin!(body), limit).await {
+        Collected::Complete { data, trailers } => Ok((data, trailers)),
+        Collected::Overflow { .. } => Err(too_large(limit)),
+        // A limit enforced further out (tower-http's `RequestBodyLimitLayer`
+        // wraps the body in `Limited`) surfaces here as a body error: it is
+        // still "too large", not "broken".
+        Collected::Failed { error, .. } => {
+            let error: BoxError = error.into();
+            Err(if is_length_limit(&*error) {
+                too_large(limit)
+            } else {
+                problem(
+                    ProblemKind::RequestBodyError,
+                    "the request body ended with an error before it was complete",
+                    None,
+                )
+            })
+        }
+    }
+}
+
 fn too_large<B: Body>(limit: usize) -> Response<IdempotencyBody<B>> {
     problem(
         ProblemKind::BodyTooLarge,
         &format!("the request body is larger than {limit} bytes"),
         None,
     )
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Whether `error`, or an error it wraps, is a body length limit.
+fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {

@@ -132,6 +132,32 @@
 //! scopes by the session cookie alone (an analytics cookie that changes
 //! between retries would otherwise split one caller into two).
 //!
+//! # With tower-http and axum
+//!
+//! Order matters for layers that change the response or end the request
+//! (outermost first; tested in `tests/tower_http.rs`):
+//!
+//! - **`CompressionLayer` outside** this layer. The plain response is stored
+//!   and every replay is encoded for the client asking. Inside, the
+//!   compressed bytes are stored and replayed with their `Content-Encoding`
+//!   to every retry, also to a client that did not ask for that encoding; if
+//!   it must sit inside, add `Accept-Encoding` to
+//!   [`fingerprint_headers`](IdempotencyLayer::fingerprint_headers) so such a
+//!   retry gets `422` instead.
+//! - **`TimeoutLayer` outside**: a timeout drops this layer's future, which
+//!   releases the key and stores nothing; the client's retry runs again.
+//! - **`RequestBodyLimitLayer`** outside answers `413` before the key is
+//!   looked at (also for bodies without `Content-Length`, whose limit error
+//!   this layer reports as `413`). This layer's own
+//!   [`max_request_body`](IdempotencyLayer::max_request_body) does the same.
+//! - axum's **`DefaultBodyLimit`** acts in the handler's extractors, after
+//!   this layer buffered the body: its `413` is the handler's answer and, like
+//!   any `4xx`, is stored and replayed for the same request.
+//! - **`TraceLayer`** anywhere; outside it also traces replays and `409`s.
+//! - Authentication goes **outside** when keys are scoped by the principal
+//!   ([`scope`](IdempotencyLayer::scope)), so the principal is in the request
+//!   extensions when this layer runs.
+//!
 //! # Guarantees
 //!
 //! - **Exactly once while healthy.** For one (scope, key), the handler runs

@@ -60,7 +60,7 @@ where
     B: Backend,
     ReqBody: Body + Send + 'static,
     ReqBody::Data: Send,
-    ReqBody::Error: Send,
+    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
     ResBody: Body + Send + 'static,
     ResBody::Data: Send,
     ResBody::Error: Send,
