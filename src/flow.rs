@@ -10,6 +10,7 @@ use http::header::{CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, response};
 use http_body::Body;
 use tower::Service;
+use tracing::Instrument;
 
 use crate::backend::{Backend, BackendError, Begin, Completion};
 use crate::body::{Collected, IdempotencyBody, collect_limited};
@@ -33,7 +34,7 @@ pub(crate) fn problem<B: Body>(
 }
 
 pub(crate) async fn run<S, B, ReqBody, ResBody>(
-    mut inner: S,
+    inner: S,
     backend: B,
     config: Arc<Config>,
     req: Request<ReqBody>,
@@ -62,18 +63,43 @@ where
     );
     parts.extensions.insert(key);
     let req = Request::from_parts(parts, IdempotencyBody::full(data, trailers));
+    // Only the hashed key is logged: never the client's key or credentials.
+    let span = tracing::debug_span!("idempotency", key = %storage_key);
+    decide(inner, backend, config, req, storage_key, fingerprint)
+        .instrument(span)
+        .await
+}
 
+/// Locks or looks up the key, runs the handler when it must, stores or
+/// releases.
+async fn decide<S, B, ReqBody, ResBody>(
+    mut inner: S,
+    backend: B,
+    config: Arc<Config>,
+    req: Request<IdempotencyBody<ReqBody>>,
+    storage_key: StorageKey,
+    fingerprint: Fingerprint,
+) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+where
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
+    B: Backend,
+    ReqBody: Body,
+    ResBody: Body,
+{
     let lock = match backend
         .begin(&storage_key, &fingerprint, config.lock_ttl)
         .await
     {
-        Ok(Begin::Acquired(lock)) => lock,
+        Ok(Begin::Acquired(lock)) => {
+            tracing::debug!("key acquired; running the handler");
+            lock
+        }
         Ok(Begin::Completed(record)) if record.fingerprint == fingerprint => {
-            tracing::debug!(key = %storage_key, "replaying stored response");
+            tracing::debug!("replaying stored response");
             return Ok(replay(record));
         }
         Ok(Begin::Completed(_)) => {
-            tracing::debug!(key = %storage_key, "key reused with a different request");
+            tracing::debug!("key reused with a different request");
             return Ok(problem(
                 ProblemKind::FingerprintMismatch,
                 "this Idempotency-Key was used with a different request; use a new key",
@@ -81,7 +107,7 @@ where
             ));
         }
         Ok(Begin::Busy { retry_after }) => {
-            tracing::debug!(key = %storage_key, "request with this key in flight");
+            tracing::debug!("request with this key in flight");
             return Ok(problem(
                 ProblemKind::InFlight,
                 "a request with this Idempotency-Key is being processed; retry later",
@@ -90,7 +116,7 @@ where
                 Some(retry_after.min(IN_FLIGHT_RETRY_AFTER)),
             ));
         }
-        Err(error) => return backend_failed(inner, req, &config, &storage_key, &error).await,
+        Err(error) => return backend_failed(inner, req, &config, &error).await,
     };
 
     let mut guard = LockGuard {
@@ -104,16 +130,16 @@ where
     };
     match outcome {
         Outcome::Failed(error) => {
-            guard.release(&storage_key, "inner service failed").await;
+            guard.release("inner service failed").await;
             Err(error)
         }
         Outcome::Unstored(response, why) => {
-            guard.release(&storage_key, why).await;
+            guard.release(why).await;
             Ok(response)
         }
         Outcome::Complete { parts, data, .. } if lost => {
-            tracing::warn!(key = %storage_key, "lock lost while the handler ran; response not stored");
-            guard.release(&storage_key, "lock lost").await;
+            tracing::warn!("lock lost while the handler ran; response not stored");
+            guard.release("lock lost").await;
             Ok(Response::from_parts(
                 parts,
                 IdempotencyBody::full(data, None),
@@ -122,12 +148,12 @@ where
         Outcome::Complete { parts, data, ttl } => {
             let record = Record::from_parts(&parts, data.clone(), fingerprint);
             match guard.complete(record, ttl).await {
-                Ok(Completion::Saved) => tracing::debug!(key = %storage_key, "response stored"),
+                Ok(Completion::Saved) => tracing::debug!("response stored"),
                 Ok(_) => {
-                    tracing::warn!(key = %storage_key, "lock lost before the response was stored");
+                    tracing::warn!("lock lost before the response was stored");
                 }
                 Err(error) => {
-                    tracing::warn!(key = %storage_key, %error, "storing the response failed");
+                    tracing::warn!(%error, "storing the response failed");
                 }
             }
             Ok(Response::from_parts(
@@ -203,7 +229,6 @@ async fn backend_failed<S, ReqBody, ResBody>(
     mut inner: S,
     req: Request<IdempotencyBody<ReqBody>>,
     config: &Config,
-    storage_key: &StorageKey,
     error: &BackendError,
 ) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
 where
@@ -212,11 +237,11 @@ where
     ResBody: Body,
 {
     if config.fail_open {
-        tracing::warn!(key = %storage_key, %error, "idempotency backend failed; running unprotected (fail-open)");
+        tracing::warn!(%error, "idempotency backend failed; running unprotected (fail-open)");
         let response = inner.call(req).await?;
         return Ok(response.map(IdempotencyBody::stream));
     }
-    tracing::warn!(key = %storage_key, %error, "idempotency backend failed; answering 503");
+    tracing::warn!(%error, "idempotency backend failed; answering 503");
     Ok(problem(
         ProblemKind::BackendUnavailable,
         "the idempotency store is unavailable; the request was not processed",
@@ -349,12 +374,12 @@ struct LockGuard<'a, B: Backend> {
 }
 
 impl<B: Backend> LockGuard<'_, B> {
-    async fn release(&mut self, key: &StorageKey, why: &str) {
-        tracing::debug!(key = %key, why, "response not stored; key released");
+    async fn release(&mut self, why: &str) {
+        tracing::debug!(why, "response not stored; key released");
         if let Some(lock) = self.lock.take()
             && let Err(error) = self.backend.release(lock).await
         {
-            tracing::warn!(key = %key, %error, "releasing the idempotency lock failed");
+            tracing::warn!(%error, "releasing the idempotency lock failed");
         }
     }
 
