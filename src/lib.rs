@@ -198,6 +198,9 @@
 
 pub mod backend;
 mod body;
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod extract;
 mod fingerprint;
 mod flow;
 mod future;
@@ -215,6 +218,8 @@ pub use backend::postgres::{PostgresBackend, PostgresBackendBuilder, PostgresLoc
 pub use backend::redis::{RedisBackend, RedisBackendBuilder, RedisLock};
 pub use backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 pub use body::IdempotencyBody;
+#[cfg(feature = "axum")]
+pub use extract::MissingIdempotencyKey;
 pub use fingerprint::Fingerprint;
 pub use flow::IDEMPOTENT_REPLAYED;
 pub use future::ResponseFuture;
