@@ -17,7 +17,7 @@ use crate::body::{Collected, IdempotencyBody, collect_limited};
 use crate::layer::{Config, Persist};
 use crate::problem::{self, ProblemKind};
 use crate::record::strip_unreplayable;
-use crate::{Fingerprint, IdempotencyKey, Record, StorageKey};
+use crate::{BoxError, Fingerprint, IdempotencyKey, Record, StorageKey};
 
 /// The header that marks a replayed response.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -206,8 +206,6 @@ fn too_large<B: Body>(limit: usize) -> Response<IdempotencyBody<B>> {
         None,
     )
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Whether `error`, or an error it wraps, is a body length limit.
 fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {

@@ -196,6 +196,9 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+/// A boxed error of any type, for errors passed through from other crates.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 pub mod backend;
 mod body;
 #[cfg(feature = "axum")]

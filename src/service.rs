@@ -7,6 +7,7 @@ use http::{Request, Response};
 use http_body::Body;
 use tower::Service;
 
+use crate::BoxError;
 use crate::backend::Backend;
 use crate::body::IdempotencyBody;
 use crate::flow;
@@ -60,7 +61,7 @@ where
     B: Backend,
     ReqBody: Body + Send + 'static,
     ReqBody::Data: Send,
-    ReqBody::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send,
+    ReqBody::Error: Into<BoxError> + Send,
     ResBody: Body + Send + 'static,
     ResBody::Data: Send,
     ResBody::Error: Send,

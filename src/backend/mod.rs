@@ -29,7 +29,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::{Fingerprint, Record, StorageKey};
+use crate::{BoxError, Fingerprint, Record, StorageKey};
 
 /// What [`Backend::begin`] found.
 #[derive(Debug)]
@@ -144,7 +144,7 @@ pub enum BackendErrorKind {
 pub struct BackendError {
     kind: BackendErrorKind,
     message: String,
-    source: Option<Box<dyn StdError + Send + Sync>>,
+    source: Option<BoxError>,
 }
 
 impl BackendError {

@@ -95,6 +95,8 @@ pub struct PostgresBackend {
     codec: RecordCodec,
 }
 
+const DEFAULT_TABLE: &str = "idempotency_records";
+
 /// The statements, made once from the validated table name.
 struct Sql {
     table: String,
@@ -161,12 +163,16 @@ impl PostgresBackendBuilder {
     /// plain identifier.
     pub fn build(self) -> Result<PostgresBackend, BackendError> {
         let sql = Sql::new(&self.table)?;
-        Ok(PostgresBackend {
+        Ok(self.with_sql(sql))
+    }
+
+    fn with_sql(self, sql: Sql) -> PostgresBackend {
+        PostgresBackend {
             pool: self.pool,
             sql: std::sync::Arc::new(sql),
             timeout: self.timeout,
             codec: self.codec,
-        })
+        }
     }
 }
 
@@ -198,7 +204,7 @@ impl Sql {
         let (schema, name) = match parts {
             [schema, name] => (Some(quote(schema)), *name),
             [name] => (None, *name),
-            _ => (None, "idempotency_records"),
+            _ => (None, DEFAULT_TABLE),
         };
         let qualify = |n: String| {
             schema
@@ -367,19 +373,15 @@ impl PostgresBackend {
     /// A backend on the `idempotency_records` table with the defaults.
     #[must_use]
     pub fn new(pool: Pool) -> Self {
-        Self {
-            pool,
-            sql: std::sync::Arc::new(Sql::from_parts(&["idempotency_records"])),
-            timeout: Duration::from_secs(2),
-            codec: RecordCodec::new(),
-        }
+        // The default name is a valid identifier: no validation needed.
+        Self::builder(pool).with_sql(Sql::from_parts(&[DEFAULT_TABLE]))
     }
 
     /// Starts a builder.
     pub fn builder(pool: Pool) -> PostgresBackendBuilder {
         PostgresBackendBuilder {
             pool,
-            table: "idempotency_records".to_owned(),
+            table: DEFAULT_TABLE.to_owned(),
             timeout: Duration::from_secs(2),
             codec: RecordCodec::new(),
         }

@@ -478,11 +478,7 @@ impl RedisBackend {
         match tokio::time::timeout(self.inner.timeout, run).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(error)) => {
-                if error.is_unrecoverable_error()
-                    || error.is_io_error()
-                    || error.is_connection_dropped()
-                    || error.is_timeout()
-                {
+                if connection_broken(&error) {
                     self.discard(generation);
                 }
                 Err(map_error(error))
@@ -515,14 +511,18 @@ fn token() -> Result<String, BackendError> {
     Ok(crate::key::hex(&bytes))
 }
 
+/// Whether the connection that gave this error must be replaced.
+fn connection_broken(error: &RedisError) -> bool {
+    error.is_unrecoverable_error()
+        || error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_timeout()
+}
+
 fn map_error(error: RedisError) -> BackendError {
     let kind = if error.is_timeout() {
         BackendErrorKind::Timeout
-    } else if error.is_connection_refusal()
-        || error.is_io_error()
-        || error.is_connection_dropped()
-        || error.is_unrecoverable_error()
-    {
+    } else if error.is_connection_refusal() || connection_broken(&error) {
         BackendErrorKind::Unavailable
     } else {
         match error.code() {
