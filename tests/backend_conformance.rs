@@ -6,8 +6,8 @@ use tower_idempotency::MemoryBackend;
 
 backend_conformance!(#[tokio::test(start_paused = true)], MemoryBackend::new(), Lapse);
 
-/// At capacity the least recently used records go, never the one just
-/// stored: a retry is most likely for the newest requests.
+/// At capacity the oldest records go, never the one just stored: a retry is
+/// most likely for the newest requests.
 #[tokio::test(start_paused = true)]
 async fn memory_backend_keeps_the_newest_records_at_capacity() {
     use std::time::Duration;
@@ -49,4 +49,141 @@ async fn memory_backend_keeps_the_newest_records_at_capacity() {
             _ => panic!("record #{i} from the end was dropped at capacity"),
         }
     }
+}
+
+/// Stores a record under a fresh lock on `key`.
+async fn store(
+    backend: &MemoryBackend,
+    key: &tower_idempotency::StorageKey,
+    body: &[u8],
+    ttl: std::time::Duration,
+) -> Result<tower_idempotency::Completion, tower_idempotency::BackendError> {
+    use std::time::Duration;
+    use tower_idempotency::{Backend, Begin};
+
+    let fp = conformance::fingerprint(1);
+    let Begin::Acquired(lock) = backend.begin(key, &fp, Duration::from_secs(30)).await? else {
+        panic!("the key should be free");
+    };
+    backend
+        .complete(lock, conformance::record(fp, body), ttl)
+        .await
+}
+
+/// A large bound is spread over shards: it is never exceeded, and the
+/// newest records (thousands of them) all survive the eviction.
+#[tokio::test(start_paused = true)]
+async fn memory_backend_sharded_bound_keeps_recent_records() {
+    use std::time::Duration;
+    use tower_idempotency::{Backend, Begin};
+
+    let backend = MemoryBackend::builder().max_entries(20_000).build();
+    let keys: Vec<_> = (0..50_000).map(|_| conformance::fresh_key()).collect();
+    for key in &keys {
+        store(&backend, key, b"{}", Duration::from_hours(1))
+            .await
+            .unwrap();
+    }
+    let stored = backend.stored_count();
+    assert!(stored <= 20_000, "bound exceeded: {stored}");
+    assert!(stored >= 19_000, "evicted far too early: {stored}");
+    let fp = conformance::fingerprint(1);
+    for (i, key) in keys.iter().rev().take(2_000).enumerate() {
+        let begin = backend
+            .begin(key, &fp, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert!(
+            matches!(begin, Begin::Completed(_)),
+            "record #{i} from the end was dropped"
+        );
+    }
+    // The oldest went first.
+    let begin = backend
+        .begin(&keys[0], &fp, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        matches!(begin, Begin::Acquired(_)),
+        "the oldest record survived"
+    );
+}
+
+/// Expired records are not replayed, and their memory is reclaimed as newer
+/// records arrive in their shard, even while the bound is far away.
+#[tokio::test(start_paused = true)]
+async fn memory_backend_reclaims_expired_records() {
+    use std::time::Duration;
+
+    let backend = MemoryBackend::builder().max_entries(10_000).build();
+    for _ in 0..500 {
+        store(
+            &backend,
+            &conformance::fresh_key(),
+            b"{}",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(backend.stored_count(), 500);
+    tokio::time::advance(Duration::from_secs(61)).await;
+    // 200 new records reach each of the 8 shards of a 10 000 bound.
+    for _ in 0..200 {
+        store(
+            &backend,
+            &conformance::fresh_key(),
+            b"{}",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(backend.stored_count(), 200, "expired records were kept");
+}
+
+/// A byte bound: a record heavier than a shard's share is refused with a
+/// typed error, and its key is free again for the retry.
+#[tokio::test(start_paused = true)]
+async fn memory_backend_refuses_a_record_heavier_than_its_share() {
+    use std::time::Duration;
+    use tower_idempotency::{Backend, BackendErrorKind, Begin};
+
+    let backend = MemoryBackend::builder().max_bytes(64 * 1024).build();
+    let key = conformance::fresh_key();
+    let error = store(
+        &backend,
+        &key,
+        &vec![b'x'; 100 * 1024],
+        Duration::from_hours(1),
+    )
+    .await
+    .expect_err("a 100 KiB record cannot fit a 64 KiB bound");
+    assert_eq!(error.kind(), BackendErrorKind::Rejected);
+    assert_eq!(backend.stored_count(), 0);
+    assert_eq!(backend.in_flight_count(), 0, "the refused key stays locked");
+    let fp = conformance::fingerprint(1);
+    let begin = backend
+        .begin(&key, &fp, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(matches!(begin, Begin::Acquired(_)));
+
+    // Within the bound, records are weighed by size: 4 KiB bodies, about
+    // 15 of them fit in 64 KiB.
+    for _ in 0..100 {
+        store(
+            &backend,
+            &conformance::fresh_key(),
+            &[b'y'; 4096],
+            Duration::from_hours(1),
+        )
+        .await
+        .unwrap();
+    }
+    let stored = backend.stored_count();
+    assert!(
+        (10..=16).contains(&stored),
+        "{stored} records of 4 KiB in 64 KiB"
+    );
 }

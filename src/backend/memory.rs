@@ -1,9 +1,15 @@
 //! The in-memory backend: the embedded default, no server needed.
 //!
-//! Records live in a bounded [`moka`] cache (by entry count or by bytes) and
-//! expire at their TTL; in-flight locks live in a sharded map, each lock
-//! carrying a unique token. Expiry is judged with [`tokio::time::Instant`], so
-//! tests can drive it with `tokio::time::pause` and `advance`.
+//! Records and in-flight locks live in one table split into shards, each a
+//! mutex over its records (kept in the order they were stored) and its locks
+//! (each carrying a unique token). `begin` and `complete` take one shard's
+//! mutex once: the lookup and the lock it takes are a single step, so no
+//! holder can complete in between. At capacity the oldest records are evicted
+//! first — records expire in the order they were stored, and the newest are
+//! the ones a retry is about to ask for. Expired records are never replayed;
+//! their memory is reclaimed as newer records arrive. Expiry is judged with
+//! [`tokio::time::Instant`], so tests can drive it with `tokio::time::pause`
+//! and `advance`.
 //!
 //! It protects **one process** only: two instances of a service each have
 //! their own memory and would both run a retried request. Use the Redis or
@@ -17,40 +23,77 @@
 //! # let _ = layer;
 //! ```
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use moka::Expiry;
 use tokio::time::Instant;
 
-use super::{Backend, BackendError, Begin, Completion};
+use super::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 use crate::{Fingerprint, Record, StorageKey};
 
-const SHARDS: usize = 64;
+/// The most shards a backend is split into.
+const MAX_SHARDS: u64 = 64;
+/// Below this many records per shard, fewer shards are used, so that a small
+/// bound is kept exactly.
+const MIN_ENTRIES_PER_SHARD: u64 = 1024;
+/// The same for a byte bound: a shard holds at least this much.
+const MIN_BYTES_PER_SHARD: u64 = 4 << 20;
 
 /// A bounded in-memory [`Backend`] for a single process.
 ///
 /// Cloning is cheap and clones share the same storage.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+///
+/// // At most 64 MiB of stored responses, kept for an hour.
+/// let backend = MemoryBackend::builder().max_bytes(64 << 20).build();
+/// let layer = IdempotencyLayer::new(backend.clone()).ttl(Duration::from_hours(1));
+/// assert_eq!(backend.stored_count(), 0);
+/// # let _ = layer;
+/// ```
 #[derive(Clone)]
 pub struct MemoryBackend {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    // Std's randomly keyed SipHash, not a shortcut over the SHA-256 bytes:
-    // a client knows its own scope and could grind keys whose storage keys
-    // collide in a fixed hash, degrading the maps to lists.
-    records: moka::sync::Cache<StorageKey, Arc<Stored>>,
-    locks: Box<[Mutex<HashMap<StorageKey, LockState>>]>,
+    // Randomly keyed per backend (std's SipHash), both for choosing a shard
+    // and inside each map: a client knows its own scope and could otherwise
+    // grind keys that all land in one shard or one bucket.
+    hasher: RandomState,
+    shards: Box<[Mutex<Shard>]>,
+    /// Mask over a key's hash that picks its shard (shard count − 1).
+    shard_mask: u64,
+    /// What one shard may hold: records, or bytes of records.
+    shard_capacity: u64,
+    by_bytes: bool,
     next_token: AtomicU64,
 }
 
+#[derive(Default)]
+struct Shard {
+    records: HashMap<StorageKey, Stored>,
+    /// Keys in the order they were stored, each with the sequence number of
+    /// that store: an entry whose number no longer matches the record's is
+    /// stale (the record was removed or stored again) and is skipped.
+    order: VecDeque<(StorageKey, u64)>,
+    locks: HashMap<StorageKey, LockState>,
+    /// Records held (entry bound) or their bytes (byte bound).
+    weight: u64,
+    next_seq: u64,
+}
+
 struct Stored {
-    record: Record,
+    record: Arc<Record>,
     expires_at: Instant,
-    ttl: Duration,
+    seq: u64,
+    weight: u64,
 }
 
 #[derive(Clone, Copy)]
@@ -74,6 +117,13 @@ enum Capacity {
 }
 
 /// Builds a [`MemoryBackend`].
+///
+/// ```
+/// use tower_idempotency::MemoryBackend;
+///
+/// let backend = MemoryBackend::builder().max_entries(10_000).build();
+/// # let _ = backend;
+/// ```
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct MemoryBackendBuilder {
@@ -81,8 +131,12 @@ pub struct MemoryBackendBuilder {
 }
 
 impl MemoryBackendBuilder {
-    /// Keep at most `n` records (default 100 000); the least recently used
-    /// are evicted first. Replaces a [`max_bytes`](Self::max_bytes) bound.
+    /// Keep at most `n` records (default 100 000); the oldest are evicted
+    /// first. Replaces a [`max_bytes`](Self::max_bytes) bound.
+    ///
+    /// Large bounds are spread over up to 64 shards of equal share, so
+    /// eviction may begin a little before the total reaches `n`; it never
+    /// exceeds it.
     pub const fn max_entries(mut self, n: u64) -> Self {
         self.capacity = Capacity::Entries(n);
         self
@@ -90,6 +144,12 @@ impl MemoryBackendBuilder {
 
     /// Keep at most about `bytes` of records, weighed by body and header
     /// size. Replaces a [`max_entries`](Self::max_entries) bound.
+    ///
+    /// Large bounds are spread over up to 64 shards of at least 4 MiB each;
+    /// a record heavier than one shard's share is refused (the layer still
+    /// answers, and a retry runs the handler again), so keep `bytes` well
+    /// above the layer's
+    /// [`max_stored_response`](crate::IdempotencyLayer::max_stored_response).
     pub const fn max_bytes(mut self, bytes: u64) -> Self {
         self.capacity = Capacity::Bytes(bytes);
         self
@@ -98,41 +158,24 @@ impl MemoryBackendBuilder {
     /// Builds the backend.
     #[must_use]
     pub fn build(self) -> MemoryBackend {
-        // LRU, not moka's default TinyLFU: TinyLFU may refuse to admit a new
-        // entry when full, and the record just stored is the one a retry is
-        // about to ask for.
-        let builder = moka::sync::Cache::builder()
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .expire_after(StoredExpiry);
-        let records = match self.capacity {
-            Capacity::Entries(n) => builder.max_capacity(n),
-            Capacity::Bytes(n) => builder
-                .weigher(|_, v: &Arc<Stored>| u32::try_from(v.record.size()).unwrap_or(u32::MAX))
-                .max_capacity(n),
-        }
-        .build();
+        let (total, per_shard_floor, by_bytes) = match self.capacity {
+            Capacity::Entries(n) => (n, MIN_ENTRIES_PER_SHARD, false),
+            Capacity::Bytes(n) => (n, MIN_BYTES_PER_SHARD, true),
+        };
+        // The largest power of two of shards, at most 64, each holding at
+        // least the floor.
+        let fit = (total / per_shard_floor).clamp(1, MAX_SHARDS);
+        let shards = 1u64 << fit.ilog2();
         MemoryBackend {
             inner: Arc::new(Inner {
-                records,
-                locks: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+                hasher: RandomState::new(),
+                shards: (0..shards).map(|_| Mutex::default()).collect(),
+                shard_mask: shards - 1,
+                shard_capacity: total / shards,
+                by_bytes,
                 next_token: AtomicU64::new(1),
             }),
         }
-    }
-}
-
-/// Lets moka reclaim memory of records at their TTL (in real time; the
-/// layer's own expiry check uses Tokio's clock).
-struct StoredExpiry;
-
-impl Expiry<StorageKey, Arc<Stored>> for StoredExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &StorageKey,
-        value: &Arc<Stored>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl)
     }
 }
 
@@ -145,7 +188,8 @@ impl Default for MemoryBackend {
 impl std::fmt::Debug for MemoryBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MemoryBackend")
-            .field("records", &self.inner.records.entry_count())
+            .field("shards", &self.inner.shards.len())
+            .field("records", &self.stored_count())
             .finish_non_exhaustive()
     }
 }
@@ -164,12 +208,16 @@ impl MemoryBackend {
         }
     }
 
-    /// How many records are stored (expired ones may count until the cache
-    /// reclaims them).
+    /// How many records are held in memory, including expired ones not yet
+    /// reclaimed (never replayed). It never exceeds the
+    /// [`max_entries`](MemoryBackendBuilder::max_entries) bound.
     #[must_use]
     pub fn stored_count(&self) -> u64 {
-        self.inner.records.run_pending_tasks();
-        self.inner.records.entry_count()
+        self.inner
+            .shards
+            .iter()
+            .map(|shard| lock(shard).records.len() as u64)
+            .sum()
     }
 
     /// How many keys are locked by requests in flight right now (lapsed
@@ -178,31 +226,32 @@ impl MemoryBackend {
     pub fn in_flight_count(&self) -> usize {
         let now = Instant::now();
         self.inner
-            .locks
+            .shards
             .iter()
-            .map(|shard| lock(shard).values().filter(|l| l.expires_at > now).count())
+            .map(|shard| {
+                lock(shard)
+                    .locks
+                    .values()
+                    .filter(|l| l.expires_at > now)
+                    .count()
+            })
             .sum()
     }
 
-    fn shard(&self, key: &StorageKey) -> MutexGuard<'_, HashMap<StorageKey, LockState>> {
-        let index = usize::from(key.as_bytes()[31]) % SHARDS;
-        lock(&self.inner.locks[index])
-    }
-
-    fn lookup(&self, key: &StorageKey, now: Instant) -> Option<Record> {
-        let stored = self.inner.records.get(key)?;
-        // An expired record is absent; it is left for the cache to reclaim,
-        // because removing it here could race with a fresh record's insert.
-        (stored.expires_at > now).then(|| stored.record.clone())
+    fn shard(&self, key: &StorageKey) -> MutexGuard<'_, Shard> {
+        let hash = self.inner.hasher.hash_one(key);
+        // The mask keeps the index below the shard count, which is ≤ 64.
+        #[allow(clippy::cast_possible_truncation)]
+        let index = (hash & self.inner.shard_mask) as usize;
+        lock(&self.inner.shards[index])
     }
 
     fn release_now(&self, lock_: &MemoryLock) {
         let mut shard = self.shard(&lock_.key);
-        if shard
-            .get(&lock_.key)
-            .is_some_and(|l| l.token == lock_.token)
+        if let Entry::Occupied(held) = shard.locks.entry(lock_.key)
+            && held.get().token == lock_.token
         {
-            shard.remove(&lock_.key);
+            held.remove();
         }
     }
 }
@@ -210,6 +259,58 @@ impl MemoryBackend {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while a shard is held; recover rather than propagate.
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shard {
+    /// The live record under `key`; an expired one is removed.
+    fn lookup(&mut self, key: &StorageKey, now: Instant) -> Option<Arc<Record>> {
+        let stored = self.records.get(key)?;
+        if stored.expires_at > now {
+            return Some(Arc::clone(&stored.record));
+        }
+        self.remove(key);
+        None
+    }
+
+    fn remove(&mut self, key: &StorageKey) {
+        if let Some(gone) = self.records.remove(key) {
+            self.weight -= gone.weight;
+        }
+    }
+
+    /// Stores `stored`, then evicts from the oldest end: stale order
+    /// entries, expired records, and live ones while over `capacity` (the
+    /// caller made sure `stored` alone fits).
+    fn store(&mut self, key: StorageKey, mut stored: Stored, capacity: u64, now: Instant) {
+        self.remove(&key);
+        self.next_seq += 1;
+        stored.seq = self.next_seq;
+        self.weight += stored.weight;
+        self.order.push_back((key, stored.seq));
+        self.records.insert(key, stored);
+        while let Some(&(oldest, seq)) = self.order.front() {
+            let evict = match self.records.get(&oldest) {
+                Some(s) if s.seq == seq => self.weight > capacity || s.expires_at <= now,
+                // Stale: the record it stood for is gone already.
+                _ => true,
+            };
+            if !evict {
+                break;
+            }
+            self.order.pop_front();
+            if self.records.get(&oldest).is_some_and(|s| s.seq == seq) {
+                self.remove(&oldest);
+            }
+        }
+        // Records removed out of order (expired at lookup, stored again)
+        // leave stale entries behind a live oldest one: compact when they
+        // outnumber the records, so the queue stays proportional to them.
+        if self.order.len() > 2 * self.records.len() + 64 {
+            let records = &self.records;
+            self.order
+                .retain(|(k, seq)| records.get(k).is_some_and(|s| s.seq == *seq));
+        }
+    }
 }
 
 impl Backend for MemoryBackend {
@@ -222,28 +323,31 @@ impl Backend for MemoryBackend {
         lock_ttl: Duration,
     ) -> Result<Begin<MemoryLock>, BackendError> {
         let now = Instant::now();
-        if let Some(record) = self.lookup(key, now) {
-            return Ok(Begin::Completed(record));
-        }
         let mut shard = self.shard(key);
-        if let Some(held) = shard.get(key).filter(|l| l.expires_at > now) {
-            return Ok(Begin::Busy {
-                retry_after: held.expires_at - now,
-            });
-        }
-        // A holder may have completed between the lookup and taking the
-        // shard; `complete` stores under the shard, so this look is final.
-        if let Some(record) = self.lookup(key, now) {
-            return Ok(Begin::Completed(record));
+        if let Some(record) = shard.lookup(key, now) {
+            drop(shard);
+            return Ok(Begin::Completed(Arc::unwrap_or_clone(record)));
         }
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
-        shard.insert(
-            *key,
-            LockState {
-                token,
-                expires_at: now + lock_ttl,
-            },
-        );
+        let fresh = LockState {
+            token,
+            expires_at: now + lock_ttl,
+        };
+        match shard.locks.entry(*key) {
+            Entry::Occupied(held) if held.get().expires_at > now => {
+                return Ok(Begin::Busy {
+                    retry_after: held.get().expires_at - now,
+                });
+            }
+            // A lapsed lock is taken over: its holder's `complete` finds
+            // another token and stores nothing.
+            Entry::Occupied(mut lapsed) => {
+                lapsed.insert(fresh);
+            }
+            Entry::Vacant(free) => {
+                free.insert(fresh);
+            }
+        }
         Ok(Begin::Acquired(MemoryLock { key: *key, token }))
     }
 
@@ -253,24 +357,36 @@ impl Backend for MemoryBackend {
         record: Record,
         ttl: Duration,
     ) -> Result<Completion, BackendError> {
+        let weight = if self.inner.by_bytes {
+            record.size() as u64
+        } else {
+            1
+        };
         let now = Instant::now();
         let mut shard = self.shard(&lock_.key);
-        let Some(held) = shard.get(&lock_.key).copied() else {
-            return Ok(Completion::Lost);
+        let held = match shard.locks.entry(lock_.key) {
+            Entry::Occupied(held) if held.get().token == lock_.token => held.remove(),
+            _ => return Ok(Completion::Lost),
         };
-        if held.token != lock_.token {
-            return Ok(Completion::Lost);
-        }
-        shard.remove(&lock_.key);
         if held.expires_at <= now {
             return Ok(Completion::Lost);
         }
+        let capacity = self.inner.shard_capacity;
+        if weight > capacity {
+            return Err(BackendError::new(
+                BackendErrorKind::Rejected,
+                format!(
+                    "a {weight}-byte record is larger than a memory backend shard's {capacity}-byte share"
+                ),
+            ));
+        }
         let stored = Stored {
-            record,
+            record: Arc::new(record),
             expires_at: now + ttl,
-            ttl,
+            seq: 0,
+            weight,
         };
-        self.inner.records.insert(lock_.key, Arc::new(stored));
+        shard.store(lock_.key, stored, capacity, now);
         Ok(Completion::Saved)
     }
 
@@ -282,7 +398,7 @@ impl Backend for MemoryBackend {
     async fn extend(&self, lock_: &MemoryLock, lock_ttl: Duration) -> Result<bool, BackendError> {
         let now = Instant::now();
         let mut shard = self.shard(&lock_.key);
-        match shard.get_mut(&lock_.key) {
+        match shard.locks.get_mut(&lock_.key) {
             Some(held) if held.token == lock_.token && held.expires_at > now => {
                 held.expires_at = now + lock_ttl;
                 Ok(true)
@@ -293,5 +409,68 @@ impl Backend for MemoryBackend {
 
     fn abandon(&self, lock_: MemoryLock) {
         self.release_now(&lock_);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u32) -> StorageKey {
+        StorageKey::from_bytes({
+            let mut b = [0u8; 32];
+            b[..4].copy_from_slice(&n.to_le_bytes());
+            b
+        })
+    }
+
+    /// Records removed out of order leave stale entries in the order queue;
+    /// it is compacted, so it stays proportional to the records held.
+    #[tokio::test(start_paused = true)]
+    async fn order_queue_stays_proportional_to_records() {
+        let backend = MemoryBackend::builder().max_entries(1000).build();
+        let fp = Fingerprint::from_bytes([0; 32]);
+        let record = Record::new(
+            http::StatusCode::OK,
+            http::HeaderMap::new(),
+            bytes::Bytes::new(),
+            fp,
+        );
+        // One long-lived record at the oldest end keeps the front live.
+        let pinned = key(0);
+        let Begin::Acquired(l) = backend
+            .begin(&pinned, &fp, Duration::from_secs(1))
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        backend
+            .complete(l, record.clone(), Duration::from_hours(1))
+            .await
+            .unwrap();
+        for round in 0..10_000u32 {
+            let k = key(1 + round % 3);
+            match backend
+                .begin(&k, &fp, Duration::from_secs(1))
+                .await
+                .unwrap()
+            {
+                Begin::Acquired(l) => {
+                    backend
+                        .complete(l, record.clone(), Duration::from_millis(1))
+                        .await
+                        .unwrap();
+                }
+                _ => panic!("short-lived record replayed after expiry"),
+            }
+            tokio::time::advance(Duration::from_millis(2)).await;
+        }
+        let shard = backend.shard(&pinned);
+        assert!(
+            shard.order.len() <= 2 * shard.records.len() + 65,
+            "queue grew to {}",
+            shard.order.len()
+        );
     }
 }
