@@ -121,7 +121,7 @@ async fn memory_backend_reclaims_expired_records() {
             &backend,
             &conformance::fresh_key(),
             b"{}",
-            Duration::from_secs(60),
+            Duration::from_mins(1),
         )
         .await
         .unwrap();
@@ -134,7 +134,7 @@ async fn memory_backend_reclaims_expired_records() {
             &backend,
             &conformance::fresh_key(),
             b"{}",
-            Duration::from_secs(60),
+            Duration::from_mins(1),
         )
         .await
         .unwrap();
