@@ -3,14 +3,32 @@
 //! same run.
 //!
 //! Run with `scripts/load.sh [seconds] [connections]` (it builds the
-//! examples first). Configurations: `none` (`IDEMPOTENCY=off`), `memory`,
-//! `redis` (`REDIS_URL`, default 127.0.0.1:6379) and `postgres`
-//! (`DATABASE_URL`, default the `test` database on 127.0.0.1:5432). Modes:
+//! examples and the peers first). Configurations: `none`
+//! (`IDEMPOTENCY=off`), `memory`, `redis` (`REDIS_URL`, default
+//! 127.0.0.1:6379), `postgres` (`DATABASE_URL`, default the `test` database
+//! on 127.0.0.1:5432), and the same handler behind the peer crates
+//! `idempotent` and `axum-idempotent` (built from `bench/peers`).
+//! `LOAD_CONFIGS=none,memory` runs a subset. Modes:
 //! `fresh` (a new key per request), `replay` (one key per connection, created
 //! in the warm-up), `mixed` (half and half) and `hot` (every connection on one
 //! key). The server is pinned to CPU 0 and this generator to CPU 1 when
 //! `taskset` is available, so the generator does not steal the server's core.
+//!
+//! Every request carries the same session cookie (`axum-idempotent` caches
+//! only for a request with a session; the others ignore it). After each run
+//! the handler's own count (`GET /stats`) says how often it really ran.
+//!
+//! Then, for Redis and PostgreSQL, the backend's cost per request: one
+//! client sends fresh requests and replays one at a time, and the harness
+//! counts Redis commands (`INFO commandstats` deltas) and PostgreSQL round
+//! trips and statements (a protocol-reading proxy in front of the server).
 
+#[path = "../tests/postgres_wire/mod.rs"]
+mod postgres_wire;
+#[path = "../tests/redis_monitor/mod.rs"]
+mod redis_monitor;
+
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -25,6 +43,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncBufReadExt;
 
 const BODY: &str = r#"{"amount":500,"currency":"EUR"}"#;
+/// A session id as `ruts` issues them (22 base64url characters).
+const SESSION_COOKIE: &str = "session=YmVuY2gtc2Vzc2lvbi1pZA";
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -47,8 +67,16 @@ impl Mode {
 
 struct Config {
     name: &'static str,
-    example: &'static str,
+    bin: PathBuf,
     env: Vec<(&'static str, String)>,
+    cost: Cost,
+}
+
+/// How to count a configuration's backend work.
+enum Cost {
+    None,
+    Redis(String),
+    Postgres(String),
 }
 
 #[derive(Default)]
@@ -57,6 +85,7 @@ struct Outcome {
     ok: u64,
     conflict: u64,
     other: u64,
+    replayed: u64,
 }
 
 struct Row {
@@ -67,7 +96,13 @@ struct Row {
     p99_us: u32,
     conflict: u64,
     other: u64,
+    replayed: u64,
+    handler_runs: u64,
     server_cpu_us_per_req: Option<f64>,
+}
+
+fn peers_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/peers/target/release")
 }
 
 fn examples_dir() -> PathBuf {
@@ -98,7 +133,7 @@ fn cpu_time(pid: u32) -> Option<Duration> {
 }
 
 async fn start(config: &Config, pin: bool) -> (tokio::process::Child, SocketAddr) {
-    let bin = examples_dir().join(config.example);
+    let bin = &config.bin;
     assert!(
         bin.exists(),
         "{} is missing: run scripts/load.sh",
@@ -106,10 +141,10 @@ async fn start(config: &Config, pin: bool) -> (tokio::process::Child, SocketAddr
     );
     let mut cmd = if pin {
         let mut c = tokio::process::Command::new("taskset");
-        c.arg("-c").arg("0").arg(&bin);
+        c.arg("-c").arg("0").arg(bin);
         c
     } else {
-        tokio::process::Command::new(&bin)
+        tokio::process::Command::new(bin)
     };
     cmd.env("ADDR", "127.0.0.1:0")
         .envs(config.env.iter().map(|(k, v)| (*k, v.as_str())))
@@ -141,18 +176,43 @@ async fn connect(addr: SocketAddr) -> Sender {
     sender
 }
 
-async fn post(sender: &mut Sender, key: &str) -> StatusCode {
+/// Sends one payment; returns its status and whether it was a replay (each
+/// crate marks one with a header: `Idempotent-Replayed` or
+/// `Idempotency-Replayed`).
+async fn post(sender: &mut Sender, key: &str) -> (StatusCode, bool) {
     let req = Request::post("/payments")
         .header("host", "bench")
         .header("content-type", "application/json")
+        .header("cookie", SESSION_COOKIE)
         .header("idempotency-key", key)
         .body(Full::new(Bytes::from_static(BODY.as_bytes())))
         .expect("request");
     sender.ready().await.expect("connection ready");
     let res = sender.send_request(req).await.expect("response");
     let status = res.status();
+    let replayed = res
+        .headers()
+        .keys()
+        .any(|name| name.as_str().ends_with("-replayed"));
     res.into_body().collect().await.expect("body");
-    status
+    (status, replayed)
+}
+
+/// How often the handler has run, from the example's `GET /stats`.
+async fn handler_runs(addr: SocketAddr) -> u64 {
+    let mut sender = connect(addr).await;
+    let req = Request::get("/stats")
+        .header("host", "bench")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    sender.ready().await.expect("connection ready");
+    let res = sender.send_request(req).await.expect("response");
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    text.split("\"handler_runs\":")
+        .nth(1)
+        .and_then(|rest| rest.trim_end_matches('}').trim().parse().ok())
+        .unwrap_or_else(|| panic!("unexpected /stats answer {text:?}"))
 }
 
 static RUN: AtomicU64 = AtomicU64::new(0);
@@ -185,9 +245,10 @@ async fn drive(addr: SocketAddr, mode: Mode, connections: usize, seconds: u64) -
                     Mode::Hot => (*hot_key).clone(),
                 };
                 let started = Instant::now();
-                let status = post(&mut sender, &key).await;
+                let (status, replayed) = post(&mut sender, &key).await;
                 let took = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
                 out.latencies_us.push(took);
+                out.replayed += u64::from(replayed);
                 match status {
                     s if s.is_success() => out.ok += 1,
                     StatusCode::CONFLICT => out.conflict += 1,
@@ -204,6 +265,7 @@ async fn drive(addr: SocketAddr, mode: Mode, connections: usize, seconds: u64) -
         total.ok += out.ok;
         total.conflict += out.conflict;
         total.other += out.other;
+        total.replayed += out.replayed;
     }
     total
 }
@@ -246,28 +308,15 @@ async fn main() {
         std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let database_url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let configs = [
-        Config {
-            name: "none",
-            example: "payments",
-            env: vec![("IDEMPOTENCY", "off".to_owned())],
-        },
-        Config {
-            name: "memory",
-            example: "payments",
-            env: vec![],
-        },
-        Config {
-            name: "redis",
-            example: "payments_redis",
-            env: vec![("REDIS_URL", redis_url)],
-        },
-        Config {
-            name: "postgres",
-            example: "payments_postgres",
-            env: vec![("DATABASE_URL", database_url)],
-        },
-    ];
+    let configs = configs(redis_url, database_url);
+    let only = std::env::var("LOAD_CONFIGS").ok();
+    let configs: Vec<Config> = configs
+        .into_iter()
+        .filter(|c| {
+            only.as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n == c.name))
+        })
+        .collect();
     let modes = [Mode::Fresh, Mode::Replay, Mode::Mixed, Mode::Hot];
     println!(
         "load: {seconds}s per run, {connections} connections, server pinned: {pin}, {} configs x {} modes",
@@ -276,43 +325,278 @@ async fn main() {
     );
     let mut rows = Vec::new();
     for config in &configs {
-        let (child, addr) = start(config, pin).await;
-        let pid = child.id().expect("server pid");
-        for mode in modes {
-            let cpu_before = cpu_time(pid);
-            let started = Instant::now();
-            let mut out = drive(addr, mode, connections, seconds).await;
-            let elapsed = started.elapsed().as_secs_f64();
-            let cpu = cpu_time(pid)
-                .zip(cpu_before)
-                .and_then(|(after, before)| after.checked_sub(before));
-            out.latencies_us.sort_unstable();
-            #[allow(clippy::cast_precision_loss)]
-            let requests = out.latencies_us.len() as f64;
-            rows.push(Row {
-                config: config.name,
-                mode,
-                rps: requests / elapsed,
-                p50_us: percentile(&out.latencies_us, 0.50),
-                p99_us: percentile(&out.latencies_us, 0.99),
-                conflict: out.conflict,
-                other: out.other,
-                server_cpu_us_per_req: cpu.map(|c| c.as_secs_f64() * 1e6 / requests),
-            });
-            eprintln!("done: {} / {} ({} ok)", config.name, mode.name(), out.ok);
-        }
-        drop(child);
+        rows.extend(measure(config, &modes, connections, seconds, pin).await);
     }
-    print_table(&rows, &modes);
+    print_table(&rows, &modes, connections);
+    let mut costs = Vec::new();
+    for config in &configs {
+        match &config.cost {
+            Cost::None => {}
+            Cost::Redis(url) => costs.push(redis_cost(config, url).await),
+            Cost::Postgres(url) => costs.push(postgres_cost(config, url).await),
+        }
+    }
+    if !costs.is_empty() {
+        println!();
+        println!("| backend | per fresh request | per replay |");
+        println!("|---|---|---|");
+        for line in costs {
+            println!("{line}");
+        }
+    }
+}
+
+/// Runs every mode against one server of `config`.
+async fn measure(
+    config: &Config,
+    modes: &[Mode],
+    connections: usize,
+    seconds: u64,
+    pin: bool,
+) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let (child, addr) = start(config, pin).await;
+    let pid = child.id().expect("server pid");
+    for &mode in modes {
+        let runs_before = handler_runs(addr).await;
+        let cpu_before = cpu_time(pid);
+        let started = Instant::now();
+        let mut out = drive(addr, mode, connections, seconds).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let cpu = cpu_time(pid)
+            .zip(cpu_before)
+            .and_then(|(after, before)| after.checked_sub(before));
+        let runs = handler_runs(addr).await - runs_before;
+        out.latencies_us.sort_unstable();
+        #[allow(clippy::cast_precision_loss)]
+        let requests = out.latencies_us.len() as f64;
+        rows.push(Row {
+            config: config.name,
+            mode,
+            rps: requests / elapsed,
+            p50_us: percentile(&out.latencies_us, 0.50),
+            p99_us: percentile(&out.latencies_us, 0.99),
+            conflict: out.conflict,
+            other: out.other,
+            replayed: out.replayed,
+            handler_runs: runs,
+            server_cpu_us_per_req: cpu.map(|c| c.as_secs_f64() * 1e6 / requests),
+        });
+        eprintln!("done: {} / {} ({} ok)", config.name, mode.name(), out.ok);
+    }
+    drop(child);
+    rows
+}
+
+/// Every configuration, in the order they run.
+fn configs(redis_url: String, database_url: String) -> [Config; 6] {
+    let examples = examples_dir();
+    let peers = peers_dir();
+    [
+        Config {
+            name: "none",
+            bin: examples.join("payments"),
+            env: vec![("IDEMPOTENCY", "off".to_owned())],
+            cost: Cost::None,
+        },
+        Config {
+            name: "memory",
+            bin: examples.join("payments"),
+            env: vec![],
+            cost: Cost::None,
+        },
+        Config {
+            name: "redis",
+            bin: examples.join("payments_redis"),
+            env: vec![("REDIS_URL", redis_url.clone())],
+            cost: Cost::Redis(redis_url),
+        },
+        Config {
+            name: "postgres",
+            bin: examples.join("payments_postgres"),
+            env: vec![("DATABASE_URL", database_url.clone())],
+            cost: Cost::Postgres(database_url),
+        },
+        Config {
+            name: "idempotent",
+            bin: peers.join("idempotent"),
+            env: vec![],
+            cost: Cost::None,
+        },
+        Config {
+            name: "axum-idempotent",
+            bin: peers.join("axum_idempotent"),
+            env: vec![],
+            cost: Cost::None,
+        },
+    ]
+}
+
+/// Requests sent one at a time by the cost phase, after as many to warm up.
+const COUNTED: u64 = 200;
+
+/// Sends `COUNTED` fresh requests, then replays each of them once, over one
+/// connection; `snapshot` is taken before, between and after.
+async fn counted_requests<T>(addr: SocketAddr, mut snapshot: impl AsyncFnMut() -> T) -> [T; 3] {
+    let mut sender = connect(addr).await;
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    for i in 0..COUNTED {
+        let key = format!("\"warm-{nonce}-{i}\"");
+        post(&mut sender, &key).await;
+        post(&mut sender, &key).await;
+    }
+    let keys: Vec<String> = (0..COUNTED)
+        .map(|i| format!("\"counted-{nonce}-{i}\""))
+        .collect();
+    let before = snapshot().await;
+    for key in &keys {
+        let (status, replayed) = post(&mut sender, key).await;
+        assert!(status.is_success() && !replayed, "fresh request: {status}");
+    }
+    let fresh = snapshot().await;
+    for key in &keys {
+        let (status, replayed) = post(&mut sender, key).await;
+        assert!(status.is_success() && replayed, "replay: {status}");
+    }
+    [before, fresh, snapshot().await]
+}
+
+/// Calls per command from `INFO commandstats`, without the harness' own
+/// `INFO` and `ECHO`.
+async fn commandstats(conn: &mut redis::aio::MultiplexedConnection) -> BTreeMap<String, u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .expect("INFO commandstats");
+    info.lines()
+        .filter_map(|line| {
+            let (name, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = stats
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            (name != "info" && name != "echo").then(|| (name.to_owned(), calls))
+        })
+        .collect()
+}
+
+/// What Redis saw up to one point of the cost phase.
+struct RedisSnapshot {
+    stats: BTreeMap<String, u64>,
+    /// `MONITOR` lines since the previous snapshot: command, inside a script.
+    since_last: Vec<(String, bool)>,
+}
+
+/// Commands per request between two snapshots: those clients sent (from
+/// `MONITOR`), those the scripts ran, and whether `INFO commandstats`
+/// counted the same total.
+fn per_request(before: &RedisSnapshot, after: &RedisSnapshot) -> String {
+    let mut sent = BTreeMap::<&str, u64>::new();
+    let mut scripted = BTreeMap::<&str, u64>::new();
+    for (command, in_script) in &after.since_last {
+        if !in_script && (command == "INFO" || command == "ECHO") {
+            continue;
+        }
+        *if *in_script { &mut scripted } else { &mut sent }
+            .entry(command.as_str())
+            .or_default() += 1;
+    }
+    let stats: u64 = after
+        .stats
+        .iter()
+        .map(|(name, calls)| calls - before.stats.get(name).copied().unwrap_or(0))
+        .sum();
+    let monitored: u64 = sent.values().chain(scripted.values()).sum();
+    #[allow(clippy::cast_precision_loss)]
+    let per = |n: u64| n as f64 / COUNTED as f64;
+    let list = |counts: &BTreeMap<&str, u64>| {
+        counts
+            .iter()
+            .map(|(name, n)| format!("`{name}` {:.2}", per(*n)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "{:.2} commands: {} (run inside the scripts: {}; `INFO commandstats` {})",
+        per(sent.values().sum()),
+        list(&sent),
+        list(&scripted),
+        if stats == monitored {
+            "agrees".to_owned()
+        } else {
+            format!("counted {stats}, MONITOR {monitored}")
+        }
+    )
+}
+
+async fn redis_cost(config: &Config, url: &str) -> String {
+    let (child, addr) = start(config, false).await;
+    let client = redis::Client::open(url).expect("REDIS_URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let mut monitor = redis_monitor::Monitor::start(url).await;
+    let mut marks = 0u32;
+    let [before, fresh, replay] = counted_requests(addr, async || {
+        marks += 1;
+        let marker = format!("load-cost-{}-{marks}", std::process::id());
+        let stats = commandstats(&mut conn).await;
+        redis_monitor::mark(&mut conn, &marker).await;
+        RedisSnapshot {
+            stats,
+            since_last: monitor.until(&marker).await,
+        }
+    })
+    .await;
+    drop(child);
+    format!(
+        "| Redis (`MONITOR`, `INFO commandstats`) | {} | {} |",
+        per_request(&before, &fresh),
+        per_request(&fresh, &replay)
+    )
+}
+
+async fn postgres_cost(config: &Config, url: &str) -> String {
+    let wire = Arc::new(postgres_wire::Wire::default());
+    let port = postgres_wire::proxy(Arc::clone(&wire), url).await;
+    let proxied = Config {
+        name: config.name,
+        bin: config.bin.clone(),
+        env: vec![("DATABASE_URL", postgres_wire::via(url, port))],
+        cost: Cost::None,
+    };
+    let (child, addr) = start(&proxied, false).await;
+    let [before, fresh, replay] = counted_requests(addr, async || wire.snapshot()).await;
+    drop(child);
+    #[allow(clippy::cast_precision_loss)]
+    let per = |a: (u64, u64), b: (u64, u64)| {
+        format!(
+            "{:.2} round trips, {:.2} statements",
+            (b.0 - a.0) as f64 / COUNTED as f64,
+            (b.1 - a.1) as f64 / COUNTED as f64
+        )
+    };
+    format!(
+        "| PostgreSQL (wire proxy) | {} | {} |",
+        per(before, fresh),
+        per(fresh, replay)
+    )
 }
 
 /// The results as a markdown table, each mode against its `none` baseline.
-fn print_table(rows: &[Row], modes: &[Mode]) {
+fn print_table(rows: &[Row], modes: &[Mode], connections: usize) {
     println!();
     println!(
-        "| mode | config | req/s | vs none | p50 | p99 | server CPU/req | 409 | other non-2xx |"
+        "| mode | config | req/s | vs none | p50 | p99 | server CPU/req | handler runs | replayed | 409 | other non-2xx |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+
     for &mode in modes {
         let base = rows
             .iter()
@@ -324,7 +608,7 @@ fn print_table(rows: &[Row], modes: &[Mode]) {
                 .server_cpu_us_per_req
                 .map_or_else(|| "-".to_owned(), |c| format!("{c:.0} µs"));
             println!(
-                "| {} | {} | {:.0} | {} | {:.2} ms | {:.2} ms | {} | {} | {} |",
+                "| {} | {} | {:.0} | {} | {:.2} ms | {:.2} ms | {} | {} | {} | {} | {} |",
                 mode.name(),
                 row.config,
                 row.rps,
@@ -332,9 +616,15 @@ fn print_table(rows: &[Row], modes: &[Mode]) {
                 f64::from(row.p50_us) / 1000.0,
                 f64::from(row.p99_us) / 1000.0,
                 cpu,
+                row.handler_runs,
+                row.replayed,
                 row.conflict,
                 row.other,
             );
         }
     }
+    println!();
+    println!(
+        "Handler runs include each connection's warm-up request ({connections} per run): in `hot`, a layer that deduplicates runs the handler {connections} + 1 times."
+    );
 }

@@ -3,59 +3,14 @@
 //! talks to the server meanwhile.
 
 mod common;
+mod redis_monitor;
 mod redis_support;
 
 use common::{Runs, counting, post, send};
+use redis_monitor::{Monitor, mark};
 use redis_support::{admin, backend, redis_url};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tower::Layer;
 use tower_idempotency::IdempotencyLayer;
-
-/// A `MONITOR` session on the server, read line by line.
-struct Monitor {
-    lines: tokio::io::Lines<BufReader<tokio::net::TcpStream>>,
-}
-
-impl Monitor {
-    async fn start(url: &str) -> Self {
-        let addr = url.trim_start_matches("redis://").trim_end_matches('/');
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        stream.write_all(b"MONITOR\r\n").await.unwrap();
-        let mut lines = BufReader::new(stream).lines();
-        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
-        Self { lines }
-    }
-
-    /// Client commands up to the `ECHO marker`: commands run inside Lua
-    /// scripts (`[0 lua]`) are not round trips and are left out.
-    async fn until(&mut self, marker: &str) -> Vec<String> {
-        let mut seen = Vec::new();
-        loop {
-            let line =
-                tokio::time::timeout(std::time::Duration::from_secs(10), self.lines.next_line())
-                    .await
-                    .expect("MONITOR went silent")
-                    .unwrap()
-                    .expect("MONITOR closed");
-            if line.contains("\"ECHO\"") && line.contains(marker) {
-                return seen;
-            }
-            if line.contains(" lua] ") {
-                continue;
-            }
-            let command = line.split('"').nth(1).unwrap_or_default().to_owned();
-            seen.push(command);
-        }
-    }
-}
-
-async fn mark(admin: &mut redis::aio::MultiplexedConnection, marker: &str) {
-    let _: String = redis::cmd("ECHO")
-        .arg(marker)
-        .query_async(admin)
-        .await
-        .unwrap();
-}
 
 async fn calls(admin: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
     let info: String = redis::cmd("INFO")
@@ -100,10 +55,10 @@ async fn two_commands_fresh_one_command_replay() {
     println!("fresh request: {fresh_commands:?} (commandstats evalsha +{evalsha_fresh})");
     println!("replay: {replay_commands:?} (commandstats evalsha +{evalsha_replay})");
     // The INFO calls of this test sit between the markers too.
-    let ours = |cmds: &[String]| {
+    let ours = |cmds: &[(String, bool)]| {
         cmds.iter()
-            .filter(|c| c.as_str() != "INFO")
-            .cloned()
+            .filter(|(c, in_script)| !in_script && c.as_str() != "INFO")
+            .map(|(c, _)| c.clone())
             .collect::<Vec<_>>()
     };
     assert_eq!(

@@ -69,8 +69,17 @@ async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
 /// `layer`, printing `listening on <addr>` once bound. `PAYMENT_DELAY_MS`
 /// slows the handler down; `IDEMPOTENCY=off` serves without the layer (the
 /// baseline of the load benchmarks).
+#[allow(dead_code, reason = "the peers of the load benchmark use `serve_with`")]
 pub async fn serve<B: Backend>(
     layer: IdempotencyLayer<B>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    serve_with(|routes| routes.layer(layer)).await
+}
+
+/// Serves the payments API with `protect` wrapped around its routes (unless
+/// `IDEMPOTENCY=off`), as [`serve`] does with this crate's layer.
+pub async fn serve_with(
+    protect: impl FnOnce(Router) -> Router,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let delay_ms: u64 = match std::env::var("PAYMENT_DELAY_MS") {
@@ -83,11 +92,12 @@ pub async fn serve<B: Backend>(
     });
     let routes = Router::new()
         .route("/payments", post(create_payment).get(list_payments))
-        .route("/stats", get(stats));
+        .route("/stats", get(stats))
+        .with_state(state);
     let app = if std::env::var("IDEMPOTENCY").is_ok_and(|v| v == "off") {
-        routes.with_state(state)
+        routes
     } else {
-        routes.layer(layer).with_state(state)
+        protect(routes)
     };
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
