@@ -8,7 +8,7 @@
 //! 127.0.0.1:6379), `postgres` (`DATABASE_URL`, default the `test` database
 //! on 127.0.0.1:5432), and the same handler behind the peer crates
 //! `idempotent` and `axum-idempotent` (built from `bench/peers`).
-//! `LOAD_CONFIGS=none,memory` runs a subset. Modes:
+//! `LOAD_CONFIGS=none,memory` and `LOAD_MODES=fresh,hot` run subsets. Modes:
 //! `fresh` (a new key per request), `replay` (one key per connection, created
 //! in the warm-up), `mixed` (half and half) and `hot` (every connection on one
 //! key). The server is pinned to CPU 0 and this generator to CPU 1 when
@@ -317,7 +317,15 @@ async fn main() {
                 .is_none_or(|o| o.split(',').any(|n| n == c.name))
         })
         .collect();
-    let modes = [Mode::Fresh, Mode::Replay, Mode::Mixed, Mode::Hot];
+    let only_modes = std::env::var("LOAD_MODES").ok();
+    let modes: Vec<Mode> = [Mode::Fresh, Mode::Replay, Mode::Mixed, Mode::Hot]
+        .into_iter()
+        .filter(|m| {
+            only_modes
+                .as_deref()
+                .is_none_or(|o| o.split(',').any(|n| n == m.name()))
+        })
+        .collect();
     println!(
         "load: {seconds}s per run, {connections} connections, server pinned: {pin}, {} configs x {} modes",
         configs.len(),

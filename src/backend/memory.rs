@@ -289,18 +289,18 @@ impl Shard {
         self.order.push_back((key, stored.seq));
         self.records.insert(key, stored);
         while let Some(&(oldest, seq)) = self.order.front() {
-            let evict = match self.records.get(&oldest) {
-                Some(s) if s.seq == seq => self.weight > capacity || s.expires_at <= now,
-                // Stale: the record it stood for is gone already.
-                _ => true,
-            };
-            if !evict {
-                break;
+            // One probe per queue entry: the oldest records are cold in the
+            // CPU caches, so a second lookup would cost another miss.
+            if let Entry::Occupied(entry) = self.records.entry(oldest)
+                && entry.get().seq == seq
+            {
+                if self.weight <= capacity && entry.get().expires_at > now {
+                    break;
+                }
+                self.weight -= entry.remove().weight;
             }
+            // Evicted, expired, or stale (the record it stood for is gone).
             self.order.pop_front();
-            if self.records.get(&oldest).is_some_and(|s| s.seq == seq) {
-                self.remove(&oldest);
-            }
         }
         // Records removed out of order (expired at lookup, stored again)
         // leave stale entries behind a live oldest one: compact when they
