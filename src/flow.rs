@@ -15,6 +15,7 @@ use tracing::Instrument;
 use crate::backend::{Backend, BackendError, Begin, Completion};
 use crate::body::{Collected, IdempotencyBody, collect_limited};
 use crate::layer::{Config, Persist};
+use crate::observe;
 use crate::problem::{self, ProblemKind};
 use crate::record::strip_unreplayable;
 use crate::{BoxError, Fingerprint, IdempotencyKey, Record, StorageKey};
@@ -86,19 +87,23 @@ where
     ReqBody: Body,
     ResBody: Body,
 {
-    let lock = match backend
-        .begin(&storage_key, &fingerprint, config.lock_ttl)
-        .await
-    {
+    let begun = observe::backend(
+        "begin",
+        backend.begin(&storage_key, &fingerprint, config.lock_ttl),
+    );
+    let lock = match begun.await {
         Ok(Begin::Acquired(lock)) => {
+            observe::request("fresh");
             tracing::debug!("key acquired; running the handler");
             lock
         }
         Ok(Begin::Completed(record)) if record.fingerprint == fingerprint => {
+            observe::request("replayed");
             tracing::debug!("replaying stored response");
             return Ok(replay(record));
         }
         Ok(Begin::Completed(_)) => {
+            observe::request("mismatch");
             tracing::debug!("key reused with a different request");
             return Ok(problem(
                 ProblemKind::FingerprintMismatch,
@@ -107,6 +112,7 @@ where
             ));
         }
         Ok(Begin::Busy { retry_after }) => {
+            observe::request("conflict");
             tracing::debug!("request with this key in flight");
             return Ok(problem(
                 ProblemKind::InFlight,
@@ -130,14 +136,17 @@ where
     };
     match outcome {
         Outcome::Failed(error) => {
+            observe::store("not_stored");
             guard.release("inner service failed").await;
             Err(error)
         }
         Outcome::Unstored(response, why) => {
+            observe::store("not_stored");
             guard.release(why).await;
             Ok(response)
         }
         Outcome::Complete { parts, data, .. } if lost => {
+            observe::store("lock_lost");
             tracing::warn!("lock lost while the handler ran; response not stored");
             guard.release("lock lost").await;
             Ok(Response::from_parts(
@@ -148,11 +157,16 @@ where
         Outcome::Complete { parts, data, ttl } => {
             let record = Record::from_parts(&parts, data.clone(), fingerprint);
             match guard.complete(record, ttl).await {
-                Ok(Completion::Saved) => tracing::debug!("response stored"),
+                Ok(Completion::Saved) => {
+                    observe::store("stored");
+                    tracing::debug!("response stored");
+                }
                 Ok(_) => {
+                    observe::store("lock_lost");
                     tracing::warn!("lock lost before the response was stored");
                 }
                 Err(error) => {
+                    observe::store("failed");
                     tracing::warn!(%error, "storing the response failed");
                 }
             }
@@ -189,6 +203,7 @@ where
             Err(if is_length_limit(&*error) {
                 too_large(limit)
             } else {
+                observe::request("body_error");
                 problem(
                     ProblemKind::RequestBodyError,
                     "the request body ended with an error before it was complete",
@@ -200,6 +215,7 @@ where
 }
 
 fn too_large<B: Body>(limit: usize) -> Response<IdempotencyBody<B>> {
+    observe::request("body_too_large");
     problem(
         ProblemKind::BodyTooLarge,
         &format!("the request body is larger than {limit} bytes"),
@@ -235,10 +251,12 @@ where
     ResBody: Body,
 {
     if config.fail_open {
+        observe::request("fail_open");
         tracing::warn!(%error, "idempotency backend failed; running unprotected (fail-open)");
         let response = inner.call(req).await?;
         return Ok(response.map(IdempotencyBody::stream));
     }
+    observe::request("backend_unavailable");
     tracing::warn!(%error, "idempotency backend failed; answering 503");
     Ok(problem(
         ProblemKind::BackendUnavailable,
@@ -349,7 +367,7 @@ async fn with_heartbeat<F: Future, B: Backend>(
     let heartbeat = async {
         loop {
             tokio::time::sleep(interval).await;
-            match backend.extend(lock, config.lock_ttl).await {
+            match observe::backend("extend", backend.extend(lock, config.lock_ttl)).await {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(error) => tracing::warn!(%error, "extending the idempotency lock failed"),
@@ -375,7 +393,7 @@ impl<B: Backend> LockGuard<'_, B> {
     async fn release(&mut self, why: &str) {
         tracing::debug!(why, "response not stored; key released");
         if let Some(lock) = self.lock.take()
-            && let Err(error) = self.backend.release(lock).await
+            && let Err(error) = observe::backend("release", self.backend.release(lock)).await
         {
             tracing::warn!(%error, "releasing the idempotency lock failed");
         }
@@ -387,7 +405,9 @@ impl<B: Backend> LockGuard<'_, B> {
         ttl: Duration,
     ) -> Result<Completion, BackendError> {
         match self.lock.take() {
-            Some(lock) => self.backend.complete(lock, record, ttl).await,
+            Some(lock) => {
+                observe::backend("complete", self.backend.complete(lock, record, ttl)).await
+            }
             None => Ok(Completion::Lost),
         }
     }

@@ -209,6 +209,7 @@ mod flow;
 mod future;
 mod key;
 mod layer;
+mod observe;
 pub mod problem;
 mod record;
 mod service;
@@ -228,5 +229,8 @@ pub use flow::IDEMPOTENT_REPLAYED;
 pub use future::ResponseFuture;
 pub use key::{IDEMPOTENCY_KEY, IdempotencyKey, KeyError, MAX_KEY_LEN, ScopeValue, StorageKey};
 pub use layer::{IdempotencyLayer, Persist};
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub use observe::describe as describe_metrics;
 pub use record::{CodecError, Record, RecordCodec};
 pub use service::IdempotencyService;

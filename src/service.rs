@@ -14,6 +14,7 @@ use crate::flow;
 use crate::future::ResponseFuture;
 use crate::key::IdempotencyKey;
 use crate::layer::Config;
+use crate::observe;
 use crate::problem::ProblemKind;
 
 /// Middleware that runs each keyed request exactly once. Made by
@@ -90,14 +91,19 @@ where
                 key,
             ))),
             Ok(None) if !self.config.required => {
+                observe::request("no_key");
                 ResponseFuture::passthrough(inner.call(req.map(IdempotencyBody::stream)))
             }
-            Ok(None) => ResponseFuture::ready(flow::problem(
-                ProblemKind::MissingKey,
-                "send an Idempotency-Key header with this request",
-                None,
-            )),
+            Ok(None) => {
+                observe::request("missing_key");
+                ResponseFuture::ready(flow::problem(
+                    ProblemKind::MissingKey,
+                    "send an Idempotency-Key header with this request",
+                    None,
+                ))
+            }
             Err(error) => {
+                observe::request("invalid_key");
                 tracing::debug!(%error, "rejected malformed Idempotency-Key");
                 ResponseFuture::ready(flow::problem(
                     ProblemKind::InvalidKey,

@@ -6,20 +6,17 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Runs, counting, post, send, slow_first};
+use common::{Flaky, Runs, counting, post, send, slow_first};
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::{
-    Backend, BackendError, BackendErrorKind, Begin, Completion, Fingerprint, IdempotencyBody,
-    IdempotencyLayer, MemoryBackend, MemoryLock, Record, StorageKey,
-};
+use tower_idempotency::{IdempotencyBody, IdempotencyLayer, MemoryBackend};
 
 #[tokio::test]
 async fn dropping_the_response_future_mid_handler_frees_the_key() {
@@ -292,59 +289,6 @@ async fn failing_request_body_is_400() {
     let res = svc.ready().await.unwrap().call(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     assert_eq!(backend.in_flight_count(), 0);
-}
-
-/// A memory backend whose operations can be made to fail.
-#[derive(Clone, Default)]
-struct Flaky {
-    inner: MemoryBackend,
-    fail_begin: Arc<AtomicBool>,
-    fail_complete: Arc<AtomicBool>,
-    fail_extend: Arc<AtomicBool>,
-}
-
-fn outage() -> BackendError {
-    BackendError::new(BackendErrorKind::Unavailable, "connection refused")
-}
-
-impl Backend for Flaky {
-    type Lock = MemoryLock;
-
-    async fn begin(
-        &self,
-        key: &StorageKey,
-        fp: &Fingerprint,
-        ttl: Duration,
-    ) -> Result<Begin<MemoryLock>, BackendError> {
-        if self.fail_begin.load(Ordering::SeqCst) {
-            return Err(outage());
-        }
-        self.inner.begin(key, fp, ttl).await
-    }
-
-    async fn complete(
-        &self,
-        lock: MemoryLock,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<Completion, BackendError> {
-        if self.fail_complete.load(Ordering::SeqCst) {
-            self.inner.release(lock).await?;
-            return Err(outage());
-        }
-        self.inner.complete(lock, record, ttl).await
-    }
-
-    async fn release(&self, lock: MemoryLock) -> Result<(), BackendError> {
-        self.inner.release(lock).await
-    }
-
-    async fn extend(&self, lock: &MemoryLock, ttl: Duration) -> Result<bool, BackendError> {
-        if self.fail_extend.load(Ordering::SeqCst) {
-            return Err(outage());
-        }
-        self.inner.extend(lock, ttl).await
-    }
 }
 
 #[tokio::test]

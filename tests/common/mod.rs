@@ -3,13 +3,16 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceExt};
-use tower_idempotency::IdempotencyBody;
+use tower_idempotency::{
+    Backend, BackendError, BackendErrorKind, Begin, Completion, Fingerprint, IdempotencyBody,
+    MemoryBackend, MemoryLock, Record, StorageKey,
+};
 
 pub type Req = Request<Full<Bytes>>;
 pub type InnerReq = Request<IdempotencyBody<Full<Bytes>>>;
@@ -303,4 +306,61 @@ pub async fn example_instances_share_one_record(example: &str, env: (&str, &str)
         stats.body, r#"{"handler_runs":0}"#,
         "instance B never ran the handler"
     );
+}
+
+/// A memory backend whose operations can be made to fail.
+#[derive(Clone, Default)]
+pub struct Flaky {
+    pub inner: MemoryBackend,
+    pub fail_begin: Arc<AtomicBool>,
+    pub fail_complete: Arc<AtomicBool>,
+    pub fail_extend: Arc<AtomicBool>,
+}
+
+pub fn outage() -> BackendError {
+    BackendError::new(BackendErrorKind::Unavailable, "connection refused")
+}
+
+impl Backend for Flaky {
+    type Lock = MemoryLock;
+
+    async fn begin(
+        &self,
+        key: &StorageKey,
+        fp: &Fingerprint,
+        ttl: std::time::Duration,
+    ) -> Result<Begin<MemoryLock>, BackendError> {
+        if self.fail_begin.load(Ordering::SeqCst) {
+            return Err(outage());
+        }
+        self.inner.begin(key, fp, ttl).await
+    }
+
+    async fn complete(
+        &self,
+        lock: MemoryLock,
+        record: Record,
+        ttl: std::time::Duration,
+    ) -> Result<Completion, BackendError> {
+        if self.fail_complete.load(Ordering::SeqCst) {
+            self.inner.release(lock).await?;
+            return Err(outage());
+        }
+        self.inner.complete(lock, record, ttl).await
+    }
+
+    async fn release(&self, lock: MemoryLock) -> Result<(), BackendError> {
+        self.inner.release(lock).await
+    }
+
+    async fn extend(
+        &self,
+        lock: &MemoryLock,
+        ttl: std::time::Duration,
+    ) -> Result<bool, BackendError> {
+        if self.fail_extend.load(Ordering::SeqCst) {
+            return Err(outage());
+        }
+        self.inner.extend(lock, ttl).await
+    }
 }

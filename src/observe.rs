@@ -1,0 +1,96 @@
+//! Counters and histograms through the [`metrics`](https://docs.rs/metrics)
+//! facade with the `metrics` feature; without it every function here is an
+//! empty inline call. The names and labels are documented in the crate docs
+//! ("Metrics").
+
+use std::future::Future;
+
+use crate::backend::BackendError;
+
+/// Counts one guarded request (or one without a key) by what the layer did.
+#[inline]
+pub(crate) fn request(outcome: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("idempotency_requests_total", "outcome" => outcome).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = outcome;
+}
+
+/// Counts what became of a response the handler produced under the lock.
+#[inline]
+pub(crate) fn store(result: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("idempotency_stores_total", "result" => result).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = result;
+}
+
+/// Runs one backend operation, recording its duration and, on failure, its
+/// error kind.
+#[inline]
+pub(crate) async fn backend<T>(
+    operation: &'static str,
+    call: impl Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    #[cfg(feature = "metrics")]
+    {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        metrics::histogram!("idempotency_backend_duration_seconds", "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(error) = &result {
+            metrics::counter!(
+                "idempotency_backend_errors_total",
+                "operation" => operation,
+                "kind" => error_kind(error),
+            )
+            .increment(1);
+        }
+        result
+    }
+    #[cfg(not(feature = "metrics"))]
+    {
+        let _ = operation;
+        call.await
+    }
+}
+
+#[cfg(feature = "metrics")]
+const fn error_kind(error: &BackendError) -> &'static str {
+    use crate::backend::BackendErrorKind;
+    match error.kind() {
+        BackendErrorKind::Unavailable => "unavailable",
+        BackendErrorKind::Timeout => "timeout",
+        BackendErrorKind::Rejected => "rejected",
+        BackendErrorKind::Corrupt => "corrupt",
+        BackendErrorKind::Misconfigured => "misconfigured",
+        BackendErrorKind::Other => "other",
+    }
+}
+
+/// Describes the metrics to the installed recorder (units and help texts,
+/// shown by exporters such as Prometheus).
+#[cfg(feature = "metrics")]
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_histogram};
+    describe_counter!(
+        "idempotency_requests_total",
+        Unit::Count,
+        "Requests seen by the idempotency layer, by outcome"
+    );
+    describe_counter!(
+        "idempotency_stores_total",
+        Unit::Count,
+        "Responses produced under an idempotency lock, by what became of them"
+    );
+    describe_histogram!(
+        "idempotency_backend_duration_seconds",
+        Unit::Seconds,
+        "Duration of idempotency backend operations"
+    );
+    describe_counter!(
+        "idempotency_backend_errors_total",
+        Unit::Count,
+        "Failed idempotency backend operations, by operation and error kind"
+    );
+}
