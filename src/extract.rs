@@ -29,6 +29,15 @@ use crate::problem::{self, ProblemKind};
 /// The rejection of the [`IdempotencyKey`] extractor: the request carried no
 /// key (or the route is not behind the layer). Answers `400` with the
 /// layer's "missing key" problem document.
+///
+/// ```
+/// use axum_core::response::IntoResponse;
+/// use tower_idempotency::MissingIdempotencyKey;
+///
+/// let response = MissingIdempotencyKey::default().into_response();
+/// assert_eq!(response.status(), 400);
+/// assert_eq!(response.headers()["content-type"], "application/problem+json");
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 #[non_exhaustive]
 pub struct MissingIdempotencyKey;

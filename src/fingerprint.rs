@@ -15,6 +15,16 @@ use sha2::{Digest, Sha256};
 /// Every field is length-prefixed, so `("ab", "c")` and `("a", "bc")` differ.
 /// The fingerprint is stored beside the response; a request that reuses a key
 /// with a different fingerprint is answered `422 Unprocessable Content`.
+///
+/// ```
+/// use tower_idempotency::Fingerprint;
+///
+/// let (post, _) = http::Request::post("/payments").body(()).unwrap().into_parts();
+/// let a = Fingerprint::compute(&post, br#"{"amount":5}"#, true, &[]);
+/// let b = Fingerprint::compute(&post, br#"{"amount":6}"#, true, &[]);
+/// assert_ne!(a, b, "another body is another request");
+/// assert_eq!(a, Fingerprint::compute(&post, br#"{"amount":5}"#, true, &[]));
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 

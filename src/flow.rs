@@ -21,6 +21,16 @@ use crate::record::strip_unreplayable;
 use crate::{BoxError, Fingerprint, IdempotencyKey, Record, StorageKey};
 
 /// The header that marks a replayed response.
+///
+/// ```
+/// use tower_idempotency::IDEMPOTENT_REPLAYED;
+///
+/// let response = http::Response::builder()
+///     .header(IDEMPOTENT_REPLAYED, "true")
+///     .body(())
+///     .unwrap();
+/// assert!(response.headers().get(IDEMPOTENT_REPLAYED).is_some_and(|v| v == "true"));
+/// ```
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// The longest `Retry-After` hint given to a duplicate of a request in flight.

@@ -19,9 +19,30 @@ use sha2::{Digest, Sha256};
 use crate::fingerprint::put_field;
 
 /// The name of the header the layer reads: `Idempotency-Key`.
+///
+/// ```
+/// use tower_idempotency::{IDEMPOTENCY_KEY, IdempotencyKey};
+///
+/// let request = http::Request::post("/payments")
+///     .header(IDEMPOTENCY_KEY, "\"8e03978e\"")
+///     .body(())
+///     .unwrap();
+/// let key = IdempotencyKey::from_headers(request.headers()).unwrap().unwrap();
+/// assert_eq!(key.as_str(), "8e03978e");
+/// ```
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// The longest key accepted, in bytes (after removing quotes and escapes).
+///
+/// ```
+/// use http::HeaderValue;
+/// use tower_idempotency::{IdempotencyKey, KeyError, MAX_KEY_LEN};
+///
+/// let longest = HeaderValue::from_str(&"k".repeat(MAX_KEY_LEN)).unwrap();
+/// assert!(IdempotencyKey::parse(&longest).is_ok());
+/// let too_long = HeaderValue::from_str(&"k".repeat(MAX_KEY_LEN + 1)).unwrap();
+/// assert!(matches!(IdempotencyKey::parse(&too_long), Err(KeyError::TooLong { .. })));
+/// ```
 pub const MAX_KEY_LEN: usize = 255;
 
 /// A validated idempotency key, as the client sent it.
@@ -114,6 +135,16 @@ impl fmt::Display for IdempotencyKey {
 }
 
 /// Why an `Idempotency-Key` header was rejected (answered with `400`).
+///
+/// ```
+/// use http::HeaderValue;
+/// use tower_idempotency::{IdempotencyKey, KeyError};
+///
+/// let unterminated = HeaderValue::from_static("\"abc");
+/// assert_eq!(IdempotencyKey::parse(&unterminated), Err(KeyError::Malformed));
+/// let empty = HeaderValue::from_static("\"\"");
+/// assert_eq!(IdempotencyKey::parse(&empty), Err(KeyError::Empty));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum KeyError {
@@ -202,6 +233,17 @@ fn parse_token(raw: &[u8]) -> Result<String, KeyError> {
 /// The fingerprint of the request is deliberately not part of it: a key
 /// reused with a different payload finds the earlier record and is answered
 /// `422` instead of silently running as a new request.
+///
+/// ```
+/// use http::HeaderValue;
+/// use tower_idempotency::{IdempotencyKey, ScopeValue, StorageKey};
+///
+/// let key = IdempotencyKey::parse(&HeaderValue::from_static("\"k1\"")).unwrap();
+/// let alice = StorageKey::derive(&ScopeValue::custom("alice"), &key);
+/// let bob = StorageKey::derive(&ScopeValue::custom("bob"), &key);
+/// assert_ne!(alice, bob, "the same key from two callers is two keys");
+/// assert_eq!(alice.to_hex().len(), 64);
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct StorageKey([u8; 32]);
 
@@ -262,6 +304,13 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 ///
 /// Two callers with different scopes never see each other's responses, even
 /// when they send the same key.
+///
+/// ```
+/// use tower_idempotency::ScopeValue;
+///
+/// assert_ne!(ScopeValue::custom("tenant-1"), ScopeValue::custom("tenant-2"));
+/// assert_ne!(ScopeValue::custom(""), ScopeValue::anonymous());
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScopeValue {
     tag: &'static str,

@@ -30,6 +30,62 @@
 //! # let _ = app;
 //! ```
 //!
+//! # Step by step: a protected axum route with metrics
+//!
+//! ```sh
+//! cargo add tower-idempotency --features axum,metrics
+//! cargo add metrics-exporter-prometheus   # or any `metrics` exporter
+//! ```
+//!
+//! 1. Pick a backend: [`MemoryBackend`] for one process; Redis or
+//!    PostgreSQL (features `redis`, `postgres`) when several instances serve
+//!    the same clients — each backend's page lists what its server needs.
+//! 2. Add [`IdempotencyLayer`] to the routes that create things. Requests
+//!    without an `Idempotency-Key` pass through unless the layer is
+//!    [`required`](IdempotencyLayer::required).
+//! 3. Read the key in the handler with the [`IdempotencyKey`] extractor
+//!    (feature `axum`) to pass it on to a payment provider, and answer with a
+//!    [`Persist`] extension to keep a response shorter (or not at all).
+//! 4. Install a `metrics` recorder; the layer counts every decision (see
+//!    [Metrics](#metrics)).
+//!
+//! ```
+//! # #[cfg(all(feature = "axum", feature = "metrics"))]
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! use axum::{Extension, Json, Router, http::StatusCode, routing::{get, post}};
+//! use tower_idempotency::{IdempotencyKey, IdempotencyLayer, MemoryBackend, Persist};
+//!
+//! async fn create_payment(key: IdempotencyKey, body: String) -> (StatusCode, String) {
+//!     // Hand `key` to the payment provider too, then answer.
+//!     (StatusCode::CREATED, format!("charged {body} with provider key {key}"))
+//! }
+//!
+//! async fn preview(body: String) -> (Extension<Persist>, String) {
+//!     // A quote that must not be replayed: a retry computes it again.
+//!     (Extension(Persist::Never), format!("quote for {body}"))
+//! }
+//!
+//! let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+//! tower_idempotency::describe_metrics();
+//!
+//! let backend = MemoryBackend::builder().max_entries(100_000).build();
+//! let app: Router = Router::new()
+//!     .route("/payments", post(create_payment))
+//!     .route("/payments/preview", post(preview))
+//!     .layer(IdempotencyLayer::new(backend).ttl(Duration::from_hours(24)))
+//!     // Added after the layer, so not guarded.
+//!     .route("/metrics", get(move || async move { prometheus.render() }));
+//!
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app).await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! `examples/metrics.rs` is this program with a JSON API and `curl` commands
+//! to try (`cargo run --example metrics --features axum,metrics`).
+//!
 //! # Quick start (tower / hyper)
 //!
 //! The layer wraps any `Service<http::Request<_>>`. The inner service
@@ -188,6 +244,30 @@
 //!   run, unless [`fail_open`](IdempotencyLayer::fail_open) is chosen.
 //! - **Corrupt data is never replayed.** A stored record that fails its
 //!   checksum or does not decode is a [`CodecError`] and the request gets `503`.
+//!
+//! # Metrics
+//!
+//! With the `metrics` feature the layer records through the [`metrics`]
+//! facade to whichever recorder the application installed (Prometheus,
+//! StatsD, OpenTelemetry, …); without a recorder, or without the feature,
+//! nothing is recorded. [`describe_metrics`] registers units and help texts.
+//!
+//! | Name | Type | Labels | Meaning |
+//! |---|---|---|---|
+//! | `idempotency_requests_total` | counter | `outcome` | one per request the layer looked at (below) |
+//! | `idempotency_stores_total` | counter | `result` | what became of a response produced under the lock: `stored`, `not_stored` (`5xx`, `429`, [`Persist::Never`], too large, handler error), `lock_lost`, `failed` (the backend refused or failed the save) |
+//! | `idempotency_backend_duration_seconds` | histogram | `operation` | time of each backend call: `begin`, `complete`, `release`, `extend` |
+//! | `idempotency_backend_errors_total` | counter | `operation`, `kind` | failed backend calls by [`BackendErrorKind`]: `unavailable`, `timeout`, `rejected`, `corrupt`, `misconfigured`, `other` |
+//!
+//! Outcomes: `fresh` (the handler runs under the lock), `replayed`,
+//! `conflict` (`409`), `mismatch` (`422`), `no_key` (passed through),
+//! `missing_key` and `invalid_key` (`400`), `body_too_large` (`413`),
+//! `body_error` (`400`), `backend_unavailable` (`503`), `fail_open` (the
+//! handler ran unprotected). Labels take only these fixed values: keys and
+//! callers never become label values, so cardinality stays bounded.
+//!
+//! [`metrics`]: https://docs.rs/metrics
+//! [`describe_metrics`]: https://docs.rs/tower-idempotency/latest/tower_idempotency/fn.describe_metrics.html
 //!
 //! # Runtime
 //!

@@ -70,6 +70,18 @@ const fn error_kind(error: &BackendError) -> &'static str {
 
 /// Describes the metrics to the installed recorder (units and help texts,
 /// shown by exporters such as Prometheus).
+///
+/// ```
+/// # #[cfg(feature = "metrics")]
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let handle = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+/// tower_idempotency::describe_metrics();
+/// # let _ = handle;
+/// # Ok(())
+/// # }
+/// # #[cfg(not(feature = "metrics"))]
+/// # fn main() {}
+/// ```
 #[cfg(feature = "metrics")]
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_histogram};

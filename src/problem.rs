@@ -47,6 +47,14 @@ const TYPE_BASE: &str =
     "https://docs.rs/tower-idempotency/latest/tower_idempotency/problem/index.html#";
 
 /// The cases the layer answers on its own.
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_idempotency::problem::ProblemKind;
+///
+/// assert_eq!(ProblemKind::InFlight.status(), StatusCode::CONFLICT);
+/// assert!(ProblemKind::FingerprintMismatch.type_uri().ends_with("#fingerprint-mismatch"));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ProblemKind {

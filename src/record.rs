@@ -29,6 +29,19 @@ use serde::{Deserialize, Serialize};
 use crate::Fingerprint;
 
 /// A completed response, as stored and replayed.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{HeaderMap, HeaderValue, StatusCode};
+/// use tower_idempotency::{Fingerprint, Record};
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("content-type", HeaderValue::from_static("application/json"));
+/// headers.insert("set-cookie", HeaderValue::from_static("session=abc"));
+/// let record = Record::new(StatusCode::CREATED, headers, Bytes::from("{}"), Fingerprint::from_bytes([0; 32]));
+/// assert!(record.headers.get("set-cookie").is_none(), "never replayed to another request");
+/// assert_eq!(record.headers["content-type"], "application/json");
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Record {
@@ -122,6 +135,18 @@ pub(crate) fn strip_unreplayable(headers: &mut HeaderMap) {
 }
 
 /// Why stored bytes could not be turned back into a [`Record`].
+///
+/// ```
+/// use bytes::Bytes;
+/// use http::{HeaderMap, StatusCode};
+/// use tower_idempotency::{CodecError, Fingerprint, Record, RecordCodec};
+///
+/// let codec = RecordCodec::new();
+/// let record = Record::new(StatusCode::OK, HeaderMap::new(), Bytes::from("paid"), Fingerprint::from_bytes([0; 32]));
+/// let mut bytes = codec.encode(&record).unwrap();
+/// *bytes.last_mut().unwrap() ^= 1;
+/// assert!(matches!(codec.decode(&bytes), Err(CodecError::ChecksumMismatch)));
+/// ```
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CodecError {

@@ -19,6 +19,19 @@ use crate::problem::ProblemKind;
 
 /// Middleware that runs each keyed request exactly once. Made by
 /// [`IdempotencyLayer`](crate::IdempotencyLayer).
+///
+/// ```
+/// use std::convert::Infallible;
+/// use http::{Request, Response};
+/// use tower::{Layer, service_fn};
+/// use tower_idempotency::{IdempotencyBody, IdempotencyLayer, MemoryBackend};
+///
+/// let handler = service_fn(|_req: Request<IdempotencyBody<String>>| async {
+///     Ok::<_, Infallible>(Response::new("created".to_owned()))
+/// });
+/// let service = IdempotencyLayer::new(MemoryBackend::new()).layer(handler);
+/// let _handler_again = service.get_ref();
+/// ```
 #[derive(Clone, Debug)]
 pub struct IdempotencyService<S, B> {
     inner: S,

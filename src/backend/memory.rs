@@ -103,6 +103,25 @@ struct LockState {
 }
 
 /// Proof of holding a key in a [`MemoryBackend`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::{Backend, Begin, Fingerprint, MemoryBackend, StorageKey};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_idempotency::BackendError> {
+/// let backend = MemoryBackend::new();
+/// let key = StorageKey::from_bytes([7; 32]);
+/// let fp = Fingerprint::from_bytes([1; 32]);
+/// let Begin::Acquired(lock) = backend.begin(&key, &fp, Duration::from_secs(30)).await? else {
+///     unreachable!("a new backend holds nothing");
+/// };
+/// // Holding the lock: a second `begin` is told the key is busy.
+/// assert!(matches!(backend.begin(&key, &fp, Duration::from_secs(30)).await?, Begin::Busy { .. }));
+/// backend.release(lock).await?;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct MemoryLock {
     key: StorageKey,

@@ -32,6 +32,33 @@ use std::time::Duration;
 use crate::{BoxError, Fingerprint, Record, StorageKey};
 
 /// What [`Backend::begin`] found.
+///
+/// ```
+/// use std::time::Duration;
+/// use bytes::Bytes;
+/// use http::{HeaderMap, StatusCode};
+/// use tower_idempotency::{Backend, Begin, Completion, Fingerprint, MemoryBackend, Record, StorageKey};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_idempotency::BackendError> {
+/// let backend = MemoryBackend::new();
+/// let key = StorageKey::from_bytes([1; 32]);
+/// let fp = Fingerprint::from_bytes([2; 32]);
+/// let ttl = Duration::from_secs(30);
+/// match backend.begin(&key, &fp, ttl).await? {
+///     Begin::Acquired(lock) => {
+///         let record = Record::new(StatusCode::CREATED, HeaderMap::new(), Bytes::from("ok"), fp);
+///         let saved = backend.complete(lock, record, Duration::from_hours(24)).await?;
+///         assert_eq!(saved, Completion::Saved);
+///     }
+///     Begin::Completed(_) | Begin::Busy { .. } => unreachable!("the key is new"),
+///     _ => unreachable!(),
+/// }
+/// // The next `begin` finds the record.
+/// assert!(matches!(backend.begin(&key, &fp, ttl).await?, Begin::Completed(r) if r.body == "ok"));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Begin<L> {
@@ -49,6 +76,21 @@ pub enum Begin<L> {
 }
 
 /// What [`Backend::complete`] did.
+///
+/// See [`Begin`] for `complete` in context.
+///
+/// ```
+/// use tower_idempotency::Completion;
+///
+/// fn log(completion: Completion) -> &'static str {
+///     match completion {
+///         Completion::Saved => "stored",
+///         Completion::Lost => "lock lost; nothing written",
+///         _ => "other",
+///     }
+/// }
+/// assert_eq!(log(Completion::Lost), "lock lost; nothing written");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Completion {
@@ -66,6 +108,58 @@ pub enum Completion {
 /// A record stored by `complete` must be visible to every `begin` that starts
 /// after `complete` returned, and `complete` must store only while the lock
 /// it is given is still the current holder of the key.
+///
+/// A backend that wraps another one, here to count lookups; a backend of your
+/// own (a different database, say) implements the same five methods.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use std::time::Duration;
+/// use tower_idempotency::{
+///     Backend, BackendError, Begin, Completion, Fingerprint, IdempotencyLayer, Record, StorageKey,
+/// };
+///
+/// #[derive(Clone)]
+/// struct Counted<B> {
+///     inner: B,
+///     lookups: Arc<AtomicU64>,
+/// }
+///
+/// impl<B: Backend> Backend for Counted<B> {
+///     type Lock = B::Lock;
+///
+///     async fn begin(
+///         &self,
+///         key: &StorageKey,
+///         fingerprint: &Fingerprint,
+///         lock_ttl: Duration,
+///     ) -> Result<Begin<B::Lock>, BackendError> {
+///         self.lookups.fetch_add(1, Ordering::Relaxed);
+///         self.inner.begin(key, fingerprint, lock_ttl).await
+///     }
+///
+///     async fn complete(&self, lock: B::Lock, record: Record, ttl: Duration) -> Result<Completion, BackendError> {
+///         self.inner.complete(lock, record, ttl).await
+///     }
+///
+///     async fn release(&self, lock: B::Lock) -> Result<(), BackendError> {
+///         self.inner.release(lock).await
+///     }
+///
+///     async fn extend(&self, lock: &B::Lock, lock_ttl: Duration) -> Result<bool, BackendError> {
+///         self.inner.extend(lock, lock_ttl).await
+///     }
+///
+///     fn abandon(&self, lock: B::Lock) {
+///         self.inner.abandon(lock);
+///     }
+/// }
+///
+/// let backend = Counted { inner: tower_idempotency::MemoryBackend::new(), lookups: Arc::default() };
+/// let layer = IdempotencyLayer::new(backend);
+/// # let _ = layer;
+/// ```
 pub trait Backend: Clone + Send + Sync + 'static {
     /// Proof of holding a key, handed back to `complete`, `release` and
     /// `extend`.
@@ -120,6 +214,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
 /// What kind of failure a [`BackendError`] is, for matching without parsing
 /// messages.
+///
+/// ```
+/// use tower_idempotency::{BackendError, BackendErrorKind};
+///
+/// fn worth_retrying(error: &BackendError) -> bool {
+///     matches!(error.kind(), BackendErrorKind::Unavailable | BackendErrorKind::Timeout)
+/// }
+/// assert!(worth_retrying(&BackendError::new(BackendErrorKind::Timeout, "no answer in 2 s")));
+/// assert!(!worth_retrying(&BackendError::new(BackendErrorKind::Corrupt, "bad checksum")));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum BackendErrorKind {
@@ -140,6 +244,17 @@ pub enum BackendErrorKind {
 /// A backend failure. The layer answers `503 Service Unavailable` (or runs
 /// the handler unprotected with
 /// [`fail_open`](crate::IdempotencyLayer::fail_open)).
+///
+/// ```
+/// use std::error::Error;
+/// use tower_idempotency::{BackendError, BackendErrorKind};
+///
+/// let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+/// let error = BackendError::new(BackendErrorKind::Unavailable, "cannot reach the store").with_source(io);
+/// assert_eq!(error.kind(), BackendErrorKind::Unavailable);
+/// assert!(error.to_string().contains("cannot reach the store"));
+/// assert!(error.source().is_some());
+/// ```
 #[derive(Debug)]
 pub struct BackendError {
     kind: BackendErrorKind,

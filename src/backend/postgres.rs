@@ -87,6 +87,21 @@ use crate::{Fingerprint, Record, RecordCodec, StorageKey};
 /// A [`Backend`] on PostgreSQL. See the [module documentation](self).
 ///
 /// Cloning is cheap; clones share the pool.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{IdempotencyLayer, PostgresBackend};
+///
+/// let mut config = deadpool_postgres::Config::new();
+/// config.url = Some("postgres://postgres@127.0.0.1:5432/app".to_owned());
+/// let pool = config.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)?;
+/// let backend = PostgresBackend::new(pool);
+/// backend.migrate().await?; // once per deployment; safe to repeat
+/// let layer = IdempotencyLayer::new(backend);
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct PostgresBackend {
     pool: Pool,
@@ -115,6 +130,20 @@ impl fmt::Debug for PostgresBackend {
 }
 
 /// Builds a [`PostgresBackend`].
+///
+/// ```no_run
+/// # fn run(pool: deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_idempotency::PostgresBackend;
+///
+/// let backend = PostgresBackend::builder(pool)
+///     .table("billing_idempotency")
+///     .timeout(Duration::from_secs(1))
+///     .build()?;
+/// # let _ = backend;
+/// # Ok(())
+/// # }
+/// ```
 #[must_use]
 pub struct PostgresBackendBuilder {
     pool: Pool,
@@ -282,6 +311,24 @@ $fn$;
 ///
 /// Dropped while it may still hold the lock, it closes the connection
 /// (detached from the pool) so the server frees the lock.
+///
+/// The layer handles locks; a caller of the [`Backend`] API
+/// holds one between `begin` and `complete` or `release`:
+///
+/// ```no_run
+/// # async fn run(backend: tower_idempotency::PostgresBackend) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_idempotency::{Backend, Begin, Fingerprint, StorageKey};
+///
+/// let key = StorageKey::from_bytes([1; 32]);
+/// let fp = Fingerprint::from_bytes([2; 32]);
+/// if let Begin::Acquired(lock) = backend.begin(&key, &fp, Duration::from_secs(30)).await? {
+///     // The lock owns its pooled connection until it is handed back.
+///     backend.release(lock).await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
 pub struct PostgresLock {
     conn: Option<Object>,
     lock_id: i64,

@@ -119,6 +119,18 @@ return 0
 /// than one instance. See the [module documentation](self).
 ///
 /// Cloning is cheap; clones share the held connection.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{IdempotencyLayer, RedisBackend};
+///
+/// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+/// let layer = IdempotencyLayer::new(RedisBackend::new(pool));
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct RedisBackend {
     inner: Arc<Inner>,
@@ -247,6 +259,21 @@ impl ConnectionLike for Conn {
 
 /// Proof of holding a key in a [`RedisBackend`]: the lock key and the
 /// 128-bit random token stored in it.
+///
+/// ```no_run
+/// # async fn run(backend: tower_idempotency::RedisBackend) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_idempotency::{Backend, Begin, Fingerprint, StorageKey};
+///
+/// let key = StorageKey::from_bytes([1; 32]);
+/// let fp = Fingerprint::from_bytes([2; 32]);
+/// if let Begin::Acquired(lock) = backend.begin(&key, &fp, Duration::from_secs(30)).await? {
+///     // Only this lock's token can save or release the key.
+///     backend.release(lock).await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct RedisLock {
     record_key: String,
@@ -255,6 +282,22 @@ pub struct RedisLock {
 }
 
 /// Builds a [`RedisBackend`].
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_idempotency::RedisBackend;
+///
+/// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+/// let backend = RedisBackend::builder(pool)
+///     .prefix("billing:idem:")
+///     .timeout(Duration::from_millis(500))
+///     .build();
+/// # let _ = backend;
+/// # Ok(())
+/// # }
+/// ```
 #[must_use]
 pub struct RedisBackendBuilder {
     pool: Pool,
