@@ -43,6 +43,10 @@ use hyper_util::rt::TokioIo;
 use tokio::io::AsyncBufReadExt;
 
 const BODY: &str = r#"{"amount":500,"currency":"EUR"}"#;
+/// Where the Redis and PostgreSQL configurations keep their records; the
+/// harness removes them before and after a run.
+const REDIS_PREFIX: &str = "load-bench:";
+const TABLE: &str = "load_bench_records";
 /// A session id as `ruts` issues them (22 base64url characters).
 const SESSION_COOKIE: &str = "session=YmVuY2gtc2Vzc2lvbi1pZA";
 
@@ -333,6 +337,7 @@ async fn main() {
     );
     let mut rows = Vec::new();
     for config in &configs {
+        clean(config).await;
         rows.extend(measure(config, &modes, connections, seconds, pin).await);
     }
     print_table(&rows, &modes, connections);
@@ -343,6 +348,9 @@ async fn main() {
             Cost::Redis(url) => costs.push(redis_cost(config, url).await),
             Cost::Postgres(url) => costs.push(postgres_cost(config, url).await),
         }
+    }
+    for config in &configs {
+        clean(config).await;
     }
     if !costs.is_empty() {
         println!();
@@ -416,13 +424,19 @@ fn configs(redis_url: String, database_url: String) -> [Config; 6] {
         Config {
             name: "redis",
             bin: examples.join("payments_redis"),
-            env: vec![("REDIS_URL", redis_url.clone())],
+            env: vec![
+                ("REDIS_URL", redis_url.clone()),
+                ("REDIS_PREFIX", REDIS_PREFIX.to_owned()),
+            ],
             cost: Cost::Redis(redis_url),
         },
         Config {
             name: "postgres",
             bin: examples.join("payments_postgres"),
-            env: vec![("DATABASE_URL", database_url.clone())],
+            env: vec![
+                ("DATABASE_URL", database_url.clone()),
+                ("IDEMPOTENCY_TABLE", TABLE.to_owned()),
+            ],
             cost: Cost::Postgres(database_url),
         },
         Config {
@@ -438,6 +452,57 @@ fn configs(redis_url: String, database_url: String) -> [Config; 6] {
             cost: Cost::None,
         },
     ]
+}
+
+/// Removes what earlier runs stored: keys under [`REDIS_PREFIX`], the
+/// [`TABLE`] and its function.
+async fn clean(config: &Config) {
+    match &config.cost {
+        Cost::None => {}
+        Cost::Redis(url) => {
+            let client = redis::Client::open(url.as_str()).expect("REDIS_URL");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to Redis");
+            let pattern = format!("{REDIS_PREFIX}*");
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(10_000)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("SCAN");
+                if !keys.is_empty() {
+                    let _: u64 = redis::cmd("UNLINK")
+                        .arg(&keys)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("remove the benchmark's Redis keys");
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Cost::Postgres(url) => {
+            let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+                .await
+                .expect("connect to PostgreSQL");
+            tokio::spawn(conn);
+            client
+                .batch_execute(&format!(
+                    "DROP TABLE IF EXISTS {TABLE}; DROP FUNCTION IF EXISTS {TABLE}_begin CASCADE"
+                ))
+                .await
+                .expect("drop the benchmark's table");
+        }
+    }
 }
 
 /// Requests sent one at a time by the cost phase, after as many to warm up.
@@ -576,7 +641,10 @@ async fn postgres_cost(config: &Config, url: &str) -> String {
     let proxied = Config {
         name: config.name,
         bin: config.bin.clone(),
-        env: vec![("DATABASE_URL", postgres_wire::via(url, port))],
+        env: vec![
+            ("DATABASE_URL", postgres_wire::via(url, port)),
+            ("IDEMPOTENCY_TABLE", TABLE.to_owned()),
+        ],
         cost: Cost::None,
     };
     let (child, addr) = start(&proxied, false).await;

@@ -14,7 +14,8 @@
 //! deletes expired records (`purge_expired`).
 //!
 //! Environment: `DATABASE_URL` (default
-//! `postgres://postgres@127.0.0.1:5432/test`), `ADDR`, `PAYMENT_DELAY_MS` and
+//! `postgres://postgres@127.0.0.1:5432/test`), `IDEMPOTENCY_TABLE` (default
+//! `idempotency_records`), `ADDR`, `PAYMENT_DELAY_MS` and
 //! `IDEMPOTENCY=off` as in `payments`. Each request in flight holds one pooled
 //! connection; connect directly or through a session-mode pooler, never a
 //! transaction-mode one.
@@ -37,7 +38,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(deadpool_postgres::Runtime::Tokio1),
         tokio_postgres::NoTls,
     )?;
-    let backend = PostgresBackend::new(pool);
+    let backend = match std::env::var("IDEMPOTENCY_TABLE") {
+        Ok(table) => PostgresBackend::builder(pool).table(table).build()?,
+        Err(_) => PostgresBackend::new(pool),
+    };
     backend.migrate().await?;
 
     let purger = backend.clone();

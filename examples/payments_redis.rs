@@ -13,7 +13,8 @@
 //! (Both instances run their own handler counter, so `/stats` and
 //! `GET /payments` show what each one ran.)
 //!
-//! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`), `ADDR`,
+//! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`),
+//! `REDIS_PREFIX` (the keys' prefix; default the crate's), `ADDR`,
 //! `PAYMENT_DELAY_MS` and `IDEMPOTENCY=off` as in `payments`. Configure the
 //! Redis server with `maxmemory-policy noeviction`.
 
@@ -29,6 +30,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let pool =
         deadpool_redis::Config::from_url(url).create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
-    let backend = RedisBackend::new(pool);
+    let backend = match std::env::var("REDIS_PREFIX") {
+        Ok(prefix) => RedisBackend::builder(pool).prefix(prefix).build()?,
+        Err(_) => RedisBackend::new(pool),
+    };
     payments_app::serve(IdempotencyLayer::new(backend).ttl(Duration::from_hours(24))).await
 }

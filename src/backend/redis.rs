@@ -293,7 +293,7 @@ pub struct RedisLock {
 /// let backend = RedisBackend::builder(pool)
 ///     .prefix("billing:idem:")
 ///     .timeout(Duration::from_millis(500))
-///     .build();
+///     .build()?;
 /// # let _ = backend;
 /// # Ok(())
 /// # }
