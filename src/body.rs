@@ -163,7 +163,7 @@ pub(crate) async fn collect_limited<B: Body>(
     mut body: Pin<&mut B>,
     limit: usize,
 ) -> Collected<B::Error> {
-    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut chunks = Chunks::default();
     let mut total = 0usize;
     loop {
         let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
@@ -206,12 +206,34 @@ pub(crate) async fn collect_limited<B: Body>(
     }
 }
 
-fn concat(mut chunks: Vec<Bytes>, total: usize) -> Bytes {
-    if chunks.len() <= 1 {
-        return chunks.pop().unwrap_or_default();
+/// The chunks of a body so far. Most bodies arrive in one chunk, which is
+/// kept as it is: no list is allocated until a second one arrives.
+#[derive(Default)]
+struct Chunks {
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
+}
+
+impl Chunks {
+    fn push(&mut self, chunk: Bytes) {
+        if self.first.is_none() {
+            self.first = Some(chunk);
+        } else {
+            self.more.push(chunk);
+        }
+    }
+}
+
+fn concat(chunks: Chunks, total: usize) -> Bytes {
+    let Some(first) = chunks.first else {
+        return Bytes::new();
+    };
+    if chunks.more.is_empty() {
+        return first;
     }
     let mut out = BytesMut::with_capacity(total);
-    for chunk in chunks {
+    out.extend_from_slice(&first);
+    for chunk in chunks.more {
         out.extend_from_slice(&chunk);
     }
     out.freeze()

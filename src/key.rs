@@ -8,11 +8,12 @@
 //!
 //! [Structured Field string]: https://www.rfc-editor.org/rfc/rfc8941#section-3.3.3
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
 use http::HeaderMap;
-use http::header::{AUTHORIZATION, COOKIE, HeaderName, HeaderValue};
+use http::header::{AUTHORIZATION, COOKIE, GetAll, HeaderName, HeaderValue};
 use http::request::Parts;
 use sha2::{Digest, Sha256};
 
@@ -93,7 +94,7 @@ impl IdempotencyKey {
         if key.len() > MAX_KEY_LEN {
             return Err(KeyError::TooLong { len: key.len() });
         }
-        Ok(Self(Arc::from(key)))
+        Ok(Self(Arc::from(&*key)))
     }
 
     /// Reads the key from a request's headers.
@@ -183,8 +184,9 @@ fn trim_ows(mut raw: &[u8]) -> &[u8] {
 
 /// RFC 8941 §4.2.5: `DQUOTE *( unescaped / "\" ( DQUOTE / "\" ) ) DQUOTE`,
 /// where `unescaped` is `%x20-21 / %x23-5B / %x5D-7E`.
-fn parse_sf_string(raw: &[u8]) -> Result<String, KeyError> {
-    let mut out = String::with_capacity(raw.len());
+fn parse_sf_string(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
+    // Escapes are rare: until one turns up, the key is a slice of `raw`.
+    let mut out: Option<String> = None;
     let mut i = 1;
     loop {
         let Some(&b) = raw.get(i) else {
@@ -192,21 +194,27 @@ fn parse_sf_string(raw: &[u8]) -> Result<String, KeyError> {
         };
         match b {
             b'"' => {
-                return if i + 1 == raw.len() {
-                    Ok(out)
-                } else {
-                    Err(KeyError::Malformed)
-                };
+                if i + 1 != raw.len() {
+                    return Err(KeyError::Malformed);
+                }
+                return Ok(match out {
+                    Some(unescaped) => Cow::Owned(unescaped),
+                    // Every byte so far was checked to be visible ASCII.
+                    None => Cow::Borrowed(ascii(&raw[1..i])),
+                });
             }
             b'\\' => match raw.get(i + 1) {
                 Some(&e @ (b'"' | b'\\')) => {
-                    out.push(char::from(e));
+                    out.get_or_insert_with(|| ascii(&raw[1..i]).to_owned())
+                        .push(char::from(e));
                     i += 2;
                 }
                 _ => return Err(KeyError::Malformed),
             },
             0x20..=0x7e => {
-                out.push(char::from(b));
+                if let Some(out) = &mut out {
+                    out.push(char::from(b));
+                }
                 i += 1;
             }
             _ => return Err(KeyError::InvalidByte { offset: i }),
@@ -214,17 +222,21 @@ fn parse_sf_string(raw: &[u8]) -> Result<String, KeyError> {
     }
 }
 
+/// `bytes` as text; only called on bytes already checked to be ASCII.
+fn ascii(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
+}
+
 /// A bare key: visible ASCII only, and no `"` (so the two forms never overlap).
-fn parse_token(raw: &[u8]) -> Result<String, KeyError> {
-    let mut out = String::with_capacity(raw.len());
+fn parse_token(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
     for (offset, &b) in raw.iter().enumerate() {
         match b {
             b'"' => return Err(KeyError::Malformed),
-            0x21..=0x7e => out.push(char::from(b)),
+            0x21..=0x7e => {}
             _ => return Err(KeyError::InvalidByte { offset }),
         }
     }
-    Ok(out)
+    Ok(Cow::Borrowed(ascii(raw)))
 }
 
 /// The key a backend stores a request under: SHA-256 of the caller's scope
@@ -336,8 +348,9 @@ impl ScopeValue {
         }
     }
 
-    fn header(tag: &'static str, values: &[&HeaderValue]) -> Self {
-        let mut value = Vec::new();
+    fn header(tag: &'static str, values: GetAll<'_, HeaderValue>) -> Self {
+        let len = values.iter().map(|v| 8 + v.len()).sum();
+        let mut value = Vec::with_capacity(len);
         for v in values {
             put_len_prefixed(&mut value, v.as_bytes());
         }
@@ -368,9 +381,9 @@ impl Scope {
         match self {
             Self::AuthorizationOrCookie => {
                 for (name, tag) in [(AUTHORIZATION, "authorization"), (COOKIE, "cookie")] {
-                    let values: Vec<&HeaderValue> = parts.headers.get_all(name).iter().collect();
-                    if !values.is_empty() {
-                        return ScopeValue::header(tag, &values);
+                    let values = parts.headers.get_all(name);
+                    if values.iter().next().is_some() {
+                        return ScopeValue::header(tag, values);
                     }
                 }
                 ScopeValue::anonymous()
