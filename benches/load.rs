@@ -18,7 +18,9 @@
 //! only for a request with a session; the others ignore it). After each run
 //! the handler's own count (`GET /stats`) says how often it really ran.
 //!
-//! Then, for Redis and PostgreSQL, the backend's cost per request: one
+//! Then a probe of overlapping duplicates (32 connections of one client
+//! send one new key at once to a 200 ms handler: how often does it run?),
+//! and, for Redis and PostgreSQL, the backend's cost per request: one
 //! client sends fresh requests and replays one at a time, and the harness
 //! counts Redis commands (`INFO commandstats` deltas) and PostgreSQL round
 //! trips and statements (a protocol-reading proxy in front of the server).
@@ -47,8 +49,15 @@ const BODY: &str = r#"{"amount":500,"currency":"EUR"}"#;
 /// harness removes them before and after a run.
 const REDIS_PREFIX: &str = "load-bench:";
 const TABLE: &str = "load_bench_records";
-/// A session id as `ruts` issues them (22 base64url characters).
-const SESSION_COOKIE: &str = "session=YmVuY2gtc2Vzc2lvbi1pZA";
+/// A session cookie as `ruts` issues them (22 canonical base64url
+/// characters, so the last one carries no spare bits): one client per
+/// connection, or one client on every connection (`hot`).
+fn session_cookie(client: usize) -> String {
+    format!("session=client{client:015}A")
+}
+
+/// The client of `hot` and of the duplicates probe.
+const ONE_CLIENT: usize = 999_999_999_999_999;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -183,11 +192,11 @@ async fn connect(addr: SocketAddr) -> Sender {
 /// Sends one payment; returns its status and whether it was a replay (each
 /// crate marks one with a header: `Idempotent-Replayed` or
 /// `Idempotency-Replayed`).
-async fn post(sender: &mut Sender, key: &str) -> (StatusCode, bool) {
+async fn post(sender: &mut Sender, key: &str, cookie: &str) -> (StatusCode, bool) {
     let req = Request::post("/payments")
         .header("host", "bench")
         .header("content-type", "application/json")
-        .header("cookie", SESSION_COOKIE)
+        .header("cookie", cookie)
         .header("idempotency-key", key)
         .body(Full::new(Bytes::from_static(BODY.as_bytes())))
         .expect("request");
@@ -235,7 +244,9 @@ async fn drive(addr: SocketAddr, mode: Mode, connections: usize, seconds: u64) -
             let mut sender = connect(addr).await;
             let own = format!("\"replay-{nonce}-{run}-{conn}\"");
             // Warm-up: create the key this connection replays.
-            post(&mut sender, &own).await;
+            // One client per connection; `hot` is one client on them all.
+            let cookie = session_cookie(if mode == Mode::Hot { ONE_CLIENT } else { conn });
+            post(&mut sender, &own, &cookie).await;
             let mut out = Outcome::default();
             let deadline = Instant::now() + Duration::from_secs(seconds);
             let mut i = 0u64;
@@ -249,7 +260,7 @@ async fn drive(addr: SocketAddr, mode: Mode, connections: usize, seconds: u64) -
                     Mode::Hot => (*hot_key).clone(),
                 };
                 let started = Instant::now();
-                let (status, replayed) = post(&mut sender, &key).await;
+                let (status, replayed) = post(&mut sender, &key, &cookie).await;
                 let took = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
                 out.latencies_us.push(took);
                 out.replayed += u64::from(replayed);
@@ -349,8 +360,24 @@ async fn main() {
             Cost::Postgres(url) => costs.push(postgres_cost(config, url).await),
         }
     }
+    let mut probes = Vec::new();
+    for config in configs.iter().filter(|c| c.name != "none") {
+        probes.push(duplicates(config).await);
+    }
     for config in &configs {
         clean(config).await;
+    }
+    if !probes.is_empty() {
+        println!();
+        println!(
+            "{DUPLICATES} overlapping duplicates (one client, one new key, a {SLOW_HANDLER_MS} ms handler):"
+        );
+        println!();
+        println!("| config | handler runs | answers |");
+        println!("|---|---|---|");
+        for line in probes {
+            println!("{line}");
+        }
     }
     if !costs.is_empty() {
         println!();
@@ -505,6 +532,59 @@ async fn clean(config: &Config) {
     }
 }
 
+/// How many connections send the same new key at once in the duplicates
+/// probe, and how long its handler takes.
+const DUPLICATES: usize = 32;
+const SLOW_HANDLER_MS: u64 = 200;
+
+/// Overlapping duplicates: [`DUPLICATES`] connections of one client send
+/// the same new key at the same moment to a handler that takes
+/// [`SLOW_HANDLER_MS`]. A layer that deduplicates under concurrency runs the
+/// handler once and tells the others to wait.
+async fn duplicates(config: &Config) -> String {
+    let mut env = config.env.clone();
+    env.push(("PAYMENT_DELAY_MS", SLOW_HANDLER_MS.to_string()));
+    let slow = Config {
+        name: config.name,
+        bin: config.bin.clone(),
+        env,
+        cost: Cost::None,
+    };
+    let (child, addr) = start(&slow, false).await;
+    let mut senders = Vec::new();
+    for _ in 0..DUPLICATES {
+        senders.push(connect(addr).await);
+    }
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let key = Arc::new(format!("\"duplicate-{nonce}\""));
+    let cookie = Arc::new(session_cookie(ONE_CLIENT));
+    let before = handler_runs(addr).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for mut sender in senders {
+        let (key, cookie) = (Arc::clone(&key), Arc::clone(&cookie));
+        tasks.spawn(async move { post(&mut sender, &key, &cookie).await });
+    }
+    let mut answers = BTreeMap::<String, usize>::new();
+    while let Some(done) = tasks.join_next().await {
+        let (status, replayed) = done.expect("duplicate request");
+        let answer = if replayed {
+            format!("{} replayed", status.as_u16())
+        } else {
+            status.as_u16().to_string()
+        };
+        *answers.entry(answer).or_default() += 1;
+    }
+    let runs = handler_runs(addr).await - before;
+    drop(child);
+    let answers: Vec<String> = answers
+        .iter()
+        .map(|(status, n)| format!("{n} × {status}"))
+        .collect();
+    format!("| {} | {runs} | {} |", config.name, answers.join(", "))
+}
+
 /// Requests sent one at a time by the cost phase, after as many to warm up.
 const COUNTED: u64 = 200;
 
@@ -512,25 +592,26 @@ const COUNTED: u64 = 200;
 /// connection; `snapshot` is taken before, between and after.
 async fn counted_requests<T>(addr: SocketAddr, mut snapshot: impl AsyncFnMut() -> T) -> [T; 3] {
     let mut sender = connect(addr).await;
+    let cookie = session_cookie(0);
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
     for i in 0..COUNTED {
         let key = format!("\"warm-{nonce}-{i}\"");
-        post(&mut sender, &key).await;
-        post(&mut sender, &key).await;
+        post(&mut sender, &key, &cookie).await;
+        post(&mut sender, &key, &cookie).await;
     }
     let keys: Vec<String> = (0..COUNTED)
         .map(|i| format!("\"counted-{nonce}-{i}\""))
         .collect();
     let before = snapshot().await;
     for key in &keys {
-        let (status, replayed) = post(&mut sender, key).await;
+        let (status, replayed) = post(&mut sender, key, &cookie).await;
         assert!(status.is_success() && !replayed, "fresh request: {status}");
     }
     let fresh = snapshot().await;
     for key in &keys {
-        let (status, replayed) = post(&mut sender, key).await;
+        let (status, replayed) = post(&mut sender, key, &cookie).await;
         assert!(status.is_success() && replayed, "replay: {status}");
     }
     [before, fresh, snapshot().await]
