@@ -12,6 +12,17 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use tower::{Layer, Service, ServiceExt};
 use tower_idempotency::{IdempotencyLayer, MemoryBackend};
 
+/// A recorder for this test's thread only (tests run in parallel), and the
+/// handle that reads it.
+fn local_recorder() -> (Snapshotter, metrics::LocalRecorderGuard<'static>) {
+    // Leaked: the guard must borrow it for the rest of the test.
+    let recorder: &'static DebuggingRecorder = Box::leak(Box::new(DebuggingRecorder::new()));
+    (
+        recorder.snapshotter(),
+        metrics::set_default_local_recorder(recorder),
+    )
+}
+
 /// What was recorded since the last take (taking drains the recorder).
 struct Recorded(Vec<(metrics_util::CompositeKey, DebugValue)>);
 
@@ -67,9 +78,7 @@ impl Recorded {
 
 #[tokio::test(flavor = "current_thread")]
 async fn each_decision_is_counted_under_its_outcome() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _local = metrics::set_default_local_recorder(&recorder);
+    let (snapshotter, _local) = local_recorder();
     let runs = Runs::default();
     let mut svc = IdempotencyLayer::new(MemoryBackend::new())
         .max_request_body(16)
@@ -100,9 +109,7 @@ async fn each_decision_is_counted_under_its_outcome() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_duplicate_in_flight_is_counted_as_a_conflict() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _local = metrics::set_default_local_recorder(&recorder);
+    let (snapshotter, _local) = local_recorder();
     let runs = Runs::default();
     let (handler, gate) = gated(runs.clone());
     let svc = IdempotencyLayer::new(MemoryBackend::new()).layer(handler);
@@ -142,9 +149,7 @@ async fn a_duplicate_in_flight_is_counted_as_a_conflict() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn handler_errors_and_backend_failures_are_counted() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _local = metrics::set_default_local_recorder(&recorder);
+    let (snapshotter, _local) = local_recorder();
     let runs = Runs::default();
     let backend = Flaky::default();
     let mut svc = IdempotencyLayer::new(backend.clone()).layer(counting(runs.clone()));
@@ -177,9 +182,7 @@ async fn handler_errors_and_backend_failures_are_counted() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn unstored_responses_are_counted() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _local = metrics::set_default_local_recorder(&recorder);
+    let (snapshotter, _local) = local_recorder();
     let mut svc = IdempotencyLayer::new(MemoryBackend::new()).layer(tower::service_fn(
         |_req: common::InnerReq| async {
             let res = http::Response::builder()
