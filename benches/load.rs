@@ -230,12 +230,17 @@ async fn handler_runs(addr: SocketAddr) -> u64 {
 
 static RUN: AtomicU64 = AtomicU64::new(0);
 
+/// Makes this run's keys differ from any earlier run's.
+fn nonce() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
 /// Drives `connections` keep-alive connections for `seconds`.
 async fn drive(addr: SocketAddr, mode: Mode, connections: usize, seconds: u64) -> Outcome {
     let run = RUN.fetch_add(1, Ordering::Relaxed);
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nonce = nonce();
     let hot_key = Arc::new(format!("\"hot-{nonce}-{run}\""));
     let mut tasks = tokio::task::JoinSet::new();
     for conn in 0..connections {
@@ -555,9 +560,7 @@ async fn duplicates(config: &Config) -> String {
     for _ in 0..DUPLICATES {
         senders.push(connect(addr).await);
     }
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nonce = nonce();
     let key = Arc::new(format!("\"duplicate-{nonce}\""));
     let cookie = Arc::new(session_cookie(ONE_CLIENT));
     let before = handler_runs(addr).await;
@@ -593,9 +596,7 @@ const COUNTED: u64 = 200;
 async fn counted_requests<T>(addr: SocketAddr, mut snapshot: impl AsyncFnMut() -> T) -> [T; 3] {
     let mut sender = connect(addr).await;
     let cookie = session_cookie(0);
-    let nonce = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nonce = nonce();
     for i in 0..COUNTED {
         let key = format!("\"warm-{nonce}-{i}\"");
         post(&mut sender, &key, &cookie).await;
