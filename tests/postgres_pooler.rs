@@ -1,6 +1,6 @@
 //! The PostgreSQL backend behind PgBouncer: `migrate()` refuses a
 //! transaction-mode pooler and works through a session-mode one. Each test
-//! starts its own `pgbouncer` (installed by `.ci/run`).
+//! starts its own `pgbouncer` (installed by `scripts/test`).
 
 mod conformance;
 mod postgres_support;
@@ -60,7 +60,7 @@ impl PgBouncer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("pgbouncer is not installed: .ci/run installs it (apt-get install pgbouncer)");
+            .expect("pgbouncer is not installed: scripts/test installs it (apt-get install pgbouncer)");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(

@@ -29,7 +29,7 @@ pub async fn pool() -> deadpool_postgres::Pool {
     let pool = pool_for(&url, 32);
     let conn = pool.get().await.unwrap_or_else(|e| {
         panic!(
-            "PostgreSQL is not reachable at {url} ({e}); start it (see .ci/run) or set DATABASE_URL"
+            "PostgreSQL is not reachable at {url} ({e}); start it (scripts/test does) or set DATABASE_URL"
         )
     });
     conn.simple_query("SELECT 1").await.unwrap();
