@@ -1,6 +1,7 @@
 //! The body type the layer hands to the inner service and returns to callers.
 
 use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -8,11 +9,14 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
 
 pin_project! {
     /// A body that is either the original stream, or bytes the layer has
     /// buffered (a request body it fingerprinted, a response it stored or
-    /// replays, or a problem document).
+    /// replays, or a problem document), or a response streamed to the
+    /// client as it arrives while the layer keeps a copy to store.
     ///
     /// Data frames are [`Bytes`] whatever the wrapped body's data type.
     pub struct IdempotencyBody<B: Body> {
@@ -28,6 +32,7 @@ pin_project! {
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
         Prefixed { prefix: Option<Bytes>, body: Pin<Box<B>> },
         Failed { prefix: Option<Bytes>, error: Option<B::Error> },
+        Tee { tee: Tee<B> },
     }
 }
 
@@ -66,6 +71,39 @@ impl<B: Body> IdempotencyBody<B> {
     }
 }
 
+impl<B: Body + Send + 'static> IdempotencyBody<B> {
+    /// Streams `body` to the client, sending a copy of each frame (within
+    /// `limit` bytes) to `events`. With `hand_over`, a client that stops
+    /// reading before the end hands the rest of the body over to be drained.
+    ///
+    /// The end of the body (or its trailers) is passed on only once
+    /// `settled` resolves — when the record is stored or the key released —
+    /// so a client that has read the whole response and retries finds it
+    /// stored.
+    pub(crate) fn tee(
+        body: B,
+        events: UnboundedSender<TeeEvent<B>>,
+        settled: oneshot::Receiver<()>,
+        limit: usize,
+        hand_over: bool,
+    ) -> Self {
+        Self {
+            kind: Kind::Tee {
+                tee: Tee {
+                    body: Some(Box::pin(body)),
+                    events: Some(events),
+                    settled: Some(settled),
+                    ending: None,
+                    copied: 0,
+                    overflowed: false,
+                    limit,
+                    hand_over,
+                },
+            },
+        }
+    }
+}
+
 fn non_empty(data: Bytes) -> Option<Bytes> {
     (!data.is_empty()).then_some(data)
 }
@@ -98,6 +136,7 @@ impl<B: Body> Body for IdempotencyBody<B> {
                 Some(data) => Some(Ok(Frame::data(data))),
                 None => error.take().map(Err),
             }),
+            KindProj::Tee { tee } => tee.poll_frame(cx),
         }
     }
 
@@ -107,6 +146,8 @@ impl<B: Body> Body for IdempotencyBody<B> {
             Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
             Kind::Prefixed { prefix, body } => prefix.is_none() && body.is_end_stream(),
             Kind::Failed { prefix, error } => prefix.is_none() && error.is_none(),
+            // The end is observed by polling, never taken on trust.
+            Kind::Tee { tee } => tee.body.is_none() && tee.ending.is_none(),
         }
     }
 
@@ -127,6 +168,10 @@ impl<B: Body> Body for IdempotencyBody<B> {
                 hint
             }
             Kind::Failed { .. } => SizeHint::default(),
+            Kind::Tee { tee } => tee
+                .body
+                .as_ref()
+                .map_or_else(|| SizeHint::with_exact(0), Body::size_hint),
         }
     }
 }
@@ -138,10 +183,212 @@ impl<B: Body> fmt::Debug for IdempotencyBody<B> {
             Kind::Full { .. } => "Full",
             Kind::Prefixed { .. } => "Prefixed",
             Kind::Failed { .. } => "Failed",
+            Kind::Tee { .. } => "Tee",
         };
         f.debug_struct("IdempotencyBody")
             .field("kind", &kind)
             .finish()
+    }
+}
+
+/// What a [`Tee`] tells the task that stores the response.
+pub(crate) enum TeeEvent<B> {
+    /// A copy of a data frame, while the copies stay within the limit.
+    Data(Bytes),
+    /// The body passed the limit: no more copies follow.
+    Overflow,
+    /// The body ended with trailers.
+    Trailers,
+    /// The body ended.
+    End,
+    /// The body failed.
+    Failed,
+    /// The client stopped reading: the rest of the body, to drain.
+    Abandoned(Pin<Box<B>>),
+}
+
+/// The last thing a teed body yields.
+enum Last {
+    End,
+    Trailers(Frame<Bytes>),
+}
+
+/// A response body on its way to the client, copied as it passes.
+pub(crate) struct Tee<B: Body> {
+    body: Option<Pin<Box<B>>>,
+    events: Option<UnboundedSender<TeeEvent<B>>>,
+    /// Resolves (or closes) once the storing task has settled the key.
+    settled: Option<oneshot::Receiver<()>>,
+    /// The last item (the end, or the trailers), held until `settled`.
+    ending: Option<Last>,
+    copied: usize,
+    overflowed: bool,
+    limit: usize,
+    hand_over: bool,
+}
+
+impl<B: Body> Tee<B> {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        if self.ending.is_some() {
+            if let Some(settled) = self.settled.as_mut() {
+                // Either answer will do: stored, or the task is gone.
+                let _ = std::task::ready!(Pin::new(settled).poll(cx));
+                self.settled = None;
+            }
+            return Poll::Ready(match self.ending.take() {
+                Some(Last::Trailers(frame)) => Some(Ok(frame)),
+                Some(Last::End) | None => None,
+            });
+        }
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = match body.as_mut().poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                self.finish(TeeEvent::End);
+                self.ending = Some(Last::End);
+                return self.poll_frame(cx);
+            }
+            Poll::Ready(Some(Err(error))) => {
+                self.finish(TeeEvent::Failed);
+                return Poll::Ready(Some(Err(error)));
+            }
+            Poll::Ready(Some(Ok(frame))) => to_bytes(frame),
+        };
+        if let Some(data) = frame.data_ref() {
+            self.copy(data);
+        } else if frame.is_trailers() {
+            self.finish(TeeEvent::Trailers);
+            self.ending = Some(Last::Trailers(frame));
+            return self.poll_frame(cx);
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn copy(&mut self, data: &Bytes) {
+        if self.overflowed {
+            return;
+        }
+        self.copied = self.copied.saturating_add(data.len());
+        if self.copied > self.limit {
+            self.overflowed = true;
+            self.send(TeeEvent::Overflow);
+        } else {
+            self.send(TeeEvent::Data(data.clone()));
+        }
+    }
+
+    fn send(&self, event: TeeEvent<B>) {
+        if let Some(events) = &self.events {
+            // The receiving task only goes away with the runtime.
+            let _ = events.send(event);
+        }
+    }
+
+    /// The body is over: say how it ended, once.
+    fn finish(&mut self, event: TeeEvent<B>) {
+        self.body = None;
+        if let Some(events) = self.events.take() {
+            let _ = events.send(event);
+        }
+    }
+}
+
+impl<B: Body> Drop for Tee<B> {
+    fn drop(&mut self) {
+        let Some(body) = self.body.take() else {
+            return;
+        };
+        if body.is_end_stream() {
+            self.finish(TeeEvent::End);
+        } else if self.hand_over && !std::thread::panicking() {
+            // The client left mid-stream: the storing task reads the rest.
+            // (Not while unwinding: a body that panicked is not polled again.)
+            self.finish(TeeEvent::Abandoned(body));
+        }
+        // Otherwise the sender is dropped without an end: nothing is stored.
+    }
+}
+
+/// How a teed body ended, as seen by the task that stores it.
+pub(crate) enum TeeEnd {
+    /// The whole body, within the limit, without trailers.
+    Complete(Bytes),
+    /// The body was complete but cannot be stored (over the limit, or with
+    /// trailers), and why.
+    Unstorable(&'static str),
+    /// The body failed.
+    Failed,
+    /// The client left mid-stream and the rest is not to be read.
+    Gone,
+}
+
+/// Follows a [`Tee`] to the end of its body, collecting the copies; drains
+/// the rest itself when the client hands it over.
+pub(crate) async fn follow_tee<B: Body>(
+    events: &mut UnboundedReceiver<TeeEvent<B>>,
+    limit: usize,
+) -> TeeEnd {
+    let mut chunks = Chunks::default();
+    let mut total = 0usize;
+    let mut overflowed = false;
+    loop {
+        let Some(event) = events.recv().await else {
+            return TeeEnd::Gone;
+        };
+        match event {
+            TeeEvent::Data(chunk) => {
+                total = total.saturating_add(chunk.len());
+                chunks.push(chunk);
+            }
+            TeeEvent::Overflow => {
+                overflowed = true;
+                chunks = Chunks::default();
+            }
+            TeeEvent::Trailers => return TeeEnd::Unstorable("response has trailers"),
+            TeeEvent::End if overflowed => {
+                return TeeEnd::Unstorable("response larger than the store limit");
+            }
+            TeeEvent::End => return TeeEnd::Complete(concat(chunks, total)),
+            TeeEvent::Failed => return TeeEnd::Failed,
+            TeeEvent::Abandoned(mut rest) => {
+                let room = if overflowed {
+                    0
+                } else {
+                    limit.saturating_sub(total)
+                };
+                return match collect_limited(rest.as_mut(), room).await {
+                    Collected::Complete {
+                        trailers: Some(_), ..
+                    } => TeeEnd::Unstorable("response has trailers"),
+                    Collected::Complete { .. } if overflowed => {
+                        TeeEnd::Unstorable("response larger than the store limit")
+                    }
+                    Collected::Complete { data, .. } => {
+                        let len = data.len();
+                        chunks.push(data);
+                        TeeEnd::Complete(concat(chunks, total + len))
+                    }
+                    Collected::Overflow { .. } => drain(rest.as_mut()).await,
+                    Collected::Failed { .. } => TeeEnd::Failed,
+                };
+            }
+        }
+    }
+}
+
+/// Reads an over-limit body to its end without keeping it.
+async fn drain<B: Body>(mut body: Pin<&mut B>) -> TeeEnd {
+    loop {
+        match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            None => return TeeEnd::Unstorable("response larger than the store limit"),
+            Some(Err(_)) => return TeeEnd::Failed,
+            Some(Ok(frame)) if frame.is_trailers() => {
+                return TeeEnd::Unstorable("response has trailers");
+            }
+            Some(Ok(_)) => {}
+        }
     }
 }
 

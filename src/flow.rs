@@ -1,48 +1,27 @@
-//! The guarded request flow: buffer → fingerprint → begin → handler → store.
+//! The decision sequence of a guarded request: buffer → fingerprint → begin
+//! → (replay | 409 | 422 | run the handler) → store, mark or release.
 
-use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, response};
+use http::header::HeaderMap;
+use http::{Request, Response, response};
 use http_body::Body;
 use tower::Service;
 use tracing::Instrument;
 
 use crate::backend::{Backend, BackendError, Begin, Completion};
-use crate::body::{Collected, IdempotencyBody, collect_limited};
-use crate::layer::{Config, Persist};
+use crate::body::{Collected, IdempotencyBody, TeeEnd, collect_limited, follow_tee};
+use crate::config::{Config, OnDisconnect, Persist, Unstorable, clamp_ttl};
+use crate::headers::{declared_length, is_event_stream, known_length, problem, replay};
+use crate::lock::{Cancellation, Delivery, LockGuard, run_detached};
 use crate::observe;
-use crate::problem::{self, ProblemKind};
-use crate::record::strip_unreplayable;
+use crate::problem::ProblemKind;
 use crate::{BoxError, Fingerprint, IdempotencyKey, Record, StorageKey};
 
-/// The header that marks a replayed response.
-///
-/// ```
-/// use tower_idempotency::IDEMPOTENT_REPLAYED;
-///
-/// let response = http::Response::builder()
-///     .header(IDEMPOTENT_REPLAYED, "true")
-///     .body(())
-///     .unwrap();
-/// assert!(response.headers().get(IDEMPOTENT_REPLAYED).is_some_and(|v| v == "true"));
-/// ```
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-
-/// The longest `Retry-After` hint given to a duplicate of a request in flight.
-const IN_FLIGHT_RETRY_AFTER: Duration = Duration::from_secs(1);
-
-pub(crate) fn problem<B: Body>(
-    kind: ProblemKind,
-    detail: &str,
-    retry_after: Option<Duration>,
-) -> Response<IdempotencyBody<B>> {
-    problem::response(kind, detail, retry_after).map(|body| IdempotencyBody::full(body, None))
-}
+type Answer<ResBody, E> = Result<Response<IdempotencyBody<ResBody>>, E>;
 
 pub(crate) async fn run<S, B, ReqBody, ResBody>(
     inner: S,
@@ -50,13 +29,18 @@ pub(crate) async fn run<S, B, ReqBody, ResBody>(
     config: Arc<Config>,
     req: Request<ReqBody>,
     key: IdempotencyKey,
-) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+) -> Answer<ResBody, S::Error>
 where
-    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
     B: Backend,
-    ReqBody: Body,
-    ReqBody::Error: Into<BoxError>,
-    ResBody: Body,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError> + Send,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
 {
     let (mut parts, body) = req.into_parts();
     let (data, trailers) = match buffer_request(&parts.headers, body, config.max_request_body).await
@@ -65,7 +49,22 @@ where
         Err(answer) => return Ok(answer),
     };
 
-    let storage_key = StorageKey::derive(&config.scope.resolve(&parts), &key);
+    let scope = match config.scope.resolve(&parts) {
+        Some(scope) => scope,
+        None if config.shared_anonymous_scope => crate::ScopeValue::anonymous(),
+        None => {
+            observe::request("unidentified_caller");
+            tracing::warn!(
+                "keyed request without a caller identity answered 400; does authentication run before the idempotency layer?"
+            );
+            return Ok(problem(
+                ProblemKind::UnidentifiedCaller,
+                "this request carries an Idempotency-Key but no caller identity; authenticate it",
+                None,
+            ));
+        }
+    };
+    let storage_key = StorageKey::derive(&scope, &key);
     let fingerprint = Fingerprint::compute(
         &parts,
         &data,
@@ -81,21 +80,27 @@ where
         .await
 }
 
-/// Locks or looks up the key, runs the handler when it must, stores or
-/// releases.
+/// Locks or looks up the key, then answers from the store or runs the
+/// handler under the lock.
 async fn decide<S, B, ReqBody, ResBody>(
-    mut inner: S,
+    inner: S,
     backend: B,
     config: Arc<Config>,
     req: Request<IdempotencyBody<ReqBody>>,
     storage_key: StorageKey,
     fingerprint: Fingerprint,
-) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+) -> Answer<ResBody, S::Error>
 where
-    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
     B: Backend,
-    ReqBody: Body,
-    ResBody: Body,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Send,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
 {
     let begun = observe::backend(
         "begin",
@@ -109,7 +114,7 @@ where
         }
         Ok(Begin::Completed(record)) if record.fingerprint == fingerprint => {
             observe::request("replayed");
-            tracing::debug!("replaying stored response");
+            tracing::debug!(kept = record.kept, "replaying stored response");
             return Ok(replay(record));
         }
         Ok(Begin::Completed(_)) => {
@@ -127,49 +132,117 @@ where
             return Ok(problem(
                 ProblemKind::InFlight,
                 "a request with this Idempotency-Key is being processed; retry later",
-                // The lock's expiry is only the worst case (a crashed holder);
-                // most requests finish well within a second.
-                Some(retry_after.min(IN_FLIGHT_RETRY_AFTER)),
+                // When the holder's lock runs out: by then it has answered,
+                // extended its lock (alive), or died and freed the key.
+                Some(retry_after),
             ));
         }
         Err(error) => return backend_failed(inner, req, &config, &error).await,
     };
 
-    let mut guard = LockGuard {
-        backend: &backend,
-        lock: Some(lock),
+    let guard = LockGuard::new(backend, lock);
+    let span = tracing::Span::current();
+    let on_disconnect = config.on_disconnect;
+    let running = run_detached(on_disconnect, move |delivery, cancellation| {
+        execute(
+            inner,
+            config,
+            req,
+            fingerprint,
+            guard,
+            delivery,
+            cancellation,
+        )
+        .instrument(span)
+    });
+    match running.await {
+        Some(answer) => answer,
+        // Only when the runtime is shutting down.
+        None => Ok(problem(
+            ProblemKind::BackendUnavailable,
+            "the request was interrupted before it was answered",
+            None,
+        )),
+    }
+}
+
+/// What the handler's response becomes.
+enum Produced<ResBody: Body, E> {
+    /// The inner service returned an error.
+    Failed(E),
+    /// Not stored; the key is released, and why. `response` is `None` when
+    /// it was already delivered (a streamed body).
+    Release {
+        response: Option<Response<IdempotencyBody<ResBody>>>,
+        why: &'static str,
+    },
+    /// Store `record` (the response, or a "not kept" marker) for `ttl`.
+    Store {
+        record: Record,
+        ttl: Duration,
+        response: Option<Response<IdempotencyBody<ResBody>>>,
+    },
+}
+
+/// Runs the handler under the lock (with the heartbeat), then stores or
+/// releases and delivers the response to the client, if it is still there.
+async fn execute<S, B, ReqBody, ResBody>(
+    mut inner: S,
+    config: Arc<Config>,
+    req: Request<IdempotencyBody<ReqBody>>,
+    fingerprint: Fingerprint,
+    mut guard: LockGuard<B>,
+    mut delivery: Delivery<Answer<ResBody, S::Error>>,
+    cancellation: Cancellation,
+) where
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
+    B: Backend,
+    ReqBody: Body,
+    ResBody: Body + Send + 'static,
+{
+    let work = produce(&mut inner, req, &config, fingerprint, &mut delivery);
+    let work = cancellation.unless_cancelled(work);
+    let (produced, lost) = guard.keep_while(work, &config).await;
+    let Some(produced) = produced else {
+        observe::store("not_stored");
+        guard.release("the client left; handler cancelled").await;
+        return;
     };
-    let handled = handle(&mut inner, req, &config);
-    let (outcome, lost) = match guard.lock.as_ref() {
-        Some(lock) if config.heartbeat => with_heartbeat(handled, &backend, lock, &config).await,
-        _ => (handled.await, false),
-    };
-    match outcome {
-        Outcome::Failed(error) => {
+    match produced {
+        Produced::Failed(error) => {
             observe::store("not_stored");
             guard.release("inner service failed").await;
-            Err(error)
+            delivery.send(Err(error));
         }
-        Outcome::Unstored(response, why) => {
+        Produced::Release { response, why } => {
             observe::store("not_stored");
             guard.release(why).await;
-            Ok(response)
+            if let Some(response) = response {
+                delivery.send(Ok(response));
+            }
         }
-        Outcome::Complete { parts, data, .. } if lost => {
+        Produced::Store { response, .. } if lost => {
             observe::store("lock_lost");
             tracing::warn!("lock lost while the handler ran; response not stored");
             guard.release("lock lost").await;
-            Ok(Response::from_parts(
-                parts,
-                IdempotencyBody::full(data, None),
-            ))
+            if let Some(response) = response {
+                delivery.send(Ok(response));
+            }
         }
-        Outcome::Complete { parts, data, ttl } => {
-            let record = Record::from_parts(&parts, data.clone(), fingerprint);
+        Produced::Store {
+            record,
+            ttl,
+            response,
+        } => {
+            let kept = record.kept;
             match guard.complete(record, ttl).await {
-                Ok(Completion::Saved) => {
+                Ok(Completion::Saved) if kept => {
                     observe::store("stored");
                     tracing::debug!("response stored");
+                }
+                Ok(Completion::Saved) => {
+                    observe::store("not_kept");
+                    tracing::debug!("response not storable; marker stored");
                 }
                 Ok(_) => {
                     observe::store("lock_lost");
@@ -180,12 +253,132 @@ where
                     tracing::warn!(%error, "storing the response failed");
                 }
             }
-            Ok(Response::from_parts(
-                parts,
-                IdempotencyBody::full(data, None),
-            ))
+            if let Some(response) = response {
+                delivery.send(Ok(response));
+            }
         }
     }
+}
+
+/// Calls the handler and decides what its response becomes: buffered and
+/// stored, streamed to the client while a copy is stored (no length known
+/// up front), passed through with a "not kept" marker, or released.
+async fn produce<S, ReqBody, ResBody>(
+    inner: &mut S,
+    req: Request<IdempotencyBody<ReqBody>>,
+    config: &Config,
+    fingerprint: Fingerprint,
+    delivery: &mut Delivery<Answer<ResBody, S::Error>>,
+) -> Produced<ResBody, S::Error>
+where
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
+    ReqBody: Body,
+    ResBody: Body + Send + 'static,
+{
+    let (parts, body) = match inner.call(req).await {
+        Ok(response) => response.into_parts(),
+        Err(error) => return Produced::Failed(error),
+    };
+    let stream = |parts, body| Response::from_parts(parts, IdempotencyBody::stream(body));
+    let ttl = match parts.extensions.get::<Persist>() {
+        Some(Persist::Never) => {
+            return Produced::Release {
+                response: Some(stream(parts, body)),
+                why: "the handler opted out",
+            };
+        }
+        Some(Persist::For(ttl)) => clamp_ttl(*ttl),
+        None if (config.persist_if)(&parts) => config.ttl,
+        None => {
+            return Produced::Release {
+                response: Some(stream(parts, body)),
+                why: "status is not stored",
+            };
+        }
+    };
+    let status = parts.status;
+    let unstorable = |response, why| match config.unstorable {
+        Unstorable::Mark => Produced::Store {
+            record: Record::not_kept(status, fingerprint),
+            ttl,
+            response,
+        },
+        Unstorable::Release => Produced::Release { response, why },
+    };
+    if is_event_stream(&parts.headers) {
+        return unstorable(Some(stream(parts, body)), "an event stream is not stored");
+    }
+    let limit = config.max_stored_response;
+    match known_length(&parts.headers, &body) {
+        Some(len) if len > limit as u64 => unstorable(
+            Some(stream(parts, body)),
+            "response larger than the store limit",
+        ),
+        Some(_) => {
+            let mut body = Box::pin(body);
+            match collect_limited(body.as_mut(), limit).await {
+                Collected::Complete {
+                    data,
+                    trailers: None,
+                } => Produced::Store {
+                    record: Record::from_parts(&parts, data.clone(), fingerprint),
+                    ttl,
+                    response: Some(full(parts, data, None)),
+                },
+                Collected::Complete { data, trailers } => {
+                    unstorable(Some(full(parts, data, trailers)), "response has trailers")
+                }
+                // The length it announced was wrong.
+                Collected::Overflow { prefix } => unstorable(
+                    Some(Response::from_parts(
+                        parts,
+                        IdempotencyBody::prefixed(prefix, body),
+                    )),
+                    "response larger than the store limit",
+                ),
+                Collected::Failed { prefix, error } => Produced::Release {
+                    response: Some(Response::from_parts(
+                        parts,
+                        IdempotencyBody::failed(prefix, error),
+                    )),
+                    why: "response body failed",
+                },
+            }
+        }
+        None => {
+            // Forward as it arrives; store the copy at the end.
+            let headers = parts.headers.clone();
+            let (events, mut copies) = tokio::sync::mpsc::unbounded_channel();
+            let hand_over = config.on_disconnect == OnDisconnect::Complete;
+            let settled = delivery.settled();
+            let body = IdempotencyBody::tee(body, events, settled, limit, hand_over);
+            delivery.send(Ok(Response::from_parts(parts, body)));
+            match follow_tee(&mut copies, limit).await {
+                TeeEnd::Complete(data) => Produced::Store {
+                    record: Record::new(status, headers, data, fingerprint),
+                    ttl,
+                    response: None,
+                },
+                TeeEnd::Unstorable(why) => unstorable(None, why),
+                TeeEnd::Failed => Produced::Release {
+                    response: None,
+                    why: "response body failed",
+                },
+                TeeEnd::Gone => Produced::Release {
+                    response: None,
+                    why: "the client left mid-stream",
+                },
+            }
+        }
+    }
+}
+
+fn full<B: Body>(
+    parts: response::Parts,
+    data: Bytes,
+    trailers: Option<HeaderMap>,
+) -> Response<IdempotencyBody<B>> {
+    Response::from_parts(parts, IdempotencyBody::full(data, trailers))
 }
 
 /// Buffers the request body within `limit`, or says how to answer instead.
@@ -245,16 +438,12 @@ fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
-}
-
 async fn backend_failed<S, ReqBody, ResBody>(
     mut inner: S,
     req: Request<IdempotencyBody<ReqBody>>,
     config: &Config,
     error: &BackendError,
-) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+) -> Answer<ResBody, S::Error>
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
     ReqBody: Body,
@@ -273,160 +462,4 @@ where
         "the idempotency store is unavailable; the request was not processed",
         Some(config.unavailable_retry_after),
     ))
-}
-
-/// Builds the replay of a stored record.
-pub(crate) fn replay<B: Body>(record: Record) -> Response<IdempotencyBody<B>> {
-    let Record {
-        status,
-        mut headers,
-        body,
-        ..
-    } = record;
-    // Records from remote stores may have been written by other code.
-    strip_unreplayable(&mut headers);
-    if !(status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED)
-    {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-    }
-    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-    let mut response = Response::new(IdempotencyBody::full(body, None));
-    *response.status_mut() = status;
-    *response.headers_mut() = headers;
-    response
-}
-
-enum Outcome<ResBody: Body, E> {
-    /// The inner service returned an error.
-    Failed(E),
-    /// A response that is not stored, and why.
-    Unstored(Response<IdempotencyBody<ResBody>>, &'static str),
-    /// A response to store.
-    Complete {
-        parts: response::Parts,
-        data: Bytes,
-        ttl: Duration,
-    },
-}
-
-/// Calls the handler and buffers its response if it is to be stored.
-async fn handle<S, ReqBody, ResBody>(
-    inner: &mut S,
-    req: Request<IdempotencyBody<ReqBody>>,
-    config: &Config,
-) -> Outcome<ResBody, S::Error>
-where
-    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
-    ReqBody: Body,
-    ResBody: Body,
-{
-    let (parts, body) = match inner.call(req).await {
-        Ok(response) => response.into_parts(),
-        Err(error) => return Outcome::Failed(error),
-    };
-    let ttl = match parts.extensions.get::<Persist>() {
-        Some(Persist::Never) => {
-            let response = Response::from_parts(parts, IdempotencyBody::stream(body));
-            return Outcome::Unstored(response, "the handler opted out");
-        }
-        Some(Persist::For(ttl)) => *ttl,
-        None if (config.persist_if)(&parts) => config.ttl,
-        None => {
-            let response = Response::from_parts(parts, IdempotencyBody::stream(body));
-            return Outcome::Unstored(response, "status is not stored");
-        }
-    };
-    let limit = config.max_stored_response;
-    if declared_length(&parts.headers).is_some_and(|len| len > limit as u64) {
-        let response = Response::from_parts(parts, IdempotencyBody::stream(body));
-        return Outcome::Unstored(response, "response larger than the store limit");
-    }
-    let mut body = Box::pin(body);
-    match collect_limited(body.as_mut(), limit).await {
-        Collected::Complete {
-            data,
-            trailers: None,
-        } => Outcome::Complete { parts, data, ttl },
-        Collected::Complete { data, trailers } => Outcome::Unstored(
-            Response::from_parts(parts, IdempotencyBody::full(data, trailers)),
-            "response has trailers",
-        ),
-        Collected::Overflow { prefix } => Outcome::Unstored(
-            Response::from_parts(parts, IdempotencyBody::prefixed(prefix, body)),
-            "response larger than the store limit",
-        ),
-        Collected::Failed { prefix, error } => Outcome::Unstored(
-            Response::from_parts(parts, IdempotencyBody::failed(prefix, error)),
-            "response body failed",
-        ),
-    }
-}
-
-/// Drives `work` while extending `lock` every `lock_ttl / 3`. Returns the
-/// output and whether the lock was reported lost.
-async fn with_heartbeat<F: Future, B: Backend>(
-    work: F,
-    backend: &B,
-    lock: &B::Lock,
-    config: &Config,
-) -> (F::Output, bool) {
-    let mut work = pin!(work);
-    let interval = (config.lock_ttl / 3).max(Duration::from_millis(1));
-    let heartbeat = async {
-        loop {
-            tokio::time::sleep(interval).await;
-            match observe::backend("extend", backend.extend(lock, config.lock_ttl)).await {
-                Ok(true) => {}
-                Ok(false) => return,
-                Err(error) => tracing::warn!(%error, "extending the idempotency lock failed"),
-            }
-        }
-    };
-    tokio::select! {
-        biased;
-        output = &mut work => (output, false),
-        () = heartbeat => (work.await, true),
-    }
-}
-
-/// Holds the lock; if the flow is dropped (client gone, timeout, panic)
-/// before the lock is handed to `complete` or `release`, it is abandoned to
-/// the backend, which releases it without blocking.
-struct LockGuard<'a, B: Backend> {
-    backend: &'a B,
-    lock: Option<B::Lock>,
-}
-
-impl<B: Backend> LockGuard<'_, B> {
-    async fn release(&mut self, why: &str) {
-        tracing::debug!(why, "response not stored; key released");
-        if let Some(lock) = self.lock.take()
-            && let Err(error) = observe::backend("release", self.backend.release(lock)).await
-        {
-            tracing::warn!(%error, "releasing the idempotency lock failed");
-        }
-    }
-
-    async fn complete(
-        &mut self,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<Completion, BackendError> {
-        match self.lock.take() {
-            Some(lock) => {
-                observe::backend("complete", self.backend.complete(lock, record, ttl)).await
-            }
-            None => Ok(Completion::Lost),
-        }
-    }
-}
-
-impl<B: Backend> Drop for LockGuard<'_, B> {
-    fn drop(&mut self) {
-        if let Some(lock) = self.lock.take() {
-            self.backend.abandon(lock);
-        }
-    }
 }

@@ -167,8 +167,10 @@ pub enum KeyError {
     /// A quoted key is not a well-formed Structured Field string.
     #[error("the Idempotency-Key is not a well-formed quoted string")]
     Malformed,
-    /// The header was sent more than once.
-    #[error("the Idempotency-Key header was sent more than once")]
+    /// The header was sent more than once, or a bare (unquoted) key holds a
+    /// `,` — what a proxy makes of two headers joined into one. Inside a
+    /// quoted key a `,` is an ordinary character.
+    #[error("the Idempotency-Key header was sent more than once (or a bare key holds a ',')")]
     Repeated,
 }
 
@@ -227,11 +229,14 @@ fn ascii(bytes: &[u8]) -> &str {
     std::str::from_utf8(bytes).unwrap_or_default()
 }
 
-/// A bare key: visible ASCII only, and no `"` (so the two forms never overlap).
+/// A bare key: visible ASCII only, no `"` (so the two forms never overlap)
+/// and no `,`: a bare `a,b` is what a proxy makes of two `Idempotency-Key`
+/// headers, so it is refused as a repeated header.
 fn parse_token(raw: &[u8]) -> Result<Cow<'_, str>, KeyError> {
     for (offset, &b) in raw.iter().enumerate() {
         match b {
             b'"' => return Err(KeyError::Malformed),
+            b',' => return Err(KeyError::Repeated),
             0x21..=0x7e => {}
             _ => return Err(KeyError::InvalidByte { offset }),
         }
@@ -348,11 +353,18 @@ impl ScopeValue {
         }
     }
 
-    fn header(tag: &'static str, values: GetAll<'_, HeaderValue>) -> Self {
-        let len = values.iter().map(|v| 8 + v.len()).sum();
+    /// The non-blank values of one header, each trimmed.
+    fn header(tag: &'static str, values: &GetAll<'_, HeaderValue>) -> Self {
+        let non_blank = || {
+            values
+                .iter()
+                .map(|v| trim_ows(v.as_bytes()))
+                .filter(|v| !v.is_empty())
+        };
+        let len = non_blank().map(|v| 8 + v.len()).sum();
         let mut value = Vec::with_capacity(len);
-        for v in values {
-            put_len_prefixed(&mut value, v.as_bytes());
+        for v in non_blank() {
+            put_len_prefixed(&mut value, v);
         }
         Self { tag, value }
     }
@@ -370,34 +382,46 @@ type ScopeFn = dyn Fn(&Parts) -> Option<Vec<u8>> + Send + Sync;
 pub(crate) enum Scope {
     /// `Authorization`, else the whole `Cookie` header, else anonymous.
     AuthorizationOrCookie,
-    /// The value of one named cookie, else anonymous.
+    /// The value of one named cookie; no identity without it.
     Cookie(Arc<str>),
-    /// A user function, typically reading the authenticated principal.
+    /// A user function, typically reading the authenticated principal; no
+    /// identity when it returns `None`.
     Custom(Arc<ScopeFn>),
 }
 
 impl Scope {
-    pub(crate) fn resolve(&self, parts: &Parts) -> ScopeValue {
+    /// Who the request belongs to; `None` when a scope that must identify
+    /// the caller (a named cookie, a function) could not.
+    ///
+    /// Empty or whitespace-only credentials count as absent: a client that
+    /// sends `Authorization:` with nothing after it has not identified
+    /// itself, and must not share a scope with every other such client that
+    /// sends a different cookie.
+    pub(crate) fn resolve(&self, parts: &Parts) -> Option<ScopeValue> {
         match self {
             Self::AuthorizationOrCookie => {
                 for (name, tag) in [(AUTHORIZATION, "authorization"), (COOKIE, "cookie")] {
                     let values = parts.headers.get_all(name);
-                    if values.iter().next().is_some() {
-                        return ScopeValue::header(tag, values);
+                    if values.iter().any(|v| !is_blank(v.as_bytes())) {
+                        return Some(ScopeValue::header(tag, &values));
                     }
                 }
-                ScopeValue::anonymous()
+                Some(ScopeValue::anonymous())
             }
-            Self::Cookie(name) => match find_cookie(&parts.headers, name) {
-                Some(value) => ScopeValue {
+            Self::Cookie(name) => find_cookie(&parts.headers, name)
+                .filter(|value| !is_blank(value))
+                .map(|value| ScopeValue {
                     tag: "named-cookie",
                     value: value.to_vec(),
-                },
-                None => ScopeValue::anonymous(),
-            },
-            Self::Custom(f) => f(parts).map_or_else(ScopeValue::anonymous, ScopeValue::custom),
+                }),
+            Self::Custom(f) => f(parts).map(ScopeValue::custom),
         }
     }
+}
+
+/// Empty, or only spaces and tabs.
+fn is_blank(value: &[u8]) -> bool {
+    trim_ows(value).is_empty()
 }
 
 impl fmt::Debug for Scope {
@@ -447,6 +471,9 @@ mod tests {
         assert_eq!(parse(b"a b"), Err(KeyError::InvalidByte { offset: 1 }));
         assert_eq!(parse(b"a\tb"), Err(KeyError::InvalidByte { offset: 1 }));
         assert_eq!(parse(b"ab\"c"), Err(KeyError::Malformed));
+        assert_eq!(parse(b"a,b"), Err(KeyError::Repeated));
+        assert_eq!(parse(b"a, b"), Err(KeyError::Repeated));
+        assert_eq!(parse(b"\"a,b\"").unwrap(), "a,b");
         assert_eq!(parse(b"\xff"), Err(KeyError::InvalidByte { offset: 0 }));
         assert_eq!(parse(&[b'k'; 256]), Err(KeyError::TooLong { len: 256 }));
         assert!(parse(&[b'k'; 255]).is_ok());
@@ -458,6 +485,46 @@ mod tests {
         headers.append(COOKIE, HeaderValue::from_static("_ga=1; session=abc ; x=y"));
         assert_eq!(find_cookie(&headers, "session"), Some(&b"abc"[..]));
         assert_eq!(find_cookie(&headers, "sess"), None);
+    }
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut req = http::Request::post("/");
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn blank_credentials_are_absent() {
+        let scope = Scope::AuthorizationOrCookie;
+        let one = scope.resolve(&parts(&[("authorization", ""), ("cookie", "sid=1")]));
+        let two = scope.resolve(&parts(&[("authorization", " \t"), ("cookie", "sid=2")]));
+        assert_ne!(
+            one, two,
+            "a blank Authorization must fall through to Cookie"
+        );
+        assert_eq!(one, scope.resolve(&parts(&[("cookie", "sid=1")])));
+        assert_eq!(
+            scope.resolve(&parts(&[("authorization", ""), ("cookie", " ")])),
+            Some(ScopeValue::anonymous())
+        );
+        assert_eq!(
+            scope.resolve(&parts(&[("authorization", "Bearer a")])),
+            scope.resolve(&parts(&[
+                ("authorization", " Bearer a "),
+                ("authorization", "")
+            ]))
+        );
+        let named = Scope::Cookie(Arc::from("sid"));
+        assert_eq!(named.resolve(&parts(&[("cookie", "sid=; x=1")])), None);
+        assert_eq!(named.resolve(&parts(&[("cookie", "x=1")])), None);
+        assert!(named.resolve(&parts(&[("cookie", "sid=a")])).is_some());
+        let custom = Scope::Custom(Arc::new(|_: &Parts| None));
+        assert_eq!(
+            custom.resolve(&parts(&[("authorization", "Bearer a")])),
+            None
+        );
     }
 
     #[test]

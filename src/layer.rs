@@ -1,79 +1,14 @@
 //! [`IdempotencyLayer`] and its configuration.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderName, Method, StatusCode, request, response};
+use http::{HeaderName, Method, request, response};
 use tower::Layer;
 
+use crate::config::{Config, OnDisconnect, Unstorable};
 use crate::key::Scope;
 use crate::service::IdempotencyService;
-
-type PersistFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
-
-/// The layer's settings, shared by every clone of the layer and its services.
-#[derive(Clone)]
-#[allow(clippy::struct_excessive_bools)] // independent switches, not a state machine
-pub(crate) struct Config {
-    pub(crate) ttl: Duration,
-    pub(crate) lock_ttl: Duration,
-    pub(crate) heartbeat: bool,
-    pub(crate) methods: Vec<Method>,
-    pub(crate) required: bool,
-    pub(crate) max_request_body: usize,
-    pub(crate) max_stored_response: usize,
-    pub(crate) fingerprint_headers: Vec<HeaderName>,
-    pub(crate) include_authorization: bool,
-    pub(crate) scope: Scope,
-    pub(crate) persist_if: Arc<PersistFn>,
-    pub(crate) fail_open: bool,
-    pub(crate) unavailable_retry_after: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            ttl: Duration::from_hours(24),
-            lock_ttl: Duration::from_secs(30),
-            heartbeat: true,
-            methods: vec![Method::POST, Method::PATCH],
-            required: false,
-            max_request_body: 1024 * 1024,
-            max_stored_response: 1024 * 1024,
-            fingerprint_headers: Vec::new(),
-            include_authorization: true,
-            scope: Scope::AuthorizationOrCookie,
-            persist_if: Arc::new(default_persist),
-            fail_open: false,
-            unavailable_retry_after: Duration::from_secs(1),
-        }
-    }
-}
-
-/// Stores every response except `5xx` and `429 Too Many Requests`: those
-/// describe a passing state of the server, and a retry should run again.
-fn default_persist(parts: &response::Parts) -> bool {
-    !(parts.status.is_server_error() || parts.status == StatusCode::TOO_MANY_REQUESTS)
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("ttl", &self.ttl)
-            .field("lock_ttl", &self.lock_ttl)
-            .field("heartbeat", &self.heartbeat)
-            .field("methods", &self.methods)
-            .field("required", &self.required)
-            .field("max_request_body", &self.max_request_body)
-            .field("max_stored_response", &self.max_stored_response)
-            .field("fingerprint_headers", &self.fingerprint_headers)
-            .field("include_authorization", &self.include_authorization)
-            .field("scope", &self.scope)
-            .field("fail_open", &self.fail_open)
-            .finish_non_exhaustive()
-    }
-}
 
 /// Makes requests that carry an `Idempotency-Key` run exactly once.
 ///
@@ -105,10 +40,11 @@ pub struct IdempotencyLayer<B> {
 
 impl<B> IdempotencyLayer<B> {
     /// A layer storing into `backend`, with the defaults: guards `POST` and
-    /// `PATCH`, keeps responses 24 hours, locks for 30 seconds (extended
-    /// while the handler runs), buffers request bodies up to 1 MiB and stores
-    /// responses up to 1 MiB, scopes keys by `Authorization` (else `Cookie`),
-    /// fails closed.
+    /// `PATCH`, keeps responses 24 hours, locks for 10 seconds (extended
+    /// while the handler runs), finishes a started handler when the client
+    /// goes away, buffers request bodies up to 1 MiB and stores responses up
+    /// to 1 MiB, scopes keys by `Authorization` (else `Cookie`), fingerprints
+    /// `Content-Type` and `Content-Encoding` with the request, fails closed.
     pub fn new(backend: B) -> Self {
         Self {
             backend,
@@ -121,19 +57,21 @@ impl<B> IdempotencyLayer<B> {
         self
     }
 
-    /// How long a completed response is kept and replayed (default 24 hours).
-    /// A handler can set its own with [`Persist::For`].
+    /// How long a completed response is kept and replayed (default 24 hours,
+    /// at most [`MAX_TTL`](crate::MAX_TTL)). A handler can set its own with
+    /// [`Persist::For`](crate::Persist::For).
     pub fn ttl(self, ttl: Duration) -> Self {
-        self.with(|c| c.ttl = ttl)
+        self.with(|c| c.set_ttl(ttl))
     }
 
     /// How long a request holds its key before another may take it over
-    /// (default 30 seconds). While the handler runs, the layer extends the
+    /// (default 10 seconds). While the handler runs, the layer extends the
     /// lock every `lock_ttl / 3`, so this bounds how long a *crashed* holder
-    /// blocks the key, not how long a handler may take. Values under 3 ms are
-    /// raised to 3 ms.
+    /// (a process killed mid-handler) blocks the key, not how long a handler
+    /// may take. Values under 3 ms are raised to 3 ms, values over
+    /// [`MAX_TTL`](crate::MAX_TTL) lowered to it.
     pub fn lock_ttl(self, lock_ttl: Duration) -> Self {
-        self.with(|c| c.lock_ttl = lock_ttl.max(Duration::from_millis(3)))
+        self.with(|c| c.set_lock_ttl(lock_ttl))
     }
 
     /// Whether to extend the lock while the handler runs (default `true`).
@@ -142,6 +80,13 @@ impl<B> IdempotencyLayer<B> {
     /// response is returned but not stored.
     pub fn heartbeat(self, enabled: bool) -> Self {
         self.with(|c| c.heartbeat = enabled)
+    }
+
+    /// What happens to a started handler when the client goes away (default
+    /// [`OnDisconnect::Complete`]: it runs to completion and its response is
+    /// stored for the retry).
+    pub fn on_disconnect(self, behaviour: OnDisconnect) -> Self {
+        self.with(|c| c.on_disconnect = behaviour)
     }
 
     /// The methods the layer guards (default `POST` and `PATCH`). Other
@@ -163,27 +108,59 @@ impl<B> IdempotencyLayer<B> {
         self.with(|c| c.max_request_body = bytes)
     }
 
-    /// The largest response body stored (default 1 MiB). Larger responses
-    /// are passed through to the client but not stored, and the key is
-    /// released, so a retry runs the handler again.
+    /// The largest response body stored (default 1 MiB). A larger response
+    /// is passed through to the client but not stored; by default a
+    /// "response not kept" marker is stored in its place so a retry does not
+    /// run the handler again (see [`unstorable`](Self::unstorable)).
     pub fn max_stored_response(self, bytes: usize) -> Self {
         self.with(|c| c.max_stored_response = bytes)
     }
 
-    /// Request headers that must also match on a retry (for example
-    /// `Content-Type`, or a tenant header). Method, path, query and body
-    /// always count.
+    /// What to keep when a response cannot be stored (over
+    /// [`max_stored_response`](Self::max_stored_response), with trailers, or
+    /// a `text/event-stream`): a marker that answers retries without running
+    /// the handler ([`Unstorable::Mark`], the default), or nothing
+    /// ([`Unstorable::Release`]).
+    pub fn unstorable(self, what: Unstorable) -> Self {
+        self.with(|c| c.unstorable = what)
+    }
+
+    /// Request headers that must also match on a retry (for example a
+    /// tenant header), besides `Content-Type` and `Content-Encoding` (see
+    /// [`fingerprint_content_headers`](Self::fingerprint_content_headers)).
+    /// Method, path, query and body always count.
     pub fn fingerprint_headers(self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
         let headers = headers.into_iter().collect();
-        self.with(|c| c.fingerprint_headers = headers)
+        self.with(|c| {
+            c.extra_fingerprint_headers = headers;
+            c.derive_fingerprint_headers();
+        })
+    }
+
+    /// Whether `Content-Type` and `Content-Encoding` are part of the
+    /// fingerprint (default `true`): they change what the body bytes mean,
+    /// so a retry that corrects them (a `415` answered for a missing
+    /// `Content-Type`, say) is answered `422` — use a new key — instead of
+    /// replaying the stale error.
+    pub fn fingerprint_content_headers(self, enabled: bool) -> Self {
+        self.with(|c| {
+            c.fingerprint_content_headers = enabled;
+            c.derive_fingerprint_headers();
+        })
     }
 
     /// Scopes keys by what `scope` returns for a request — the recommended
     /// set-up: return the authenticated principal (for example a user id an
-    /// authentication layer put into the request extensions). Requests for
-    /// which it returns `None` share one anonymous scope.
+    /// authentication layer put into the request extensions).
     ///
-    /// The raw `Authorization` header then leaves the fingerprint: access
+    /// A request for which it returns `None` is answered `400` with the
+    /// [unidentified caller](crate::problem#unidentified-caller) problem and
+    /// the handler does not run: `None` usually means the authentication
+    /// layer sits *inside* this one by mistake, and sharing one scope would
+    /// replay one user's response to another. Opt into one shared scope for
+    /// such requests with [`shared_anonymous_scope`](Self::shared_anonymous_scope).
+    ///
+    /// The raw `Authorization` header leaves the fingerprint: access
     /// tokens rotate, and a retry that carries a refreshed token for the same
     /// principal must replay, not be answered `422`. (Add `Authorization` to
     /// [`fingerprint_headers`](Self::fingerprint_headers) to keep it.)
@@ -218,13 +195,25 @@ impl<B> IdempotencyLayer<B> {
     /// Prefer this to the default fallback on the whole `Cookie` header when
     /// callers are identified by a cookie: an analytics cookie that changes
     /// between two retries would otherwise make them two different callers.
+    /// A request without the cookie (or with an empty value) is answered like
+    /// a [`scope`](Self::scope) function returning `None`.
     pub fn scope_cookie(self, name: impl Into<String>) -> Self {
         let name: Arc<str> = Arc::from(name.into());
         self.with(|c| c.scope = Scope::Cookie(name))
     }
 
+    /// With [`scope`](Self::scope) or [`scope_cookie`](Self::scope_cookie):
+    /// requests without an identity share one anonymous scope instead of
+    /// being answered `400`. Right when such keys are unique by construction
+    /// — signed webhooks keyed by their event id, say — and wrong for keys
+    /// that clients choose, which may then collide across callers.
+    pub fn shared_anonymous_scope(self) -> Self {
+        self.with(|c| c.shared_anonymous_scope = true)
+    }
+
     /// Decides which responses are stored (default: all but `5xx` and `429`).
-    /// A [`Persist`] marker in the response extensions overrides it.
+    /// A [`Persist`](crate::Persist) marker in the response extensions
+    /// overrides it.
     pub fn persist_if<F>(self, predicate: F) -> Self
     where
         F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
@@ -249,38 +238,6 @@ impl<S, B: Clone> Layer<S> for IdempotencyLayer<B> {
     type Service = IdempotencyService<S, B>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        IdempotencyService::new(inner, self.backend.clone(), Arc::clone(&self.config))
+        IdempotencyService::with_config(inner, self.backend.clone(), Arc::clone(&self.config))
     }
-}
-
-/// A handler's say over whether its response is stored: insert it into the
-/// response extensions.
-///
-/// It overrides the layer's [`persist_if`](IdempotencyLayer::persist_if)
-/// predicate, in both directions.
-///
-/// ```
-/// use std::time::Duration;
-/// use axum::{Extension, http::StatusCode, response::IntoResponse};
-/// use tower_idempotency::Persist;
-///
-/// // A quote that is only valid for a minute: replay it for a minute only.
-/// async fn quote() -> impl IntoResponse {
-///     (Extension(Persist::For(Duration::from_mins(1))), "EUR 10.00")
-/// }
-///
-/// // A result the client should not see again on a retry.
-/// async fn preview() -> impl IntoResponse {
-///     (StatusCode::OK, Extension(Persist::Never), "preview")
-/// }
-/// # let _ = (quote, preview);
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum Persist {
-    /// Do not store this response; release the key so a retry runs again.
-    Never,
-    /// Store this response (whatever its status) for this long instead of the
-    /// layer's [`ttl`](IdempotencyLayer::ttl).
-    For(Duration),
 }

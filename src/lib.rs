@@ -281,14 +281,17 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub mod backend;
 mod body;
+mod config;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
 mod fingerprint;
 mod flow;
 mod future;
+mod headers;
 mod key;
 mod layer;
+mod lock;
 mod observe;
 pub mod problem;
 mod record;
@@ -302,13 +305,14 @@ pub use backend::postgres::{PostgresBackend, PostgresBackendBuilder, PostgresLoc
 pub use backend::redis::{RedisBackend, RedisBackendBuilder, RedisLock};
 pub use backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 pub use body::IdempotencyBody;
+pub use config::{MAX_TTL, OnDisconnect, Persist, Unstorable};
 #[cfg(feature = "axum")]
 pub use extract::MissingIdempotencyKey;
 pub use fingerprint::Fingerprint;
-pub use flow::IDEMPOTENT_REPLAYED;
 pub use future::ResponseFuture;
+pub use headers::IDEMPOTENT_REPLAYED;
 pub use key::{IDEMPOTENCY_KEY, IdempotencyKey, KeyError, MAX_KEY_LEN, ScopeValue, StorageKey};
-pub use layer::{IdempotencyLayer, Persist};
+pub use layer::IdempotencyLayer;
 #[cfg(feature = "metrics")]
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub use observe::describe as describe_metrics;

@@ -27,8 +27,29 @@
 //!
 //! # Request in flight
 //! `409 Conflict` with `Retry-After`: a request with this key is being
-//! processed. Retry after the given number of seconds (at most 1: most
-//! requests finish sooner than that) to get its response, or another `409`.
+//! processed. `Retry-After` is the time until the key's lock runs out: by
+//! then the request has finished (a retry gets its response), is still
+//! running and has extended its lock (another `409`), or its process died
+//! and the key is free (a retry runs). It never promises an answer sooner
+//! than that; a client may retry earlier to pick up a quick response.
+//!
+//! # Unidentified caller
+//! `400 Bad Request`: the layer scopes keys by a caller identity (a
+//! [`scope`](crate::IdempotencyLayer::scope) function or a
+//! [`scope_cookie`](crate::IdempotencyLayer::scope_cookie)) and this request
+//! has none, so its key cannot be told apart from another caller's. The
+//! handler did not run. Send the request authenticated; on the server side,
+//! check that authentication runs *before* this layer, or opt into
+//! [`shared_anonymous_scope`](crate::IdempotencyLayer::shared_anonymous_scope).
+//!
+//! # Response not kept
+//! A retry of a request that was processed, but whose response could not be
+//! stored (larger than
+//! [`max_stored_response`](crate::IdempotencyLayer::max_stored_response),
+//! with trailers, or an event stream). The status is the original
+//! response's status, the handler did not run again, and
+//! `Idempotent-Replayed: true` is set. To repeat the operation, send a new
+//! key.
 //!
 //! # Backend unavailable
 //! `503 Service Unavailable` with `Retry-After`: the idempotency store could
@@ -72,6 +93,11 @@ pub enum ProblemKind {
     InFlight,
     /// See [Backend unavailable](self#backend-unavailable).
     BackendUnavailable,
+    /// See [Unidentified caller](self#unidentified-caller).
+    UnidentifiedCaller,
+    /// See [Response not kept](self#response-not-kept). Its status is the
+    /// original response's; [`status`](Self::status) gives `200 OK` for it.
+    ResponseNotKept,
 }
 
 impl ProblemKind {
@@ -79,11 +105,15 @@ impl ProblemKind {
     #[must_use]
     pub const fn status(self) -> StatusCode {
         match self {
-            Self::MissingKey | Self::InvalidKey | Self::RequestBodyError => StatusCode::BAD_REQUEST,
+            Self::MissingKey
+            | Self::InvalidKey
+            | Self::RequestBodyError
+            | Self::UnidentifiedCaller => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight => StatusCode::CONFLICT,
             Self::BackendUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::ResponseNotKept => StatusCode::OK,
         }
     }
 
@@ -97,6 +127,8 @@ impl ProblemKind {
             Self::FingerprintMismatch => "fingerprint-mismatch",
             Self::InFlight => "request-in-flight",
             Self::BackendUnavailable => "backend-unavailable",
+            Self::UnidentifiedCaller => "unidentified-caller",
+            Self::ResponseNotKept => "response-not-kept",
         }
     }
 
@@ -117,6 +149,8 @@ impl ProblemKind {
             Self::FingerprintMismatch => "Idempotency-Key reused with a different request",
             Self::InFlight => "A request with this Idempotency-Key is in progress",
             Self::BackendUnavailable => "Idempotency store unavailable",
+            Self::UnidentifiedCaller => "Idempotency-Key needs an identified caller",
+            Self::ResponseNotKept => "Request processed; its response was not kept",
         }
     }
 }
@@ -128,7 +162,17 @@ pub(crate) fn response(
     detail: &str,
     retry_after: Option<Duration>,
 ) -> Response<Bytes> {
-    let status = kind.status();
+    response_with_status(kind, kind.status(), detail, retry_after)
+}
+
+/// [`response`] with a status other than the kind's own (the original
+/// status of a response that was not kept).
+pub(crate) fn response_with_status(
+    kind: ProblemKind,
+    status: StatusCode,
+    detail: &str,
+    retry_after: Option<Duration>,
+) -> Response<Bytes> {
     let body = format!(
         "{{\"type\":{},\"title\":{},\"status\":{},\"detail\":{}}}",
         json_string(&kind.type_uri()),

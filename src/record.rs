@@ -22,11 +22,12 @@ use bytes::Bytes;
 use flate2::Compression;
 use flate2::read::DeflateDecoder;
 use flate2::write::DeflateEncoder;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, response};
 use serde::{Deserialize, Serialize};
 
 use crate::Fingerprint;
+use crate::headers::strip_unreplayable;
 
 /// A completed response, as stored and replayed.
 ///
@@ -56,6 +57,12 @@ pub struct Record {
     pub fingerprint: Fingerprint,
     /// When the response was recorded.
     pub created_at: SystemTime,
+    /// `false` for a "completed, response not kept" marker: the handler ran
+    /// and answered with [`status`](Self::status), but the response could
+    /// not be stored (too large, trailers, an event stream). Such a record
+    /// has no headers and no body; a retry is answered with the
+    /// [response not kept](crate::problem#response-not-kept) problem.
+    pub kept: bool,
 }
 
 impl Record {
@@ -77,6 +84,30 @@ impl Record {
             body,
             fingerprint,
             created_at: now_millis(),
+            kept: true,
+        }
+    }
+
+    /// A "completed, response not kept" marker: the handler answered with
+    /// `status`, but its response could not be stored.
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use tower_idempotency::{Fingerprint, Record};
+    ///
+    /// let marker = Record::not_kept(StatusCode::CREATED, Fingerprint::from_bytes([0; 32]));
+    /// assert!(!marker.kept);
+    /// assert!(marker.body.is_empty());
+    /// ```
+    #[must_use]
+    pub fn not_kept(status: StatusCode, fingerprint: Fingerprint) -> Self {
+        Self {
+            status,
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+            fingerprint,
+            created_at: now_millis(),
+            kept: false,
         }
     }
 
@@ -105,33 +136,6 @@ fn now_millis() -> SystemTime {
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO);
     UNIX_EPOCH + Duration::from_millis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
-}
-
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-pub(crate) fn strip_unreplayable(headers: &mut HeaderMap) {
-    let listed: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(&listed) {
-        headers.remove(name);
-    }
-    headers.remove(header::UPGRADE);
-    headers.remove(header::SET_COOKIE);
-    headers.remove(header::CONTENT_LENGTH);
 }
 
 /// Why stored bytes could not be turned back into a [`Record`].
@@ -221,6 +225,15 @@ struct WireRef<'a> {
     body: &'a serde_bytes::Bytes,
     fingerprint: &'a serde_bytes::Bytes,
     created_at_ms: u64,
+    // Written only for markers, so a kept record is encoded exactly as by
+    // the versions before markers existed, and those versions read it.
+    #[serde(skip_serializing_if = "is_false")]
+    not_kept: bool,
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
+const fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[derive(Deserialize)]
@@ -230,6 +243,8 @@ struct Wire {
     body: serde_bytes::ByteBuf,
     fingerprint: serde_bytes::ByteBuf,
     created_at_ms: u64,
+    #[serde(default)]
+    not_kept: bool,
 }
 
 impl RecordCodec {
@@ -279,6 +294,7 @@ impl RecordCodec {
             body: serde_bytes::Bytes::new(&record.body),
             fingerprint: serde_bytes::Bytes::new(record.fingerprint.as_bytes()),
             created_at_ms: u64::try_from(created_at_ms).unwrap_or(u64::MAX),
+            not_kept: !record.kept,
         };
         let mut out = vec![VERSION, 0, 0, 0, 0, 0];
         rmp_serde::encode::write(&mut out, &wire)
@@ -388,6 +404,7 @@ impl Wire {
             body: Bytes::from(self.body.into_vec()),
             fingerprint: Fingerprint::from_bytes(fingerprint),
             created_at: UNIX_EPOCH + Duration::from_millis(self.created_at_ms),
+            kept: !self.not_kept,
         })
     }
 }
@@ -395,11 +412,12 @@ impl Wire {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header;
 
     fn record(body: &[u8]) -> Record {
         let mut headers = HeaderMap::new();
         headers.insert(
-            header::CONTENT_TYPE,
+            http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
         headers.append("x-multi", HeaderValue::from_static("a"));
@@ -446,6 +464,22 @@ mod tests {
             small.encode(&record(&vec![0; 100 * 1024])),
             Err(CodecError::TooLarge { .. })
         ));
+    }
+
+    #[test]
+    fn markers_round_trip_and_kept_records_keep_the_first_format() {
+        let codec = RecordCodec::new();
+        let mut marker = Record::not_kept(StatusCode::CREATED, Fingerprint::from_bytes([4; 32]));
+        marker.created_at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        assert_eq!(
+            codec.decode(&codec.encode(&marker).unwrap()).unwrap(),
+            marker
+        );
+        // A kept record is a five-element array, as before markers existed.
+        let bytes = codec.encode(&record(b"{}")).unwrap();
+        assert_eq!(bytes[HEADER_LEN], 0x95, "fixarray of 5");
+        let bytes = codec.encode(&marker).unwrap();
+        assert_eq!(bytes[HEADER_LEN], 0x96, "fixarray of 6");
     }
 
     #[test]

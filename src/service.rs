@@ -7,15 +7,14 @@ use http::{Request, Response};
 use http_body::Body;
 use tower::Service;
 
-use crate::BoxError;
 use crate::backend::Backend;
 use crate::body::IdempotencyBody;
-use crate::flow;
+use crate::config::Config;
 use crate::future::ResponseFuture;
+use crate::headers::problem;
 use crate::key::IdempotencyKey;
-use crate::layer::Config;
-use crate::observe;
 use crate::problem::ProblemKind;
+use crate::{BoxError, IdempotencyLayer, flow, observe};
 
 /// Middleware that runs each keyed request exactly once. Made by
 /// [`IdempotencyLayer`](crate::IdempotencyLayer).
@@ -40,7 +39,32 @@ pub struct IdempotencyService<S, B> {
 }
 
 impl<S, B> IdempotencyService<S, B> {
-    pub(crate) const fn new(inner: S, backend: B, config: Arc<Config>) -> Self {
+    /// Wraps `inner`, storing into `backend`, with the default settings of
+    /// [`IdempotencyLayer::new`]. Use [`IdempotencyService::layer`] (or
+    /// [`IdempotencyLayer`]) to change them.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response};
+    /// use tower_idempotency::{IdempotencyBody, IdempotencyService, MemoryBackend};
+    ///
+    /// let handler = tower::service_fn(|_req: Request<IdempotencyBody<String>>| async {
+    ///     Ok::<_, Infallible>(Response::new("created".to_owned()))
+    /// });
+    /// let service = IdempotencyService::new(handler, MemoryBackend::new());
+    /// # let _ = service;
+    /// ```
+    pub fn new(inner: S, backend: B) -> Self {
+        Self::with_config(inner, backend, Arc::new(Config::default()))
+    }
+
+    /// A layer that wraps services in [`IdempotencyService`]: the same as
+    /// [`IdempotencyLayer::new`], whose builder methods set everything else.
+    pub fn layer(backend: B) -> IdempotencyLayer<B> {
+        IdempotencyLayer::new(backend)
+    }
+
+    pub(crate) const fn with_config(inner: S, backend: B, config: Arc<Config>) -> Self {
         Self {
             inner,
             backend,
@@ -89,27 +113,30 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        // Keep the service that was driven to readiness; leave a clone behind.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         if !self.config.methods.contains(req.method()) {
-            return ResponseFuture::passthrough(inner.call(req.map(IdempotencyBody::stream)));
+            return ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)));
         }
         match IdempotencyKey::from_headers(req.headers()) {
-            Ok(Some(key)) => ResponseFuture::guarded(Box::pin(flow::run(
-                inner,
-                self.backend.clone(),
-                Arc::clone(&self.config),
-                req,
-                key,
-            ))),
+            Ok(Some(key)) => {
+                // The guarded flow calls the inner service later: take the
+                // one driven to readiness, and leave a clone behind.
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::guarded(Box::pin(flow::run(
+                    inner,
+                    self.backend.clone(),
+                    Arc::clone(&self.config),
+                    req,
+                    key,
+                )))
+            }
             Ok(None) if !self.config.required => {
                 observe::request("no_key");
-                ResponseFuture::passthrough(inner.call(req.map(IdempotencyBody::stream)))
+                ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)))
             }
             Ok(None) => {
                 observe::request("missing_key");
-                ResponseFuture::ready(flow::problem(
+                ResponseFuture::ready(problem(
                     ProblemKind::MissingKey,
                     "send an Idempotency-Key header with this request",
                     None,
@@ -118,11 +145,7 @@ where
             Err(error) => {
                 observe::request("invalid_key");
                 tracing::debug!(%error, "rejected malformed Idempotency-Key");
-                ResponseFuture::ready(flow::problem(
-                    ProblemKind::InvalidKey,
-                    &error.to_string(),
-                    None,
-                ))
+                ResponseFuture::ready(problem(ProblemKind::InvalidKey, &error.to_string(), None))
             }
         }
     }

@@ -104,7 +104,7 @@ proptest! {
     }
 
     #[test]
-    fn bare_tokens_round_trip(key in "[!#-~]{1,255}") {
+    fn bare_tokens_round_trip(key in "[!#-+\\--~]{1,255}") {
         let value = HeaderValue::from_str(&key).unwrap();
         let parsed = IdempotencyKey::parse(&value).unwrap();
         prop_assert_eq!(parsed.as_str(), key.as_str());
@@ -113,7 +113,17 @@ proptest! {
     }
 
     #[test]
-    fn overlong_keys_are_rejected(key in "[!#-~]{256,300}") {
+    fn bare_keys_with_a_comma_are_a_repeated_header(a in "[!#-+\\--~]{1,50}", b in "[!#-+\\--~]{1,50}") {
+        // What a proxy makes of two Idempotency-Key headers.
+        let joined = HeaderValue::from_str(&format!("{a},{b}")).unwrap();
+        prop_assert_eq!(IdempotencyKey::parse(&joined), Err(KeyError::Repeated));
+        let quoted = HeaderValue::from_str(&quote(&format!("{a},{b}"))).unwrap();
+        let parsed = IdempotencyKey::parse(&quoted).unwrap();
+        prop_assert_eq!(parsed.as_str(), format!("{a},{b}"));
+    }
+
+    #[test]
+    fn overlong_keys_are_rejected(key in "[!#-+\\--~]{256,300}") {
         let value = HeaderValue::from_str(&key).unwrap();
         prop_assert_eq!(IdempotencyKey::parse(&value), Err(KeyError::TooLong { len: key.len() }));
     }

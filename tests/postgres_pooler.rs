@@ -60,7 +60,9 @@ impl PgBouncer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("pgbouncer is not installed: scripts/test installs it (apt-get install pgbouncer)");
+            .expect(
+                "pgbouncer is not installed: scripts/test installs it (apt-get install pgbouncer)",
+            );
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(

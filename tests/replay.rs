@@ -9,7 +9,7 @@ use common::{Runs, counting, post, send, with_header};
 use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::{IdempotencyLayer, MemoryBackend, Persist};
+use tower_idempotency::{IdempotencyLayer, MemoryBackend, Persist, Unstorable};
 
 fn layer(backend: &MemoryBackend) -> IdempotencyLayer<MemoryBackend> {
     IdempotencyLayer::new(backend.clone())
@@ -428,28 +428,62 @@ mod futures_stream {
     }
 }
 
+/// A response too large to store reaches the client whole; a retry does
+/// not run the handler again but gets the "response not kept" answer with
+/// the original status — whether the length was declared (passed straight
+/// through) or not (streamed and counted).
 #[tokio::test]
-async fn oversize_responses_pass_through_unstored() {
+async fn oversize_responses_pass_through_and_retries_get_the_not_kept_answer() {
     for declare_length in [false, true] {
         let runs = Runs::default();
         let backend = MemoryBackend::new();
         let mut svc = layer(&backend)
             .max_stored_response(64 * 1024)
             .layer(big_body_service(runs.clone(), 100 * 1024, declare_length));
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(post("/p", Some("k"), "x"))
+            .await
+            .unwrap();
+        assert!(!res.headers().contains_key("idempotent-replayed"));
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 100 * 1024, "the whole body reaches the client");
+        assert!(body.iter().all(|&b| b == b'z'));
         for _ in 0..2 {
-            let res = svc
-                .ready()
-                .await
-                .unwrap()
-                .call(post("/p", Some("k"), "x"))
-                .await
-                .unwrap();
-            assert!(!res.headers().contains_key("idempotent-replayed"));
-            let body = res.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(body.len(), 100 * 1024, "the whole body reaches the client");
-            assert!(body.iter().all(|&b| b == b'z'));
+            let again = send(&mut svc, post("/p", Some("k"), "x")).await;
+            assert_eq!(again.status, StatusCode::OK, "the original status");
+            assert!(again.replayed());
+            assert_eq!(again.problem_type(), "response-not-kept");
         }
-        assert_eq!(runs.get(), 2, "an unstored response runs again on retry");
+        assert_eq!(runs.get(), 1, "an unstorable response never runs again");
+        assert_eq!(backend.stored_count(), 1, "the marker");
+        assert_eq!(backend.in_flight_count(), 0);
+        // Another request under the key is still a mismatch.
+        assert_eq!(
+            send(&mut svc, post("/p", Some("k"), "y")).await.status,
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+    }
+}
+
+/// `Unstorable::Release`: the key is released and a retry runs again.
+#[tokio::test]
+async fn oversize_responses_with_release_run_again() {
+    for declare_length in [false, true] {
+        let runs = Runs::default();
+        let backend = MemoryBackend::new();
+        let mut svc = layer(&backend)
+            .max_stored_response(64 * 1024)
+            .unstorable(Unstorable::Release)
+            .layer(big_body_service(runs.clone(), 100 * 1024, declare_length));
+        for _ in 0..2 {
+            let answer = send(&mut svc, post("/p", Some("k"), "x")).await;
+            assert!(!answer.replayed());
+            assert_eq!(answer.body.len(), 100 * 1024);
+        }
+        assert_eq!(runs.get(), 2);
         assert_eq!(backend.stored_count(), 0);
         assert_eq!(backend.in_flight_count(), 0);
     }

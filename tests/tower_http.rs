@@ -18,7 +18,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
-use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+use tower_idempotency::{IdempotencyLayer, MemoryBackend, OnDisconnect};
 
 const JSON: &str = r#"{"id":"pay_000001","amount":500,"currency":"EUR","status":"succeeded","note":"compressible compressible compressible"}"#;
 
@@ -75,10 +75,11 @@ fn gunzip(bytes: &[u8]) -> String {
     out
 }
 
-/// `TimeoutLayer` outside: the timeout drops our response future, which
-/// releases the key, so the retry runs (no 409, no stored timeout).
+/// `TimeoutLayer` outside: the timeout drops our response future, but the
+/// handler that started goes on to the end and its response is stored, so
+/// the client's retry gets it (no second run, no stored timeout).
 #[tokio::test(start_paused = true)]
-async fn timeout_outside_releases_the_key() {
+async fn timeout_outside_lets_the_handler_finish_and_the_retry_replays() {
     let runs = Arc::new(AtomicUsize::new(0));
     let backend = MemoryBackend::new();
     let app = payments(runs.clone(), Duration::from_secs(10))
@@ -89,6 +90,33 @@ async fn timeout_outside_releases_the_key() {
         ));
     let first = call(&app, request("k", false)).await;
     assert_eq!(first.status, StatusCode::REQUEST_TIMEOUT);
+    // The handler goes on under its lock: a retry now is told to wait.
+    let during = call(&app, request("k", false)).await;
+    assert_eq!(during.status, StatusCode::CONFLICT);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(backend.in_flight_count(), 0);
+    let retry = call(&app, request("k", false)).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(retry.headers["idempotent-replayed"], "true");
+    assert_eq!(retry.body, JSON);
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the handler ran once");
+}
+
+/// With `OnDisconnect::Cancel` the timeout cancels the handler and frees
+/// the key: the retry runs again.
+#[tokio::test(start_paused = true)]
+async fn timeout_outside_with_cancel_releases_the_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let backend = MemoryBackend::new();
+    let app = payments(runs.clone(), Duration::from_secs(10))
+        .layer(IdempotencyLayer::new(backend.clone()).on_disconnect(OnDisconnect::Cancel))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(1),
+        ));
+    let first = call(&app, request("k", false)).await;
+    assert_eq!(first.status, StatusCode::REQUEST_TIMEOUT);
+    tokio::task::yield_now().await;
     assert_eq!(
         backend.in_flight_count(),
         0,

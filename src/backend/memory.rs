@@ -33,6 +33,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Backend, BackendError, BackendErrorKind, Begin, Completion};
+use crate::config::clamp_ttl;
 use crate::{Fingerprint, Record, StorageKey};
 
 /// The most shards a backend is split into.
@@ -350,7 +351,7 @@ impl Backend for MemoryBackend {
         let token = self.inner.next_token.fetch_add(1, Ordering::Relaxed);
         let fresh = LockState {
             token,
-            expires_at: now + lock_ttl,
+            expires_at: now + clamp_ttl(lock_ttl),
         };
         match shard.locks.entry(*key) {
             Entry::Occupied(held) if held.get().expires_at > now => {
@@ -401,7 +402,7 @@ impl Backend for MemoryBackend {
         }
         let stored = Stored {
             record: Arc::new(record),
-            expires_at: now + ttl,
+            expires_at: now + clamp_ttl(ttl),
             seq: 0,
             weight,
         };
@@ -419,7 +420,7 @@ impl Backend for MemoryBackend {
         let mut shard = self.shard(&lock_.key);
         match shard.locks.get_mut(&lock_.key) {
             Some(held) if held.token == lock_.token && held.expires_at > now => {
-                held.expires_at = now + lock_ttl;
+                held.expires_at = now + clamp_ttl(lock_ttl);
                 Ok(true)
             }
             _ => Ok(false),

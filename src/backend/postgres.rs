@@ -607,7 +607,8 @@ impl PostgresBackend {
             client.prepare_cached("SELECT pg_advisory_unlock($1)"),
         )
         .map_err(map_error)?;
-        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        // Within MAX_TTL, so `now() + interval` stays a valid timestamp.
+        let ttl_ms = i64::try_from(crate::config::clamp_ttl(ttl).as_millis()).unwrap_or(i64::MAX);
         let fingerprint = &record.fingerprint.as_bytes()[..];
         let key = &lock.key.as_bytes()[..];
         // Pipelined: both are sent at once, and each is its own transaction,

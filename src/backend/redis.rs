@@ -539,8 +539,12 @@ impl RedisBackend {
     }
 }
 
+/// Milliseconds for `PX` / `PEXPIRE`, within [`MAX_TTL`](crate::MAX_TTL)
+/// (Redis refuses expiries past its clock's range).
 fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    u64::try_from(crate::config::clamp_ttl(d).as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 fn token() -> Result<String, BackendError> {

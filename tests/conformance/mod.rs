@@ -308,6 +308,31 @@ pub enum Locks {
     Session,
 }
 
+/// `Duration::MAX` for every duration is accepted (shortened to the crate's
+/// `MAX_TTL`): no panic, no refused write; a "not kept" marker round-trips.
+pub async fn the_longest_durations_are_accepted<B: Backend>(b: B) {
+    let key = fresh_key();
+    let lock = acquired(b.begin(&key, &fingerprint(1), Duration::MAX).await.unwrap());
+    assert!(b.extend(&lock, Duration::MAX).await.unwrap());
+    assert_eq!(
+        b.complete(lock, record(fingerprint(1), b"forever"), Duration::MAX)
+            .await
+            .unwrap(),
+        Completion::Saved
+    );
+    assert_eq!(
+        completed(b.begin(&key, &fingerprint(1), LOCK_TTL).await.unwrap()).body,
+        "forever"
+    );
+    let key = fresh_key();
+    let lock = acquired(b.begin(&key, &fingerprint(2), LOCK_TTL).await.unwrap());
+    let marker = Record::not_kept(StatusCode::ACCEPTED, fingerprint(2));
+    b.complete(lock, marker, Duration::MAX).await.unwrap();
+    let back = completed(b.begin(&key, &fingerprint(2), LOCK_TTL).await.unwrap());
+    assert!(!back.kept);
+    assert_eq!(back.status, StatusCode::ACCEPTED);
+}
+
 /// Every case, one after another, on one backend (for set-ups too costly to
 /// repeat per test, such as a cluster started by the test itself).
 pub async fn run_all<B: Backend>(b: B, locks: Locks) {
@@ -319,6 +344,7 @@ pub async fn run_all<B: Backend>(b: B, locks: Locks) {
     extend_keeps_the_lock(b.clone()).await;
     records_expire(b.clone()).await;
     concurrent_begin_has_one_winner(b.clone()).await;
+    the_longest_durations_are_accepted(b.clone()).await;
     match locks {
         Locks::Lapse => {
             busy_hint_is_within_the_lock_ttl(b.clone()).await;
@@ -357,6 +383,7 @@ macro_rules! backend_conformance {
             extend_keeps_the_lock,
             records_expire,
             concurrent_begin_has_one_winner,
+            the_longest_durations_are_accepted,
         );
     };
     (@cases #[$attr:meta], $make:expr; $($case:ident),* $(,)?) => {

@@ -27,7 +27,9 @@ pub async fn pool() -> deadpool_redis::Pool {
     let url = redis_url();
     let pool = pool_for(&url);
     let mut conn = pool.get().await.unwrap_or_else(|e| {
-        panic!("Redis is not reachable at {url} ({e}); start it (scripts/test does) or set REDIS_URL")
+        panic!(
+            "Redis is not reachable at {url} ({e}); start it (scripts/test does) or set REDIS_URL"
+        )
     });
     let pong: String = redis::cmd("PING").query_async(&mut conn).await.unwrap();
     assert_eq!(pong, "PONG");

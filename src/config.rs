@@ -1,0 +1,272 @@
+//! The layer's settings, their defaults, and the clamping of durations.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use http::{HeaderName, Method, StatusCode, response};
+
+use crate::key::Scope;
+
+/// The longest TTL the layer and every backend accept: 366 days.
+///
+/// Longer TTLs ([`IdempotencyLayer::ttl`](crate::IdempotencyLayer::ttl),
+/// [`Persist::For`], [`IdempotencyLayer::lock_ttl`](crate::IdempotencyLayer::lock_ttl),
+/// or a duration handed to a [`Backend`](crate::Backend) directly) are
+/// shortened to this, so `Duration::MAX` means "as long as possible", never a
+/// panic or a silently refused write.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::MAX_TTL;
+///
+/// assert_eq!(MAX_TTL, Duration::from_hours(366 * 24));
+/// ```
+pub const MAX_TTL: Duration = Duration::from_hours(366 * 24);
+
+/// The shortest lock TTL: shorter values are raised to it.
+const MIN_LOCK_TTL: Duration = Duration::from_millis(3);
+
+/// `ttl`, shortened to [`MAX_TTL`].
+pub(crate) fn clamp_ttl(ttl: Duration) -> Duration {
+    ttl.min(MAX_TTL)
+}
+
+type PersistFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
+
+/// What happens to a handler that already started when the client goes away
+/// (the response future is dropped: the socket closed, an outer timeout
+/// fired). Set with [`IdempotencyLayer::on_disconnect`](crate::IdempotencyLayer::on_disconnect).
+///
+/// ```
+/// use tower_idempotency::{IdempotencyLayer, MemoryBackend, OnDisconnect};
+///
+/// // Handlers that must not outlive their request (the old behaviour).
+/// let layer = IdempotencyLayer::new(MemoryBackend::new()).on_disconnect(OnDisconnect::Cancel);
+/// # let _ = layer;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnDisconnect {
+    /// The handler runs to completion in the background, its response is
+    /// stored (or the key released) by the usual rules, and the client's
+    /// retry replays it. The default: a client that times out and retries is
+    /// the case this crate exists for.
+    #[default]
+    Complete,
+    /// The handler is dropped at its next `.await` and the key released, so a
+    /// retry runs it again from the start. Choose this only for handlers
+    /// whose work is safe to repeat after being cut off at any `.await`.
+    Cancel,
+}
+
+/// What the layer keeps when the handler produced a response that cannot be
+/// stored: larger than
+/// [`max_stored_response`](crate::IdempotencyLayer::max_stored_response),
+/// with trailers, or a `text/event-stream`. Set with
+/// [`IdempotencyLayer::unstorable`](crate::IdempotencyLayer::unstorable).
+///
+/// ```
+/// use tower_idempotency::{IdempotencyLayer, MemoryBackend, Unstorable};
+///
+/// // Retries of such responses run the handler again.
+/// let layer = IdempotencyLayer::new(MemoryBackend::new()).unstorable(Unstorable::Release);
+/// # let _ = layer;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Unstorable {
+    /// Store a "completed, response not kept" marker with the original
+    /// status, so a retry does not run the handler again; it is answered with
+    /// the [response not kept](crate::problem#response-not-kept) problem
+    /// carrying that status. The default: the side effect happened.
+    #[default]
+    Mark,
+    /// Release the key: a retry runs the handler again.
+    Release,
+}
+
+/// A handler's say over whether its response is stored: insert it into the
+/// response extensions.
+///
+/// It overrides the layer's [`persist_if`](crate::IdempotencyLayer::persist_if)
+/// predicate, in both directions.
+///
+/// ```
+/// use std::time::Duration;
+/// use axum::{Extension, http::StatusCode, response::IntoResponse};
+/// use tower_idempotency::Persist;
+///
+/// // A quote that is only valid for a minute: replay it for a minute only.
+/// async fn quote() -> impl IntoResponse {
+///     (Extension(Persist::For(Duration::from_mins(1))), "EUR 10.00")
+/// }
+///
+/// // A result the client should not see again on a retry.
+/// async fn preview() -> impl IntoResponse {
+///     (StatusCode::OK, Extension(Persist::Never), "preview")
+/// }
+/// # let _ = (quote, preview);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Persist {
+    /// Do not store this response; release the key so a retry runs again.
+    Never,
+    /// Store this response (whatever its status) for this long instead of the
+    /// layer's [`ttl`](crate::IdempotencyLayer::ttl); at most [`MAX_TTL`].
+    For(Duration),
+}
+
+/// The layer's settings, shared by every clone of the layer and its services.
+#[derive(Clone)]
+#[allow(clippy::struct_excessive_bools)] // independent switches, not a state machine
+pub(crate) struct Config {
+    pub(crate) ttl: Duration,
+    pub(crate) lock_ttl: Duration,
+    pub(crate) heartbeat: bool,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) required: bool,
+    pub(crate) max_request_body: usize,
+    pub(crate) max_stored_response: usize,
+    /// The headers the user added with `fingerprint_headers`.
+    pub(crate) extra_fingerprint_headers: Vec<HeaderName>,
+    /// Whether `Content-Type` and `Content-Encoding` count.
+    pub(crate) fingerprint_content_headers: bool,
+    /// Every header fingerprinted besides `Authorization`: derived from the
+    /// two settings above, once, so requests do not rebuild it.
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
+    pub(crate) include_authorization: bool,
+    pub(crate) scope: Scope,
+    pub(crate) shared_anonymous_scope: bool,
+    pub(crate) persist_if: Arc<PersistFn>,
+    pub(crate) fail_open: bool,
+    pub(crate) on_disconnect: OnDisconnect,
+    pub(crate) unstorable: Unstorable,
+    pub(crate) unavailable_retry_after: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let mut config = Self {
+            ttl: Duration::from_hours(24),
+            lock_ttl: Duration::from_secs(10),
+            heartbeat: true,
+            methods: vec![Method::POST, Method::PATCH],
+            required: false,
+            max_request_body: 1024 * 1024,
+            max_stored_response: 1024 * 1024,
+            extra_fingerprint_headers: Vec::new(),
+            fingerprint_content_headers: true,
+            fingerprint_headers: Vec::new(),
+            include_authorization: true,
+            scope: Scope::AuthorizationOrCookie,
+            shared_anonymous_scope: false,
+            persist_if: Arc::new(default_persist),
+            fail_open: false,
+            on_disconnect: OnDisconnect::Complete,
+            unstorable: Unstorable::Mark,
+            unavailable_retry_after: Duration::from_secs(1),
+        };
+        config.derive_fingerprint_headers();
+        config
+    }
+}
+
+impl Config {
+    pub(crate) fn set_ttl(&mut self, ttl: Duration) {
+        self.ttl = clamp_ttl(ttl);
+    }
+
+    pub(crate) fn set_lock_ttl(&mut self, lock_ttl: Duration) {
+        self.lock_ttl = clamp_ttl(lock_ttl).max(MIN_LOCK_TTL);
+    }
+
+    /// How often the heartbeat extends a held lock.
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
+        (self.lock_ttl / 3).max(Duration::from_millis(1))
+    }
+
+    pub(crate) fn derive_fingerprint_headers(&mut self) {
+        let content: &[HeaderName] = if self.fingerprint_content_headers {
+            &[CONTENT_TYPE, CONTENT_ENCODING]
+        } else {
+            &[]
+        };
+        let mut all: Vec<HeaderName> = content.to_vec();
+        for name in &self.extra_fingerprint_headers {
+            if !all.contains(name) {
+                all.push(name.clone());
+            }
+        }
+        self.fingerprint_headers = all;
+    }
+}
+
+/// Stores every response except `5xx` and `429 Too Many Requests`: those
+/// describe a passing state of the server, and a retry should run again.
+fn default_persist(parts: &response::Parts) -> bool {
+    !(parts.status.is_server_error() || parts.status == StatusCode::TOO_MANY_REQUESTS)
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("ttl", &self.ttl)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("heartbeat", &self.heartbeat)
+            .field("methods", &self.methods)
+            .field("required", &self.required)
+            .field("max_request_body", &self.max_request_body)
+            .field("max_stored_response", &self.max_stored_response)
+            .field("fingerprint_headers", &self.fingerprint_headers)
+            .field("include_authorization", &self.include_authorization)
+            .field("scope", &self.scope)
+            .field("shared_anonymous_scope", &self.shared_anonymous_scope)
+            .field("fail_open", &self.fail_open)
+            .field("on_disconnect", &self.on_disconnect)
+            .field("unstorable", &self.unstorable)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_clamped() {
+        let mut c = Config::default();
+        c.set_ttl(Duration::MAX);
+        assert_eq!(c.ttl, MAX_TTL);
+        c.set_lock_ttl(Duration::MAX);
+        assert_eq!(c.lock_ttl, MAX_TTL);
+        c.set_lock_ttl(Duration::ZERO);
+        assert_eq!(c.lock_ttl, MIN_LOCK_TTL);
+        c.set_ttl(Duration::from_secs(5));
+        assert_eq!(c.ttl, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn content_headers_are_fingerprinted_by_default_and_extras_added_once() {
+        let mut c = Config::default();
+        assert_eq!(c.fingerprint_headers, [CONTENT_TYPE, CONTENT_ENCODING]);
+        c.extra_fingerprint_headers = vec![HeaderName::from_static("x-tenant"), CONTENT_TYPE];
+        c.derive_fingerprint_headers();
+        assert_eq!(
+            c.fingerprint_headers,
+            [
+                CONTENT_TYPE,
+                CONTENT_ENCODING,
+                HeaderName::from_static("x-tenant")
+            ]
+        );
+        c.fingerprint_content_headers = false;
+        c.derive_fingerprint_headers();
+        assert_eq!(
+            c.fingerprint_headers,
+            [HeaderName::from_static("x-tenant"), CONTENT_TYPE]
+        );
+    }
+}

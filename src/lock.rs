@@ -1,0 +1,204 @@
+//! Holding a key while the handler runs: the lock guard, the heartbeat that
+//! keeps the lock of a slow handler, and the runner that lets a started
+//! handler finish when its client goes away.
+
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::backend::{Backend, BackendError, Completion};
+use crate::config::{Config, OnDisconnect};
+use crate::{Record, observe};
+
+/// Holds the lock; if it is dropped (the flow cancelled, a panic) before
+/// the lock is handed to `complete` or `release`, the lock is abandoned to
+/// the backend, which releases it without blocking.
+pub(crate) struct LockGuard<B: Backend> {
+    backend: B,
+    lock: Option<B::Lock>,
+}
+
+impl<B: Backend> LockGuard<B> {
+    pub(crate) const fn new(backend: B, lock: B::Lock) -> Self {
+        Self {
+            backend,
+            lock: Some(lock),
+        }
+    }
+
+    pub(crate) async fn release(&mut self, why: &str) {
+        tracing::debug!(why, "response not stored; key released");
+        if let Some(lock) = self.lock.take()
+            && let Err(error) = observe::backend("release", self.backend.release(lock)).await
+        {
+            tracing::warn!(%error, "releasing the idempotency lock failed");
+        }
+    }
+
+    pub(crate) async fn complete(
+        &mut self,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<Completion, BackendError> {
+        match self.lock.take() {
+            Some(lock) => {
+                observe::backend("complete", self.backend.complete(lock, record, ttl)).await
+            }
+            None => Ok(Completion::Lost),
+        }
+    }
+
+    /// Drives `work` while extending the lock every `lock_ttl / 3` (when the
+    /// heartbeat is on). Returns the output and whether the lock was
+    /// reported lost.
+    pub(crate) async fn keep_while<F: Future>(
+        &self,
+        work: F,
+        config: &Config,
+    ) -> (F::Output, bool) {
+        let Some(lock) = self.lock.as_ref().filter(|_| config.heartbeat) else {
+            return (work.await, false);
+        };
+        let mut work = pin!(work);
+        let interval = config.heartbeat_interval();
+        let heartbeat = async {
+            loop {
+                tokio::time::sleep(interval).await;
+                match observe::backend("extend", self.backend.extend(lock, config.lock_ttl)).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(error) => tracing::warn!(%error, "extending the idempotency lock failed"),
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            output = &mut work => (output, false),
+            () = heartbeat => (work.await, true),
+        }
+    }
+}
+
+impl<B: Backend> Drop for LockGuard<B> {
+    fn drop(&mut self) {
+        if let Some(lock) = self.lock.take() {
+            self.backend.abandon(lock);
+        }
+    }
+}
+
+/// Where the task running a handler sends the response, once. It also
+/// holds the signal a streamed body waits for before it ends: dropped with
+/// the delivery, when the task has stored the record or released the key.
+pub(crate) struct Delivery<T>(Option<oneshot::Sender<T>>, Option<oneshot::Sender<()>>);
+
+impl<T> Delivery<T> {
+    /// A receiver that resolves when the task has settled the key.
+    pub(crate) fn settled(&mut self) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.1 = Some(tx);
+        rx
+    }
+
+    /// Hands `value` to the waiting client; if the client is gone, `value`
+    /// is dropped here.
+    pub(crate) fn send(&mut self, value: T) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(value);
+        }
+    }
+}
+
+/// Runs `work` as its own task, so that it is not cancelled with the
+/// client's response future. With [`OnDisconnect::Cancel`], `work` is told
+/// through its [`Cancellation`] when the client leaves before it delivered.
+/// The returned future resolves to what `work` delivers: `None` if the task
+/// ended without delivering (the runtime shut down); a panic in `work` is
+/// resumed in the caller.
+pub(crate) fn run_detached<T, F>(
+    on_disconnect: OnDisconnect,
+    work: impl FnOnce(Delivery<T>, Cancellation) -> F,
+) -> Detached<T>
+where
+    T: Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = oneshot::channel();
+    let (disarm, cancellation) = match on_disconnect {
+        OnDisconnect::Cancel => {
+            let (disarm, armed) = oneshot::channel();
+            (Some(disarm), Cancellation(Some(armed)))
+        }
+        OnDisconnect::Complete => (None, Cancellation(None)),
+    };
+    let handle = tokio::spawn(work(Delivery(Some(tx), None), cancellation));
+    Detached {
+        rx,
+        handle: Some(handle),
+        disarm,
+    }
+}
+
+/// Tells a detached task that its client left before it was answered
+/// (only with [`OnDisconnect::Cancel`]).
+pub(crate) struct Cancellation(Option<oneshot::Receiver<()>>);
+
+impl Cancellation {
+    /// Runs `work` unless the client leaves first; `None` when it left.
+    /// Only the handler is cut off this way: storing or releasing the key
+    /// afterwards always runs to its end.
+    pub(crate) async fn unless_cancelled<F: Future>(self, work: F) -> Option<F::Output> {
+        let Some(armed) = self.0 else {
+            return Some(work.await);
+        };
+        let left = async {
+            // Disarmed (the client got its answer): never cancelled.
+            if armed.await.is_ok() {
+                std::future::pending::<()>().await;
+            }
+        };
+        // The client's leaving is looked at first: the handler is cut off at
+        // the first await after it, not allowed one more step.
+        tokio::select! {
+            biased;
+            () = left => None,
+            output = work => Some(output),
+        }
+    }
+}
+
+/// The client's side of a [`run_detached`] task.
+pub(crate) struct Detached<T> {
+    rx: oneshot::Receiver<T>,
+    handle: Option<JoinHandle<()>>,
+    /// Dropped unsent, it cancels the task's work ([`OnDisconnect::Cancel`]).
+    disarm: Option<oneshot::Sender<()>>,
+}
+
+impl<T> Future for Detached<T> {
+    type Output = Option<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        if let Ok(value) = ready!(Pin::new(&mut self.rx).poll(cx)) {
+            if let Some(disarm) = self.disarm.take() {
+                let _ = disarm.send(());
+            }
+            self.handle = None;
+            return Poll::Ready(Some(value));
+        }
+        // The task ended without delivering: it panicked, or was cancelled.
+        let Some(handle) = self.handle.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let joined = ready!(Pin::new(handle).poll(cx));
+        self.handle = None;
+        match joined {
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            _ => Poll::Ready(None),
+        }
+    }
+}
