@@ -10,9 +10,20 @@
 //! `idempotent` and `axum-idempotent` (built from `bench/peers`).
 //! `LOAD_CONFIGS=none,memory` and `LOAD_MODES=fresh,hot` run subsets. Modes:
 //! `fresh` (a new key per request), `replay` (one key per connection, created
-//! in the warm-up), `mixed` (half and half) and `hot` (every connection on one
-//! key). The server is pinned to CPU 0 and this generator to CPU 1 when
-//! `taskset` is available, so the generator does not steal the server's core.
+//! in the warm-up), `mixed` (half and half), `hot` (every connection on one
+//! key) and `nokey` (no `Idempotency-Key`: the pass-through path). Every
+//! configuration's server is started first and they are driven in turn, mode
+//! by mode, so one mode's rows are measured back to back. The servers are
+//! pinned to CPU 0 and this generator to CPU 1 when `taskset` is available,
+//! so the generator does not steal the server's core.
+//!
+//! `LOAD_ROUNDS=n` repeats that whole sequence `n` times and reports, per
+//! configuration and mode, the median of the rounds (req/s, latencies, CPU)
+//! and the sums of the counts.
+//!
+//! `LOAD_BEFORE_BIN=<path>` adds the configuration `memory-before`: another
+//! build of the memory example (an earlier version of the crate, built by
+//! `scripts/before-after.sh`), measured in the same run as `memory`.
 //!
 //! Every request carries the same session cookie (`axum-idempotent` caches
 //! only for a request with a session; the others ignore it). After each run
@@ -65,6 +76,7 @@ enum Mode {
     Replay,
     Mixed,
     Hot,
+    NoKey,
 }
 
 impl Mode {
@@ -74,6 +86,7 @@ impl Mode {
             Self::Replay => "replay",
             Self::Mixed => "mixed",
             Self::Hot => "hot",
+            Self::NoKey => "nokey",
         }
     }
 }
@@ -192,12 +205,15 @@ async fn connect(addr: SocketAddr) -> Sender {
 /// Sends one payment; returns its status and whether it was a replay (each
 /// crate marks one with a header: `Idempotent-Replayed` or
 /// `Idempotency-Replayed`).
-async fn post(sender: &mut Sender, key: &str, cookie: &str) -> (StatusCode, bool) {
-    let req = Request::post("/payments")
+async fn post(sender: &mut Sender, key: Option<&str>, cookie: &str) -> (StatusCode, bool) {
+    let mut req = Request::post("/payments")
         .header("host", "bench")
         .header("content-type", "application/json")
-        .header("cookie", cookie)
-        .header("idempotency-key", key)
+        .header("cookie", cookie);
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    let req = req
         .body(Full::new(Bytes::from_static(BODY.as_bytes())))
         .expect("request");
     sender.ready().await.expect("connection ready");
@@ -251,7 +267,7 @@ async fn drive(addr: SocketAddr, mode: Mode, connections: usize, seconds: u64) -
             // Warm-up: create the key this connection replays.
             // One client per connection; `hot` is one client on them all.
             let cookie = session_cookie(if mode == Mode::Hot { ONE_CLIENT } else { conn });
-            post(&mut sender, &own, &cookie).await;
+            post(&mut sender, Some(&own), &cookie).await;
             let mut out = Outcome::default();
             let deadline = Instant::now() + Duration::from_secs(seconds);
             let mut i = 0u64;
@@ -259,13 +275,14 @@ async fn drive(addr: SocketAddr, mode: Mode, connections: usize, seconds: u64) -
                 i += 1;
                 let fresh = || format!("\"fresh-{nonce}-{run}-{conn}-{i}\"");
                 let key = match mode {
-                    Mode::Fresh => fresh(),
-                    Mode::Mixed if i.is_multiple_of(2) => fresh(),
-                    Mode::Replay | Mode::Mixed => own.clone(),
-                    Mode::Hot => (*hot_key).clone(),
+                    Mode::Fresh => Some(fresh()),
+                    Mode::Mixed if i.is_multiple_of(2) => Some(fresh()),
+                    Mode::Replay | Mode::Mixed => Some(own.clone()),
+                    Mode::Hot => Some((*hot_key).clone()),
+                    Mode::NoKey => None,
                 };
                 let started = Instant::now();
-                let (status, replayed) = post(&mut sender, &key, &cookie).await;
+                let (status, replayed) = post(&mut sender, key.as_deref(), &cookie).await;
                 let took = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
                 out.latencies_us.push(took);
                 out.replayed += u64::from(replayed);
@@ -338,24 +355,29 @@ async fn main() {
         })
         .collect();
     let only_modes = std::env::var("LOAD_MODES").ok();
-    let modes: Vec<Mode> = [Mode::Fresh, Mode::Replay, Mode::Mixed, Mode::Hot]
-        .into_iter()
-        .filter(|m| {
-            only_modes
-                .as_deref()
-                .is_none_or(|o| o.split(',').any(|n| n == m.name()))
-        })
-        .collect();
+    let modes: Vec<Mode> = [
+        Mode::Fresh,
+        Mode::Replay,
+        Mode::Mixed,
+        Mode::Hot,
+        Mode::NoKey,
+    ]
+    .into_iter()
+    .filter(|m| {
+        only_modes
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|n| n == m.name()))
+    })
+    .collect();
     println!(
         "load: {seconds}s per run, {connections} connections, server pinned: {pin}, {} configs x {} modes",
         configs.len(),
         modes.len()
     );
-    let mut rows = Vec::new();
     for config in &configs {
         clean(config).await;
-        rows.extend(measure(config, &modes, connections, seconds, pin).await);
     }
+    let rows = measure(&configs, &modes, connections, seconds, pin).await;
     print_table(&rows, &modes, connections);
     let mut costs = Vec::new();
     for config in &configs {
@@ -394,53 +416,119 @@ async fn main() {
     }
 }
 
-/// Runs every mode against one server of `config`.
+/// Starts every configuration's server, then drives them mode by mode, one
+/// configuration after another within a mode.
 async fn measure(
-    config: &Config,
+    configs: &[Config],
     modes: &[Mode],
     connections: usize,
     seconds: u64,
     pin: bool,
 ) -> Vec<Row> {
-    let mut rows = Vec::new();
-    let (child, addr) = start(config, pin).await;
-    let pid = child.id().expect("server pid");
-    for &mode in modes {
-        let runs_before = handler_runs(addr).await;
-        let cpu_before = cpu_time(pid);
-        let started = Instant::now();
-        let mut out = drive(addr, mode, connections, seconds).await;
-        let elapsed = started.elapsed().as_secs_f64();
-        let cpu = cpu_time(pid)
-            .zip(cpu_before)
-            .and_then(|(after, before)| after.checked_sub(before));
-        let runs = handler_runs(addr).await - runs_before;
-        out.latencies_us.sort_unstable();
-        #[allow(clippy::cast_precision_loss)]
-        let requests = out.latencies_us.len() as f64;
-        rows.push(Row {
-            config: config.name,
-            mode,
-            rps: requests / elapsed,
-            p50_us: percentile(&out.latencies_us, 0.50),
-            p99_us: percentile(&out.latencies_us, 0.99),
-            conflict: out.conflict,
-            other: out.other,
-            replayed: out.replayed,
-            handler_runs: runs,
-            server_cpu_us_per_req: cpu.map(|c| c.as_secs_f64() * 1e6 / requests),
-        });
-        eprintln!("done: {} / {} ({} ok)", config.name, mode.name(), out.ok);
+    let mut servers = Vec::new();
+    for config in configs {
+        servers.push(start(config, pin).await);
     }
-    drop(child);
-    rows
+    let rounds: usize = std::env::var("LOAD_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
+    let mut rows: Vec<Vec<Row>> = Vec::new();
+    for round in 0..rounds {
+        for (m, &mode) in modes.iter().enumerate() {
+            for (c, (config, (child, addr))) in configs.iter().zip(&servers).enumerate() {
+                let row = measure_one(config, child, *addr, mode, connections, seconds).await;
+                eprintln!(
+                    "done: round {} / {} / {} ({:.0} req/s)",
+                    round + 1,
+                    config.name,
+                    mode.name(),
+                    row.rps
+                );
+                let slot = m * configs.len() + c;
+                if round == 0 {
+                    rows.push(vec![row]);
+                } else {
+                    rows[slot].push(row);
+                }
+            }
+        }
+    }
+    rows.into_iter().map(median_row).collect()
+}
+
+/// One configuration's rounds as one row: medians of the rates and
+/// latencies, sums of the counts.
+fn median_row(mut rounds: Vec<Row>) -> Row {
+    fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        v[v.len() / 2]
+    }
+    let rps = median(rounds.iter().map(|r| r.rps).collect());
+    let p50_us = median(rounds.iter().map(|r| r.p50_us).collect());
+    let p99_us = median(rounds.iter().map(|r| r.p99_us).collect());
+    let cpu: Option<Vec<f64>> = rounds.iter().map(|r| r.server_cpu_us_per_req).collect();
+    let mut row = rounds.pop().expect("at least one round");
+    for other in &rounds {
+        row.conflict += other.conflict;
+        row.other += other.other;
+        row.replayed += other.replayed;
+        row.handler_runs += other.handler_runs;
+    }
+    row.rps = rps;
+    row.p50_us = p50_us;
+    row.p99_us = p99_us;
+    row.server_cpu_us_per_req = cpu.map(median);
+    row
+}
+
+/// Drives one configuration's running server in one mode.
+async fn measure_one(
+    config: &Config,
+    child: &tokio::process::Child,
+    addr: SocketAddr,
+    mode: Mode,
+    connections: usize,
+    seconds: u64,
+) -> Row {
+    let pid = child.id().expect("server pid");
+    let runs_before = handler_runs(addr).await;
+    let cpu_before = cpu_time(pid);
+    let started = Instant::now();
+    let mut out = drive(addr, mode, connections, seconds).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_time(pid)
+        .zip(cpu_before)
+        .and_then(|(after, before)| after.checked_sub(before));
+    let runs = handler_runs(addr).await - runs_before;
+    out.latencies_us.sort_unstable();
+    #[allow(clippy::cast_precision_loss)]
+    let requests = out.latencies_us.len() as f64;
+    Row {
+        config: config.name,
+        mode,
+        rps: requests / elapsed,
+        p50_us: percentile(&out.latencies_us, 0.50),
+        p99_us: percentile(&out.latencies_us, 0.99),
+        conflict: out.conflict,
+        other: out.other,
+        replayed: out.replayed,
+        handler_runs: runs,
+        server_cpu_us_per_req: cpu.map(|c| c.as_secs_f64() * 1e6 / requests),
+    }
 }
 
 /// Every configuration, in the order they run.
-fn configs(redis_url: String, database_url: String) -> [Config; 6] {
+fn configs(redis_url: String, database_url: String) -> Vec<Config> {
     let examples = examples_dir();
     let peers = peers_dir();
-    [
+    let before = std::env::var_os("LOAD_BEFORE_BIN").map(|bin| Config {
+        name: "memory-before",
+        bin: PathBuf::from(bin),
+        env: vec![],
+        cost: Cost::None,
+    });
+    let mut configs = vec![
         Config {
             name: "none",
             bin: examples.join("payments"),
@@ -483,7 +571,9 @@ fn configs(redis_url: String, database_url: String) -> [Config; 6] {
             env: vec![],
             cost: Cost::None,
         },
-    ]
+    ];
+    configs.extend(before);
+    configs
 }
 
 /// Removes what earlier runs stored: keys under [`REDIS_PREFIX`], the
@@ -567,7 +657,7 @@ async fn duplicates(config: &Config) -> String {
     let mut tasks = tokio::task::JoinSet::new();
     for mut sender in senders {
         let (key, cookie) = (Arc::clone(&key), Arc::clone(&cookie));
-        tasks.spawn(async move { post(&mut sender, &key, &cookie).await });
+        tasks.spawn(async move { post(&mut sender, Some(&key), &cookie).await });
     }
     let mut answers = BTreeMap::<String, usize>::new();
     while let Some(done) = tasks.join_next().await {
@@ -599,20 +689,20 @@ async fn counted_requests<T>(addr: SocketAddr, mut snapshot: impl AsyncFnMut() -
     let nonce = nonce();
     for i in 0..COUNTED {
         let key = format!("\"warm-{nonce}-{i}\"");
-        post(&mut sender, &key, &cookie).await;
-        post(&mut sender, &key, &cookie).await;
+        post(&mut sender, Some(&key), &cookie).await;
+        post(&mut sender, Some(&key), &cookie).await;
     }
     let keys: Vec<String> = (0..COUNTED)
         .map(|i| format!("\"counted-{nonce}-{i}\""))
         .collect();
     let before = snapshot().await;
     for key in &keys {
-        let (status, replayed) = post(&mut sender, key, &cookie).await;
+        let (status, replayed) = post(&mut sender, Some(key), &cookie).await;
         assert!(status.is_success() && !replayed, "fresh request: {status}");
     }
     let fresh = snapshot().await;
     for key in &keys {
-        let (status, replayed) = post(&mut sender, key, &cookie).await;
+        let (status, replayed) = post(&mut sender, Some(key), &cookie).await;
         assert!(status.is_success() && replayed, "replay: {status}");
     }
     [before, fresh, snapshot().await]

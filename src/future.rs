@@ -20,8 +20,12 @@ pin_project! {
     ///
     /// Requests the layer does not guard (another method, or no key) poll
     /// the inner future directly, with no allocation. A guarded request runs
-    /// the lock → lookup → handler → store flow in one heap-allocated state
-    /// machine; dropping this future at any point releases the key.
+    /// the lookup → lock flow in one heap-allocated state machine; once it
+    /// holds the key, the handler, the store and the release run in a task of
+    /// their own. Dropping this future before that only abandons the request;
+    /// after it, the handler finishes and its response is stored (or it is
+    /// cut off and the key released, with
+    /// [`OnDisconnect::Cancel`](crate::OnDisconnect::Cancel)).
     pub struct ResponseFuture<F, ResBody: Body, E> {
         #[pin]
         kind: Kind<F, ResBody, E>,

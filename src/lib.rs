@@ -130,29 +130,44 @@
 //!    header pass straight through (or get `400` when the layer is
 //!    [`required`](IdempotencyLayer::required)).
 //! 2. The key is parsed: a quoted Structured Field string (`"k1"`) or a bare
-//!    token (`k1`). Empty, longer than 255 bytes, not visible ASCII, or the
-//!    header repeated: `400`.
+//!    token (`k1`). Empty, longer than 255 bytes, not visible ASCII, the
+//!    header repeated, or a bare key holding a `,` (what a proxy makes of two
+//!    headers): `400`.
 //! 3. The body is buffered up to [`max_request_body`](IdempotencyLayer::max_request_body)
 //!    (`413` above it, before any lock is taken).
-//! 4. The **storage key** is SHA-256 of the caller's scope and the key; the
+//! 4. The caller's scope is resolved (see [Scopes](#scopes-whose-key-is-it));
+//!    a scope that must identify the caller and cannot answers `400`. The
+//!    **storage key** is SHA-256 of the scope and the key; the
 //!    **fingerprint** is SHA-256 of method, path, query, body,
-//!    `Authorization` and any [configured headers](IdempotencyLayer::fingerprint_headers).
+//!    `Authorization`, `Content-Type`, `Content-Encoding` and any
+//!    [configured headers](IdempotencyLayer::fingerprint_headers).
 //! 5. The [`Backend`] looks the key up and locks it in one step:
 //!    a stored response with the same fingerprint is replayed; with a
 //!    different fingerprint the answer is `422`; a key held by a request in
 //!    flight gets `409` with `Retry-After`; otherwise the handler runs.
-//! 6. The response is stored unless it is `5xx` or `429` (see
-//!    [`persist_if`](IdempotencyLayer::persist_if) and [`Persist`]), larger
-//!    than [`max_stored_response`](IdempotencyLayer::max_stored_response), or
-//!    the handler opted out; then the key is released.
+//! 6. The handler runs in a task of its own: if the client goes away (the
+//!    socket closes, an outer timeout fires), it still runs to the end and its
+//!    response is stored for the retry (see [`on_disconnect`](IdempotencyLayer::on_disconnect)).
+//! 7. The response is stored unless it is `5xx` or `429` (see
+//!    [`persist_if`](IdempotencyLayer::persist_if) and [`Persist`]); then the
+//!    key is released. A body of known length is buffered, stored, then sent;
+//!    a body without one (a chunked stream) is sent as it arrives while a copy
+//!    is kept, and stored when it ends — before the client sees its end. A
+//!    response that cannot be stored (larger than
+//!    [`max_stored_response`](IdempotencyLayer::max_stored_response), with
+//!    trailers, or a `text/event-stream`, which passes straight through)
+//!    leaves a "response not kept" marker, so a retry does not run the handler
+//!    again (see [`unstorable`](IdempotencyLayer::unstorable)).
 //!
 //! | Situation | Status | Handler runs |
 //! |---|---|---|
 //! | first request with a key | handler's | yes |
 //! | retry after completion, same request | stored response + `Idempotent-Replayed: true` | no |
-//! | retry while the first is in flight | `409` + `Retry-After` | no |
+//! | retry of a response too large (or otherwise unfit) to store | [response not kept](problem#response-not-kept), original status | no |
+//! | retry while the first is in flight (or its client left and it is still running) | `409` + `Retry-After` | no |
 //! | key reused with a different request | `422` | no |
 //! | malformed or repeated key | `400` | no |
+//! | [scope](IdempotencyLayer::scope) cannot identify the caller | `400` | no |
 //! | body over the limit | `413` | no |
 //! | backend down (default: fail closed) | `503` + `Retry-After` | no |
 //! | backend down with [`fail_open`](IdempotencyLayer::fail_open) | handler's | yes, unprotected |
@@ -164,7 +179,14 @@
 //!
 //! Keys are per caller. By default the caller is the `Authorization` header,
 //! or the whole `Cookie` header when there is none; two callers that send the
-//! same key never see each other's response.
+//! same key never see each other's response. An empty or whitespace-only
+//! `Authorization` or `Cookie` counts as absent.
+//!
+//! **Requests with no credentials at all** share one anonymous scope under
+//! the default: all of them meet under the same key. That is right where
+//! keys are unique by construction — signed webhooks keyed by their event
+//! id, say — and wrong where anonymous clients choose keys; scope such routes
+//! by something that tells the clients apart.
 //!
 //! **Access tokens rotate.** Under the default scope a retry that carries a
 //! refreshed bearer token is a *new caller* and runs the handler again. The
@@ -184,9 +206,17 @@
 //! # let _ = layer;
 //! ```
 //!
+//! A scope function that returns `None` (typically: the authentication
+//! layer sits inside this one by mistake) never shares a scope silently: the
+//! request is answered `400` ([unidentified caller](problem#unidentified-caller)),
+//! the handler does not run, and a warning is logged and counted. Opt into
+//! one shared scope for such requests with
+//! [`shared_anonymous_scope`](IdempotencyLayer::shared_anonymous_scope).
+//!
 //! For cookie sessions, [`scope_cookie`](IdempotencyLayer::scope_cookie)
 //! scopes by the session cookie alone (an analytics cookie that changes
-//! between retries would otherwise split one caller into two).
+//! between retries would otherwise split one caller into two); a request
+//! without that cookie is answered like a scope function's `None`.
 //!
 //! # With tower-http and axum
 //!
@@ -200,8 +230,11 @@
 //!   it must sit inside, add `Accept-Encoding` to
 //!   [`fingerprint_headers`](IdempotencyLayer::fingerprint_headers) so such a
 //!   retry gets `422` instead.
-//! - **`TimeoutLayer` outside**: a timeout drops this layer's future, which
-//!   releases the key and stores nothing; the client's retry runs again.
+//! - **`TimeoutLayer` outside**: a timeout drops this layer's future; the
+//!   handler that started runs on to the end and its response is stored, so
+//!   the client's retry replays it (or gets `409` while it still runs). With
+//!   [`OnDisconnect::Cancel`] the timeout cuts the handler off instead and
+//!   releases the key.
 //! - **`RequestBodyLimitLayer`** outside answers `413` before the key is
 //!   looked at (also for bodies without `Content-Length`, whose limit error
 //!   this layer reports as `413`). This layer's own
@@ -217,27 +250,44 @@
 //! # Guarantees
 //!
 //! - **Exactly once while healthy.** For one (scope, key), the handler runs
-//!   at most once while the backend is reachable and the lock is kept:
-//!   either extended by the heartbeat (on by default, every `lock_ttl / 3`),
-//!   or the handler finishes within [`lock_ttl`](IdempotencyLayer::lock_ttl).
-//!   Concurrent duplicates are answered `409`; later ones replay.
+//!   at most once while the backend is reachable and the lock is kept: the
+//!   heartbeat extends it every `lock_ttl / 3` (on by default) while the
+//!   handler runs and while a streamed response is sent. Concurrent
+//!   duplicates are answered `409`; later ones replay.
+//! - **A client that leaves does not make a second run.** Once the handler
+//!   has started under the lock, dropping the response future (socket
+//!   closed, outer timeout) does not cancel it: it finishes, its response is
+//!   stored by the usual rules, and the retry replays it. A client that stops
+//!   reading a streamed body mid-way hands the rest to be read and stored.
+//!   [`OnDisconnect::Cancel`] chooses cancellation instead (the key is then
+//!   released and a retry runs again).
+//! - **A response that cannot be stored is not a reason to run again.** Too
+//!   large, with trailers, or an event stream: a "response not kept" marker is
+//!   stored (unless [`Unstorable::Release`]), and retries are answered with
+//!   the original status and a problem document, without running the handler.
+//!   `5xx`, `429`, [`Persist::Never`] and an inner `Err` release the key: a
+//!   retry runs again.
 //! - **A lost lock is never overwritten.** If a lock lapses (heartbeat off
 //!   and a slow handler, or a backend that lost it), another request may run;
 //!   the first one's response is returned to its client but not stored, so
 //!   it never replaces the newer holder's record.
-//! - **No stuck keys.** When the response future is dropped (client gone,
-//!   timeout layer), the inner service returns `Err`, or the handler panics,
-//!   the key is released and nothing is stored; a retry runs the handler.
-//!   With a remote backend the release is sent in the background; if that
-//!   fails too, the lock expires after `lock_ttl`.
+//! - **No stuck keys.** A handler panic or an inner `Err` releases the key
+//!   and stores nothing; a crashed process's key is free after `lock_ttl`
+//!   (10 s by default), and the `409`s in between say so in `Retry-After`.
+//!   With a remote backend a release the layer could not wait for is sent in
+//!   the background; if that fails too, the lock expires after `lock_ttl`.
+//! - **Never another caller's response.** Responses are kept per (scope,
+//!   key); blank credentials are absent, and an explicit scope that cannot
+//!   identify the caller is refused rather than shared.
 //! - **At least once, beyond that.** If the store fails *after* the handler
 //!   ran (`complete` errors), the client still gets its response, but a retry
 //!   runs the handler again. If the process crashes mid-handler, the key is
 //!   free after `lock_ttl` and a retry runs again: make the side effect itself
 //!   idempotent too where that matters (e.g. pass the key to your payment
 //!   provider; handlers can read it as an [`IdempotencyKey`] extension).
-//! - **Expiry.** A response is replayed until its TTL ends; after that the
-//!   key is free and the next request runs the handler.
+//! - **Expiry.** A response is replayed until its TTL ends (at most
+//!   [`MAX_TTL`]; longer TTLs are shortened to it); after that the key is free
+//!   and the next request runs the handler.
 //! - **Single process for [`MemoryBackend`].** It protects one process only;
 //!   several instances need a shared backend such as Redis.
 //! - **Fail closed.** A backend error answers `503` and the handler does not
@@ -255,13 +305,14 @@
 //! | Name | Type | Labels | Meaning |
 //! |---|---|---|---|
 //! | `idempotency_requests_total` | counter | `outcome` | one per request the layer looked at (below) |
-//! | `idempotency_stores_total` | counter | `result` | what became of a response produced under the lock: `stored`, `not_stored` (`5xx`, `429`, [`Persist::Never`], too large, handler error), `lock_lost`, `failed` (the backend refused or failed the save) |
+//! | `idempotency_stores_total` | counter | `result` | what became of a response produced under the lock: `stored`, `not_kept` (a "response not kept" marker stored in its place), `not_stored` (`5xx`, `429`, [`Persist::Never`], handler error, a failed body, a cancelled handler; the key released), `lock_lost`, `failed` (the backend refused or failed the save) |
 //! | `idempotency_backend_duration_seconds` | histogram | `operation` | time of each backend call: `begin`, `complete`, `release`, `extend` |
 //! | `idempotency_backend_errors_total` | counter | `operation`, `kind` | failed backend calls by [`BackendErrorKind`]: `unavailable`, `timeout`, `rejected`, `corrupt`, `misconfigured`, `other` |
 //!
 //! Outcomes: `fresh` (the handler runs under the lock), `replayed`,
 //! `conflict` (`409`), `mismatch` (`422`), `no_key` (passed through),
-//! `missing_key` and `invalid_key` (`400`), `body_too_large` (`413`),
+//! `missing_key`, `invalid_key` and `unidentified_caller` (`400`),
+//! `body_too_large` (`413`),
 //! `body_error` (`400`), `backend_unavailable` (`503`), `fail_open` (the
 //! handler ran unprotected). Labels take only these fixed values: keys and
 //! callers never become label values, so cardinality stays bounded.
@@ -271,8 +322,12 @@
 //!
 //! # Runtime
 //!
-//! The guarded path uses Tokio timers (the heartbeat), so it must run inside
-//! a Tokio runtime with time enabled, as axum and hyper servers do.
+//! The guarded path spawns a Tokio task per request that runs the handler
+//! (only fresh requests: replays, `409`, `422` and pass-through requests do
+//! not) and uses Tokio timers (the heartbeat), so it must run inside a Tokio
+//! runtime with time enabled, as axum and hyper servers do. That task is why
+//! the inner service, its future, its error and its response body must be
+//! `Send + 'static`.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

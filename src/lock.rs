@@ -113,12 +113,17 @@ impl<T> Delivery<T> {
     }
 }
 
-/// Runs `work` as its own task, so that it is not cancelled with the
-/// client's response future. With [`OnDisconnect::Cancel`], `work` is told
-/// through its [`Cancellation`] when the client leaves before it delivered.
-/// The returned future resolves to what `work` delivers: `None` if the task
-/// ended without delivering (the runtime shut down); a panic in `work` is
-/// resumed in the caller.
+/// Runs `work` so that it is not cancelled with the client's response
+/// future. With [`OnDisconnect::Cancel`], `work` is told through its
+/// [`Cancellation`] when the client leaves before it delivered.
+///
+/// `work` is first polled right here, in the client's task: most handlers
+/// answer without waiting for anything, and then no task is spawned. The
+/// first time it has to wait, it is moved into a task of its own (spawned
+/// before this poll returns, so there is no moment at which dropping the
+/// client's future could cut it off). The returned future resolves to what
+/// `work` delivers: `None` if it ended without delivering (the runtime shut
+/// down); a panic in `work` is resumed in the caller.
 pub(crate) fn run_detached<T, F>(
     on_disconnect: OnDisconnect,
     work: impl FnOnce(Delivery<T>, Cancellation) -> F,
@@ -135,12 +140,24 @@ where
         }
         OnDisconnect::Complete => (None, Cancellation(None)),
     };
-    let handle = tokio::spawn(work(Delivery(Some(tx), None), cancellation));
+    let work: Work = Box::pin(work(Delivery(Some(tx), None), cancellation));
     Detached {
         rx,
-        handle: Some(handle),
+        running: Running::Here(Some(work)),
         disarm,
     }
+}
+
+type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where the work runs.
+enum Running {
+    /// Not polled yet: the client's future polls it first.
+    Here(Option<Work>),
+    /// In a task of its own.
+    Spawned(JoinHandle<()>),
+    /// Finished, or no longer followed (delivered).
+    Done,
 }
 
 /// Tells a detached task that its client left before it was answered
@@ -171,11 +188,11 @@ impl Cancellation {
     }
 }
 
-/// The client's side of a [`run_detached`] task.
+/// The client's side of [`run_detached`].
 pub(crate) struct Detached<T> {
     rx: oneshot::Receiver<T>,
-    handle: Option<JoinHandle<()>>,
-    /// Dropped unsent, it cancels the task's work ([`OnDisconnect::Cancel`]).
+    running: Running,
+    /// Dropped unsent, it cancels the work ([`OnDisconnect::Cancel`]).
     disarm: Option<oneshot::Sender<()>>,
 }
 
@@ -183,19 +200,30 @@ impl<T> Future for Detached<T> {
     type Output = Option<T>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        if let Running::Here(work) = &mut self.running
+            && let Some(mut work) = work.take()
+        {
+            self.running = match work.as_mut().poll(cx) {
+                Poll::Ready(()) => Running::Done,
+                // It waits for something: from now on it runs on its own.
+                Poll::Pending => Running::Spawned(tokio::spawn(work)),
+            };
+        }
         if let Ok(value) = ready!(Pin::new(&mut self.rx).poll(cx)) {
             if let Some(disarm) = self.disarm.take() {
                 let _ = disarm.send(());
             }
-            self.handle = None;
+            // Delivered: the rest (a streamed body being stored) goes on
+            // without this future.
+            self.running = Running::Done;
             return Poll::Ready(Some(value));
         }
-        // The task ended without delivering: it panicked, or was cancelled.
-        let Some(handle) = self.handle.as_mut() else {
+        // The work ended without delivering: it panicked, or was cancelled.
+        let Running::Spawned(handle) = &mut self.running else {
             return Poll::Ready(None);
         };
         let joined = ready!(Pin::new(handle).poll(cx));
-        self.handle = None;
+        self.running = Running::Done;
         match joined {
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             _ => Poll::Ready(None),

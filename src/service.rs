@@ -58,12 +58,6 @@ impl<S, B> IdempotencyService<S, B> {
         Self::with_config(inner, backend, Arc::new(Config::default()))
     }
 
-    /// A layer that wraps services in [`IdempotencyService`]: the same as
-    /// [`IdempotencyLayer::new`], whose builder methods set everything else.
-    pub fn layer(backend: B) -> IdempotencyLayer<B> {
-        IdempotencyLayer::new(backend)
-    }
-
     pub(crate) const fn with_config(inner: S, backend: B, config: Arc<Config>) -> Self {
         Self {
             inner,
@@ -85,6 +79,22 @@ impl<S, B> IdempotencyService<S, B> {
     /// Unwraps the inner service.
     pub fn into_inner(self) -> S {
         self.inner
+    }
+}
+
+impl IdempotencyService<(), ()> {
+    /// A layer that wraps services in [`IdempotencyService`]: the same as
+    /// [`IdempotencyLayer::new`], whose builder methods set everything else.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyService, MemoryBackend};
+    ///
+    /// let layer = IdempotencyService::layer(MemoryBackend::new()).ttl(Duration::from_hours(1));
+    /// # let _ = layer;
+    /// ```
+    pub fn layer<B>(backend: B) -> IdempotencyLayer<B> {
+        IdempotencyLayer::new(backend)
     }
 }
 

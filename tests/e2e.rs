@@ -227,3 +227,9 @@ async fn payments_example_answers_twice_with_the_same_id() {
     assert_eq!(list[0]["id"], id(&first));
     child.kill().await.unwrap();
 }
+
+/// A client that closes its socket mid-handler, then retries: one run.
+#[tokio::test]
+async fn payments_example_survives_a_client_that_gives_up() {
+    common::example_survives_a_client_that_gives_up("payments", &[]).await;
+}

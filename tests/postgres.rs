@@ -401,6 +401,16 @@ async fn payments_postgres_example_instances_share_one_record() {
     .await;
 }
 
+/// A client that closes its socket mid-handler, then retries: one run.
+#[tokio::test]
+async fn payments_postgres_example_survives_a_client_that_gives_up() {
+    common::example_survives_a_client_that_gives_up(
+        "payments_postgres",
+        &[("DATABASE_URL", &database_url())],
+    )
+    .await;
+}
+
 /// Two storage keys whose 64-bit lock ids collide: the second waits (a
 /// false 409) while the first is held, and never sees the first's record.
 #[tokio::test]

@@ -343,3 +343,14 @@ async fn noscript_storm_after_a_flush() {
     }
     assert_eq!(runs.get(), 26, "one run per key (25) plus the warm-up");
 }
+
+/// A client that closes its socket mid-handler, then retries: one run.
+#[tokio::test]
+async fn payments_redis_example_survives_a_client_that_gives_up() {
+    let prefix = unique_prefix();
+    common::example_survives_a_client_that_gives_up(
+        "payments_redis",
+        &[("REDIS_URL", &redis_url()), ("REDIS_PREFIX", &prefix)],
+    )
+    .await;
+}

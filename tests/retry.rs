@@ -167,6 +167,57 @@ async fn client_closes_the_socket_mid_handler_and_the_retry_replays<B: Backend>(
     assert_eq!(runs.get(), 1, "the handler ran once");
 }
 
+/// tower-http's `TimeoutLayer` outside: the timeout answers the client, the
+/// handler finishes in the background, and the retry replays it.
+async fn an_outer_timeout_does_not_cancel_the_handler<B: Backend>(backend: B) {
+    let runs = Runs::default();
+    let go = Arc::new(tokio::sync::Notify::new());
+    let app = {
+        let runs = runs.clone();
+        let go = go.clone();
+        Router::new()
+            .route(
+                "/payments",
+                post(move || {
+                    let n = runs.bump();
+                    let go = go.clone();
+                    async move {
+                        go.notified().await;
+                        (StatusCode::CREATED, format!("payment {n}"))
+                    }
+                }),
+            )
+            .layer(IdempotencyLayer::new(backend))
+            .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                Duration::from_millis(50),
+            ))
+    };
+    let key = unique_key("timeout");
+    let first = call(&app, keyed(&key, &[], "{}")).await;
+    assert_eq!(first.status, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(runs.get(), 1);
+    let during = call(&app, keyed(&key, &[], "{}")).await;
+    assert_eq!(
+        during.status,
+        StatusCode::CONFLICT,
+        "the handler still runs"
+    );
+    go.notify_one();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let retry = loop {
+        let answer = call(&app, keyed(&key, &[], "{}")).await;
+        if answer.status != StatusCode::CONFLICT {
+            break answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still in flight");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(retry.replayed());
+    assert_eq!(retry.body, "payment 1");
+    assert_eq!(runs.get(), 1);
+}
+
 // ---------------------------------------------------------------------------
 // Scopes.
 
@@ -571,6 +622,11 @@ mod memory {
     }
 
     #[tokio::test]
+    async fn outer_timeout() {
+        an_outer_timeout_does_not_cancel_the_handler(MemoryBackend::new()).await;
+    }
+
+    #[tokio::test]
     async fn blank_authorization() {
         blank_authorization_never_shares_a_response(MemoryBackend::new()).await;
     }
@@ -606,6 +662,21 @@ mod memory {
         the_longest_ttls_store_and_never_panic(MemoryBackend::new()).await;
     }
 
+    /// A bare key holding a `,` is two keys joined by a proxy: `400`.
+    #[tokio::test]
+    async fn joined_keys() {
+        let runs = Runs::default();
+        let app = payments(IdempotencyLayer::new(MemoryBackend::new()), runs.clone());
+        for key in ["a,b", "a, b"] {
+            let answer = call(&app, keyed(key, &[], "{}")).await;
+            assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+            assert_eq!(answer.problem_type(), "invalid-key");
+        }
+        let quoted = call(&app, keyed("\"a,b\"", &[], "{}")).await;
+        assert_eq!(quoted.status, StatusCode::CREATED);
+        assert_eq!(runs.get(), 1);
+    }
+
     /// With the default lock TTL (10 s), in paused time.
     #[tokio::test(start_paused = true)]
     async fn crashed_holder() {
@@ -628,6 +699,11 @@ mod redis {
     #[tokio::test]
     async fn client_closes_the_socket_mid_handler() {
         client_closes_the_socket_mid_handler_and_the_retry_replays(backend().await).await;
+    }
+
+    #[tokio::test]
+    async fn outer_timeout() {
+        an_outer_timeout_does_not_cancel_the_handler(backend().await).await;
     }
 
     #[tokio::test]
@@ -688,6 +764,11 @@ mod postgres {
     #[tokio::test]
     async fn client_closes_the_socket_mid_handler() {
         client_closes_the_socket_mid_handler_and_the_retry_replays(backend().await).await;
+    }
+
+    #[tokio::test]
+    async fn outer_timeout() {
+        an_outer_timeout_does_not_cancel_the_handler(backend().await).await;
     }
 
     #[tokio::test]

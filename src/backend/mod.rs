@@ -195,8 +195,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 
     /// Releases a lock from a synchronous context: the layer calls this when
-    /// its response future is dropped (client gone, timeout layer) or the
-    /// handler panicked while the key was held.
+    /// the task that holds the key is dropped before it could complete or
+    /// release it — the handler panicked, or the runtime is shutting down.
     ///
     /// It must not block. The default spawns [`Backend::release`] on the
     /// current Tokio runtime; outside a runtime the lock is left to expire.

@@ -364,3 +364,59 @@ impl Backend for Flaky {
         self.inner.extend(lock, ttl).await
     }
 }
+
+/// The black-box check of a client that gives up: a keyed payment to a slow
+/// example server, the socket closed while the handler runs, then the retry.
+/// The handler ran once, the first payment is charged once, and the retry
+/// gets that payment back (`409` while it is still running).
+pub async fn example_survives_a_client_that_gives_up(example: &str, env: &[(&str, &str)]) {
+    use tokio::io::AsyncWriteExt;
+
+    let mut env = env.to_vec();
+    env.push(("PAYMENT_DELAY_MS", "1500"));
+    let (_server, addr) = spawn_example(example, &env).await;
+    let key = format!(
+        "gives-up-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let body = r#"{"amount":5,"currency":"EUR"}"#;
+    let raw = format!(
+        "POST /payments HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(raw.as_bytes()).await.unwrap();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while request(addr, "GET", "/stats", &[], "").await.body != r#"{"handler_runs":1}"# {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the handler never started"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(socket); // the client gives up mid-handler
+    let headers = [
+        ("idempotency-key", key.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let retry = loop {
+        let answer = request(addr, "POST", "/payments", &headers, body).await;
+        if answer.status != StatusCode::CONFLICT {
+            break answer;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "still in flight");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(
+        retry.replayed(),
+        "the retry replays the payment the first request made"
+    );
+    let stats = request(addr, "GET", "/stats", &[], "").await;
+    assert_eq!(stats.body, r#"{"handler_runs":1}"#, "charged once");
+}
