@@ -17,9 +17,10 @@
 //! pinned to CPU 0 and this generator to CPU 1 when `taskset` is available,
 //! so the generator does not steal the server's core.
 //!
-//! `LOAD_ROUNDS=n` repeats that whole sequence `n` times and reports, per
-//! configuration and mode, the median of the rounds (req/s, latencies, CPU)
-//! and the sums of the counts.
+//! `LOAD_ROUNDS=n` repeats that whole sequence `n` times, each round starting
+//! the configurations at another one, and reports, per configuration and
+//! mode, the median of the rounds (req/s, latencies, CPU) and the sums of the
+//! counts.
 //!
 //! `LOAD_BEFORE_BIN=<path>` adds the configuration `memory-before`: another
 //! build of the memory example (an earlier version of the crate, built by
@@ -433,10 +434,16 @@ async fn measure(
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(1);
-    let mut rows: Vec<Vec<Row>> = Vec::new();
+    let mut rows: Vec<Vec<Row>> = (0..modes.len() * configs.len())
+        .map(|_| Vec::new())
+        .collect();
     for round in 0..rounds {
         for (m, &mode) in modes.iter().enumerate() {
-            for (c, (config, (child, addr))) in configs.iter().zip(&servers).enumerate() {
+            // Each round starts with another configuration, so none is always
+            // measured first (or last) after the machine's state changed.
+            for i in 0..configs.len() {
+                let c = (i + round) % configs.len();
+                let (config, (child, addr)) = (&configs[c], &servers[c]);
                 let row = measure_one(config, child, *addr, mode, connections, seconds).await;
                 eprintln!(
                     "done: round {} / {} / {} ({:.0} req/s)",
@@ -445,12 +452,7 @@ async fn measure(
                     mode.name(),
                     row.rps
                 );
-                let slot = m * configs.len() + c;
-                if round == 0 {
-                    rows.push(vec![row]);
-                } else {
-                    rows[slot].push(row);
-                }
+                rows[m * configs.len() + c].push(row);
             }
         }
     }

@@ -200,9 +200,17 @@ async fn execute<S, B, ReqBody, ResBody>(
     ReqBody: Body,
     ResBody: Body + Send + 'static,
 {
-    let work = produce(&mut inner, req, &config, fingerprint, &mut delivery);
-    let work = cancellation.unless_cancelled(work);
-    let (produced, lost) = guard.keep_while(work, &config).await;
+    let (produced, lost) = {
+        let work = pin!(produce(
+            &mut inner,
+            req,
+            &config,
+            fingerprint,
+            &mut delivery
+        ));
+        let work = pin!(cancellation.unless_cancelled(work));
+        guard.keep_while(work, &config).await
+    };
     let Some(produced) = produced else {
         observe::store("not_stored");
         guard.release("the client left; handler cancelled").await;

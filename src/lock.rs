@@ -3,12 +3,14 @@
 //! handler finish when its client goes away.
 
 use std::future::Future;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
+use tracing::instrument::Instrumented;
 
 use crate::backend::{Backend, BackendError, Completion};
 use crate::config::{Config, OnDisconnect};
@@ -55,15 +57,17 @@ impl<B: Backend> LockGuard<B> {
     /// Drives `work` while extending the lock every `lock_ttl / 3` (when the
     /// heartbeat is on). Returns the output and whether the lock was
     /// reported lost.
+    ///
+    /// `work` is pinned by the caller: a future moved into an async function
+    /// is stored again at every level, and this one is large.
     pub(crate) async fn keep_while<F: Future>(
         &self,
-        work: F,
+        mut work: Pin<&mut F>,
         config: &Config,
     ) -> (F::Output, bool) {
         let Some(lock) = self.lock.as_ref().filter(|_| config.heartbeat) else {
             return (work.await, false);
         };
-        let mut work = pin!(work);
         let interval = config.heartbeat_interval();
         let heartbeat = async {
             loop {
@@ -140,7 +144,11 @@ where
         }
         OnDisconnect::Complete => (None, Cancellation(None)),
     };
-    let work: Work = Box::pin(work(Delivery(Some(tx), None), cancellation));
+    // Boxed, then instrumented (in the request's span): the future is large,
+    // and is moved once.
+    let work: Work = (Box::pin(work(Delivery(Some(tx), None), cancellation))
+        as Pin<Box<dyn Future<Output = ()> + Send>>)
+        .instrument(tracing::Span::current());
     Detached {
         rx,
         running: Running::Here(Some(work)),
@@ -148,7 +156,7 @@ where
     }
 }
 
-type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
+type Work = Instrumented<Pin<Box<dyn Future<Output = ()> + Send>>>;
 
 /// Where the work runs.
 enum Running {
@@ -168,7 +176,7 @@ impl Cancellation {
     /// Runs `work` unless the client leaves first; `None` when it left.
     /// Only the handler is cut off this way: storing or releasing the key
     /// afterwards always runs to its end.
-    pub(crate) async fn unless_cancelled<F: Future>(self, work: F) -> Option<F::Output> {
+    pub(crate) async fn unless_cancelled<F: Future>(self, work: Pin<&mut F>) -> Option<F::Output> {
         let Some(armed) = self.0 else {
             return Some(work.await);
         };
@@ -203,7 +211,7 @@ impl<T> Future for Detached<T> {
         if let Running::Here(work) = &mut self.running
             && let Some(mut work) = work.take()
         {
-            self.running = match work.as_mut().poll(cx) {
+            self.running = match Pin::new(&mut work).poll(cx) {
                 Poll::Ready(()) => Running::Done,
                 // It waits for something: from now on it runs on its own.
                 Poll::Pending => Running::Spawned(tokio::spawn(work)),

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Instructions per request (callgrind), this checkout and optionally an
+# earlier revision, built from the same benches/instructions.rs:
+#
+#   scripts/instructions.sh [revision] [requests]
+#
+# For each mode (none, nokey, replay, fresh) the program runs under
+# `valgrind --tool=callgrind` with 0 and with <requests> (default 2000)
+# requests after the same warm-up; the difference over <requests> is the
+# cost of one request, repeatable to a few instructions whatever else the
+# machine does. Needs valgrind (Debian package valgrind).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rev=${1:-}
+n=${2:-2000}
+build() { # <manifest dir> <target dir> → path of the built program
+    (cd "$1" && cargo bench --bench instructions --target-dir "$2" --no-run --message-format=json 2>/dev/null) |
+        python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["name"] == "instructions" and m.get("executable"):
+        print(m["executable"])'
+}
+count() { # <program> <mode> <requests> → instructions
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null "$1" "$2" "$3" 2>&1 |
+        sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
+}
+programs=("this:$(build . "$PWD/target")")
+if [ -n "$rev" ]; then
+    short=$(git rev-parse --short "$rev")
+    dir="target/before-$short"
+    [ -d "$dir" ] || git worktree add --detach "$dir" "$rev" >/dev/null
+    cp benches/instructions.rs "$dir/benches/instructions.rs"
+    grep -q 'name = "instructions"' "$dir/Cargo.toml" ||
+        printf '\n[[bench]]\nname = "instructions"\nharness = false\n' >>"$dir/Cargo.toml"
+    programs+=("$short:$(build "$dir" "$PWD/target/before-build")")
+fi
+echo "| mode | build | instructions per request |"
+echo "|---|---|---|"
+for mode in none nokey replay fresh; do
+    for entry in "${programs[@]}"; do
+        name=${entry%%:*}
+        program=${entry#*:}
+        zero=$(count "$program" "$mode" 0)
+        many=$(count "$program" "$mode" "$n")
+        echo "| $mode | $name | $(( (many - zero) / n )) |"
+    done
+done
