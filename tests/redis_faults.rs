@@ -174,31 +174,43 @@ use tower_idempotency::StorageKey;
 /// A TCP proxy that can be frozen: it keeps connections open but forwards
 /// nothing, like a peer behind a dead network path.
 async fn freezable_proxy(target: u16) -> (u16, Arc<AtomicBool>) {
+    let (port, frozen, _) = proxy(target).await;
+    (port, frozen)
+}
+
+/// The same proxy with a second switch that holds back only the replies:
+/// commands reach the server and run, their answers wait.
+async fn proxy(target: u16) -> (u16, Arc<AtomicBool>, Arc<AtomicBool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let frozen = Arc::new(AtomicBool::new(false));
-    let flag = frozen.clone();
+    let replies = Arc::new(AtomicBool::new(false));
+    let (both, back) = (frozen.clone(), replies.clone());
     tokio::spawn(async move {
         loop {
             let (client, _) = listener.accept().await.unwrap();
-            let flag = flag.clone();
+            let (both, back) = (both.clone(), back.clone());
             tokio::spawn(async move {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
                     return;
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::join!(pump(cr, sw, flag.clone()), pump(sr, cw, flag));
+                tokio::join!(
+                    pump(cr, sw, both.clone(), None),
+                    pump(sr, cw, both, Some(back))
+                );
             });
         }
     });
-    (port, frozen)
+    (port, frozen, replies)
 }
 
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     frozen: Arc<AtomicBool>,
+    also: Option<Arc<AtomicBool>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 16 * 1024];
@@ -209,7 +221,9 @@ async fn pump(
         if n == 0 {
             return;
         }
-        while frozen.load(Ordering::SeqCst) {
+        while frozen.load(Ordering::SeqCst)
+            || also.as_ref().is_some_and(|f| f.load(Ordering::SeqCst))
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if to.write_all(&buf[..n]).await.is_err() {
@@ -285,4 +299,150 @@ async fn concurrent_requests_to_a_silent_peer_are_each_bounded() {
         "all answered in {:?}",
         started.elapsed()
     );
+}
+
+/// A `begin` whose reply never arrives (the client left, an outer timeout)
+/// after its script took the lock: the lock is released by its token within
+/// milliseconds, not after its TTL.
+#[tokio::test]
+async fn a_dropped_begin_leaves_no_lock_behind() {
+    let server = RedisProcess::start(&[]);
+    let (port, _, replies) = proxy(server.port).await;
+    let backend = backend_on(&format!("redis://127.0.0.1:{port}"), Duration::from_secs(5));
+    let direct = backend_on(&server.url(), Duration::from_secs(5));
+    let fp = tower_idempotency::Fingerprint::from_bytes([1; 32]);
+    // Warm the connection (and the script cache) first.
+    let warm = StorageKey::from_bytes([7; 32]);
+    let Begin::Acquired(lock) = backend
+        .begin(&warm, &fp, Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("fresh key");
+    };
+    backend.release(lock).await.unwrap();
+
+    let key = StorageKey::from_bytes([8; 32]);
+    replies.store(true, Ordering::SeqCst);
+    let begin = backend.begin(&key, &fp, Duration::from_secs(30));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), begin)
+            .await
+            .is_err(),
+        "the reply is held back"
+    );
+    // The script ran: the lock is there, and nobody holds its token.
+    let lock_key = format!("idem:{{{}}}:lock", key.to_hex());
+    let mut admin = admin(&server.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let freed = loop {
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(&lock_key)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        if exists == 0 {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dropped begin's lock is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    replies.store(false, Ordering::SeqCst);
+    let _ = freed;
+    let Begin::Acquired(lock) = direct
+        .begin(&key, &fp, Duration::from_secs(30))
+        .await
+        .unwrap()
+    else {
+        panic!("the key must be free");
+    };
+    direct.release(lock).await.unwrap();
+}
+
+/// Redis with an evicting memory policy may drop a lock (a duplicate runs
+/// concurrently) or a record (a retry runs again): the backend refuses it,
+/// `verify` says so, and the layer answers `503` without running the handler
+/// — unless the user accepts the risk with `allow_eviction`.
+#[tokio::test]
+async fn an_evicting_redis_is_refused_unless_allowed() {
+    for policy in ["allkeys-lru", "volatile-lru"] {
+        let server = RedisProcess::start(&["--maxmemory-policy", policy]);
+        let backend = backend_on(&server.url(), Duration::from_secs(2));
+        let error = backend.verify().await.unwrap_err();
+        assert_eq!(error.kind(), BackendErrorKind::Misconfigured, "{error}");
+        assert!(error.to_string().contains(policy), "{error}");
+        let runs = Runs::default();
+        let mut svc = IdempotencyLayer::new(backend.clone()).layer(counting(runs.clone()));
+        let answer = send(&mut svc, post("/p", Some("k"), "x")).await;
+        assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(runs.get(), 0, "fail closed on {policy}");
+
+        let allowed = RedisBackend::builder(pool_for(&server.url()))
+            .allow_eviction()
+            .build()
+            .unwrap();
+        allowed.verify().await.unwrap();
+        let mut svc = IdempotencyLayer::new(allowed).layer(counting(runs.clone()));
+        assert_eq!(
+            send(&mut svc, post("/p", Some("k"), "x")).await.status,
+            StatusCode::CREATED
+        );
+    }
+    let server = RedisProcess::start(&["--maxmemory-policy", "noeviction"]);
+    backend_on(&server.url(), Duration::from_secs(2))
+        .verify()
+        .await
+        .unwrap();
+}
+
+/// Managed services disable `CONFIG`: the policy is read from `INFO memory`.
+#[tokio::test]
+async fn the_policy_is_read_from_info_where_config_is_disabled() {
+    for (policy, ok) in [("noeviction", true), ("allkeys-lru", false)] {
+        let server = RedisProcess::start(&[
+            "--maxmemory-policy",
+            policy,
+            "--rename-command",
+            "CONFIG",
+            "",
+        ]);
+        let result = backend_on(&server.url(), Duration::from_secs(2))
+            .verify()
+            .await;
+        assert_eq!(result.is_ok(), ok, "{policy}: {result:?}");
+    }
+}
+
+/// The policy is checked again when the connection is replaced: a server
+/// that comes back with an evicting policy is refused.
+#[tokio::test]
+async fn a_replaced_connection_is_checked_again() {
+    let mut server = RedisProcess::start(&["--maxmemory-policy", "noeviction"]);
+    let backend = backend_on(&server.url(), Duration::from_millis(500));
+    let runs = Runs::default();
+    let mut svc = IdempotencyLayer::new(backend.clone()).layer(counting(runs.clone()));
+    assert_eq!(
+        send(&mut svc, post("/p", Some("a"), "x")).await.status,
+        StatusCode::CREATED
+    );
+    server.stop();
+    assert_eq!(
+        send(&mut svc, post("/p", Some("b"), "x")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    server.restart();
+    let mut admin = admin(&server.url()).await;
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("allkeys-lru")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let answer = send(&mut svc, post("/p", Some("c"), "x")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(runs.get(), 1);
 }

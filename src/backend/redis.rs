@@ -54,6 +54,29 @@
 //! `503` (fail closed) — an outage, never a duplicate charge. If your Redis
 //! must use an evicting policy, give these keys their own instance.
 //!
+//! The backend checks this itself: every connection it takes (the first,
+//! and each replacement after an error, which may lead to a restarted or
+//! failed-over server) first reads `maxmemory-policy` — with `CONFIG GET`,
+//! or from `INFO memory` where `CONFIG` is disabled, as on managed services;
+//! on a cluster, from every node that answers. Any policy but `noeviction`
+//! is refused: requests fail with [`BackendErrorKind::Misconfigured`] (the
+//! layer answers `503`, counted in the metrics), and the first refusal is
+//! logged at `ERROR`. Call [`RedisBackend::verify`] at start-up to fail
+//! before serving; choose [`allow_eviction`](RedisBackendBuilder::allow_eviction)
+//! only if you accept the risk. A policy changed at run time with `CONFIG
+//! SET` is seen when the connection is next replaced.
+//!
+//! # Cancellation
+//!
+//! Every call is safe to drop. A lock token exists before `begin` sends its
+//! script; if the future is dropped (client gone, timeout layer) or times out
+//! before the reply is read, the token's lock is released by
+//! compare-and-delete from a task of its own, so the key is free within
+//! milliseconds rather than after the lock TTL. `complete` and `release` do
+//! the same until their reply is read; releasing by token never touches
+//! another request's lock, and a save that did happen has already removed
+//! the lock.
+//!
 //! # Failures
 //!
 //! Every command is bounded by [`timeout`](RedisBackendBuilder::timeout)
@@ -64,7 +87,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -144,6 +167,10 @@ struct Inner {
     prefix: String,
     timeout: Duration,
     codec: RecordCodec,
+    /// Skip the eviction-policy check (the user accepts the risk).
+    allow_eviction: bool,
+    /// Whether a refused eviction policy was already logged loudly.
+    warned: AtomicBool,
     begin: Lua,
     complete: Lua,
     release: Lua,
@@ -304,6 +331,7 @@ pub struct RedisBackendBuilder {
     prefix: String,
     timeout: Duration,
     codec: RecordCodec,
+    allow_eviction: bool,
 }
 
 impl fmt::Debug for RedisBackendBuilder {
@@ -338,6 +366,16 @@ impl RedisBackendBuilder {
         self
     }
 
+    /// Runs on a Redis whose `maxmemory-policy` is not `noeviction`,
+    /// accepting the risk: under memory pressure such a Redis may evict a
+    /// lock (a duplicate then runs concurrently) or a record (a retry then
+    /// runs again). Without this the backend refuses such a server (see
+    /// [`RedisBackend::verify`]).
+    pub const fn allow_eviction(mut self) -> Self {
+        self.allow_eviction = true;
+        self
+    }
+
     /// Builds the backend. No connection is made until the first request.
     ///
     /// # Errors
@@ -363,6 +401,8 @@ impl RedisBackendBuilder {
                 prefix: self.prefix,
                 timeout: self.timeout,
                 codec: self.codec,
+                allow_eviction: self.allow_eviction,
+                warned: AtomicBool::new(false),
                 begin: Lua::new(BEGIN),
                 complete: Lua::new(COMPLETE),
                 release: Lua::new(RELEASE),
@@ -415,7 +455,67 @@ impl RedisBackend {
             prefix: "idem:".to_owned(),
             timeout: Duration::from_secs(1),
             codec: RecordCodec::new(),
+            allow_eviction: false,
         }
+    }
+
+    /// Checks, at start-up, that Redis can be reached and keeps what this
+    /// backend writes: its `maxmemory-policy` must be `noeviction` (read with
+    /// `CONFIG GET`, or from `INFO memory` where `CONFIG` is disabled, as on
+    /// managed services; on Redis Cluster, every node that answers). The same
+    /// check runs on its own whenever the backend takes a new connection;
+    /// calling this surfaces a misconfiguration before the first request.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tower_idempotency::RedisBackend;
+    ///
+    /// let pool = deadpool_redis::Config::from_url("redis://127.0.0.1:6379")
+    ///     .create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+    /// let backend = RedisBackend::new(pool);
+    /// backend.verify().await?; // refuse to start on an evicting Redis
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`BackendErrorKind::Misconfigured`] for an evicting policy (unless
+    /// [`allow_eviction`](RedisBackendBuilder::allow_eviction)) or one that
+    /// cannot be read; [`BackendErrorKind::Unavailable`] or
+    /// [`BackendErrorKind::Timeout`] when Redis cannot be reached.
+    pub async fn verify(&self) -> Result<(), BackendError> {
+        let (mut conn, _) = self.connection().await?;
+        tokio::time::timeout(self.inner.timeout, self.check_eviction_policy(&mut conn))
+            .await
+            .map_err(|_| {
+                BackendError::new(
+                    BackendErrorKind::Timeout,
+                    "timed out reading Redis' maxmemory-policy",
+                )
+            })?
+    }
+
+    /// Refuses a Redis that may evict locks or records.
+    async fn check_eviction_policy(&self, conn: &mut Conn) -> Result<(), BackendError> {
+        if self.inner.allow_eviction {
+            return Ok(());
+        }
+        let policies = eviction_policies(conn).await?;
+        let Some(bad) = policies.iter().find(|p| p.as_str() != "noeviction") else {
+            return Ok(());
+        };
+        let message = format!(
+            "Redis runs with maxmemory-policy {bad}: it may evict idempotency locks and records, \
+             letting a request run twice. Set maxmemory-policy noeviction (or give these keys \
+             their own Redis), or accept the risk with RedisBackendBuilder::allow_eviction"
+        );
+        if self.inner.warned.swap(true, Ordering::Relaxed) {
+            tracing::debug!("{message}");
+        } else {
+            tracing::error!("{message}");
+        }
+        Err(BackendError::new(BackendErrorKind::Misconfigured, message))
     }
 
     /// The Redis keys of a storage key: (record, lock).
@@ -454,10 +554,13 @@ impl RedisBackend {
             return Ok((held.conn.clone(), held.generation));
         }
         let pooled = self.checkout().await?;
-        let conn = match &pooled {
+        let mut conn = match &pooled {
             Pooled::Single(c) => Conn::Single((**c).clone()),
             Pooled::Cluster(c) => Conn::Cluster((**c).clone()),
         };
+        // Every new connection may lead to another server (a restart with
+        // another configuration, a failover): check it before using it.
+        self.check_eviction_policy(&mut conn).await?;
         let generation = self.inner.generations.fetch_add(1, Ordering::Relaxed) + 1;
         self.inner.held.store(Some(Arc::new(Held {
             conn: conn.clone(),
@@ -539,6 +642,150 @@ impl RedisBackend {
     }
 }
 
+impl RedisBackend {
+    /// Compare-and-delete of the lock `lock_key` held by `token`.
+    async fn release_token(&self, lock_key: &str, token: &str) -> Result<(), BackendError> {
+        let call = Call::new(&[lock_key]).arg(token);
+        self.invoke(&self.inner.release, call).await.map(drop)
+    }
+}
+
+/// A lock token whose fate is not known yet: a `begin` whose script may
+/// have taken the lock, a `complete` or `release` that may not have freed
+/// it. Dropped before [`settled`](Self::settled) — the future was dropped
+/// (client gone, timeout layer) or the call failed after the script may have
+/// run — it releases the token from a task of its own, so the key is free in
+/// milliseconds instead of after the lock's TTL. Releasing by token never
+/// touches another holder's lock.
+struct Unsettled<'a> {
+    lock: Option<(&'a RedisBackend, &'a str, &'a str)>,
+}
+
+impl<'a> Unsettled<'a> {
+    const fn new(backend: &'a RedisBackend, lock_key: &'a str, token: &'a str) -> Self {
+        Self {
+            lock: Some((backend, lock_key, token)),
+        }
+    }
+
+    /// The reply was read: nothing to clean up.
+    fn settled(mut self) {
+        self.lock = None;
+    }
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        let Some((backend, lock_key, token)) = self.lock.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime: the lock expires by its TTL
+        };
+        let (backend, lock_key, token) = (backend.clone(), lock_key.to_owned(), token.to_owned());
+        runtime.spawn(async move {
+            if let Err(error) = backend.release_token(&lock_key, &token).await {
+                tracing::warn!(%error, "releasing an unsettled Redis lock failed; it expires by its TTL");
+            }
+        });
+    }
+}
+
+/// The `maxmemory-policy` of the server (of every node that answers, on a
+/// cluster): `CONFIG GET`, else `INFO memory`.
+async fn eviction_policies(conn: &mut Conn) -> Result<Vec<String>, BackendError> {
+    let config: Result<Value, RedisError> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(conn)
+        .await;
+    let mut policies = Vec::new();
+    if let Ok(value) = &config {
+        collect_config_policies(value, &mut policies);
+    }
+    if policies.is_empty() {
+        // CONFIG is disabled or renamed (managed services): INFO tells too.
+        let info: Value = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(conn)
+            .await
+            .map_err(|e| {
+                let cause = config
+                    .as_ref()
+                    .err()
+                    .map_or_else(String::new, |c| format!("{c}; "));
+                BackendError::new(
+                    BackendErrorKind::Misconfigured,
+                    format!("cannot read Redis' maxmemory-policy ({cause}INFO: {e})"),
+                )
+                .with_source(e)
+            })?;
+        collect_info_policies(&info, &mut policies);
+    }
+    if policies.is_empty() {
+        return Err(BackendError::new(
+            BackendErrorKind::Misconfigured,
+            "Redis did not report its maxmemory-policy (neither CONFIG GET nor INFO memory)",
+        ));
+    }
+    Ok(policies)
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) | Value::VerbatimString { text: s, .. } => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// `CONFIG GET` answers `[name, value]` (RESP2) or `{name: value}` (RESP3);
+/// a cluster may answer one of those per node.
+fn collect_config_policies(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Array(items) => {
+            if let [name, policy] = items.as_slice()
+                && text(name).is_some_and(|n| n.eq_ignore_ascii_case("maxmemory-policy"))
+                && let Some(policy) = text(policy)
+            {
+                out.push(policy);
+                return;
+            }
+            for item in items {
+                collect_config_policies(item, out);
+            }
+        }
+        Value::Map(pairs) => {
+            for (name, policy) in pairs {
+                match (text(name), text(policy)) {
+                    (Some(n), Some(p)) if n.eq_ignore_ascii_case("maxmemory-policy") => out.push(p),
+                    _ => collect_config_policies(policy, out),
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The `maxmemory_policy:` lines of `INFO` text (one per node on a cluster).
+fn collect_info_policies(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Array(items) => items.iter().for_each(|v| collect_info_policies(v, out)),
+        Value::Map(pairs) => pairs
+            .iter()
+            .for_each(|(_, v)| collect_info_policies(v, out)),
+        other => {
+            if let Some(info) = text(other) {
+                out.extend(
+                    info.lines()
+                        .filter_map(|l| l.strip_prefix("maxmemory_policy:"))
+                        .map(|p| p.trim().to_owned()),
+                );
+            }
+        }
+    }
+}
+
 /// Milliseconds for `PX` / `PEXPIRE`, within [`MAX_TTL`](crate::MAX_TTL)
 /// (Redis refuses expiries past its clock's range).
 fn millis(d: Duration) -> u64 {
@@ -613,7 +860,11 @@ impl Backend for RedisBackend {
         let call = Call::new(&[&record_key, &lock_key])
             .arg(&token)
             .arg(millis(lock_ttl));
+        // From here until the reply is read, the lock may exist in Redis
+        // with this token and no `RedisLock` to release it.
+        let unsettled = Unsettled::new(self, &lock_key, &token);
         let reply = self.invoke(&self.inner.begin, call).await?;
+        unsettled.settled();
         let Value::Array(items) = reply else {
             return Err(unexpected("begin"));
         };
@@ -639,39 +890,53 @@ impl Backend for RedisBackend {
         record: Record,
         ttl: Duration,
     ) -> Result<Completion, BackendError> {
-        let blob = match self.inner.codec.encode(&record) {
-            Ok(blob) => blob,
+        // Until the reply is read (or if it never is), the lock is released
+        // by token when this is dropped: a completed save already removed
+        // it, so that is harmless.
+        let unsettled = Unsettled::new(self, &lock.lock_key, &lock.token);
+        let saved = match self.inner.codec.encode(&record) {
+            Ok(blob) => {
+                let call = Call::new(&[&lock.record_key, &lock.lock_key])
+                    .arg(&lock.token)
+                    .arg(blob)
+                    .arg(millis(ttl));
+                self.invoke(&self.inner.complete, call).await
+            }
+            Err(error) => Err(BackendError::new(
+                BackendErrorKind::Other,
+                "the response cannot be encoded within the backend's max_record_size",
+            )
+            .with_source(error)),
+        };
+        let reply = match saved {
+            Ok(reply) => reply,
             Err(error) => {
-                // Nothing can be stored; free the key for a retry.
-                let _ = self.release(lock).await;
-                return Err(BackendError::new(
-                    BackendErrorKind::Other,
-                    "the response cannot be encoded within the backend's max_record_size",
-                )
-                .with_source(error));
+                // Nothing stored (e.g. OOM refused the record): free the key
+                // for a retry; a DEL is still allowed. If that fails too,
+                // `unsettled` tries once more in the background.
+                if self
+                    .release_token(&lock.lock_key, &lock.token)
+                    .await
+                    .is_ok()
+                {
+                    unsettled.settled();
+                }
+                return Err(error);
             }
         };
-        let call = Call::new(&[&lock.record_key, &lock.lock_key])
-            .arg(&lock.token)
-            .arg(blob)
-            .arg(millis(ttl));
-        match self.invoke(&self.inner.complete, call).await {
-            Ok(reply) if as_flag(&reply, "complete")? => Ok(Completion::Saved),
-            Ok(_) => Ok(Completion::Lost),
-            Err(error) => {
-                // Best effort (e.g. OOM refused the record): a DEL is still
-                // allowed, and otherwise the lock expires by its TTL.
-                if error.kind() != BackendErrorKind::Timeout {
-                    let _ = self.release(lock).await;
-                }
-                Err(error)
-            }
+        unsettled.settled();
+        if as_flag(&reply, "complete")? {
+            Ok(Completion::Saved)
+        } else {
+            Ok(Completion::Lost)
         }
     }
 
     async fn release(&self, lock: RedisLock) -> Result<(), BackendError> {
-        let call = Call::new(&[&lock.lock_key]).arg(&lock.token);
-        self.invoke(&self.inner.release, call).await.map(drop)
+        let unsettled = Unsettled::new(self, &lock.lock_key, &lock.token);
+        self.release_token(&lock.lock_key, &lock.token).await?;
+        unsettled.settled();
+        Ok(())
     }
 
     async fn extend(&self, lock: &RedisLock, lock_ttl: Duration) -> Result<bool, BackendError> {
