@@ -32,7 +32,9 @@ pin_project! {
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
         Prefixed { prefix: Option<Bytes>, body: Pin<Box<B>> },
         Failed { prefix: Option<Bytes>, error: Option<B::Error> },
-        Tee { tee: Tee<B> },
+        // Boxed: only streamed responses use it, and every response moves
+        // this enum around.
+        Tee { tee: Box<Tee<B>> },
     }
 }
 
@@ -89,7 +91,7 @@ impl<B: Body + Send + 'static> IdempotencyBody<B> {
     ) -> Self {
         Self {
             kind: Kind::Tee {
-                tee: Tee {
+                tee: Box::new(Tee {
                     body: Some(Box::pin(body)),
                     events: Some(events),
                     settled: Some(settled),
@@ -98,7 +100,7 @@ impl<B: Body + Send + 'static> IdempotencyBody<B> {
                     overflowed: false,
                     limit,
                     hand_over,
-                },
+                }),
             },
         }
     }
