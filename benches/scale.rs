@@ -111,7 +111,12 @@ where
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let backend = MemoryBackend::builder().max_entries(BOUND).build();
+    // No minimum retention: this measures eviction at the bound (with the
+    // default, new keys past the bound are refused instead).
+    let backend = MemoryBackend::builder()
+        .max_entries(BOUND)
+        .min_retention(std::time::Duration::ZERO)
+        .build();
     let mut svc = IdempotencyLayer::new(backend.clone()).layer(tower::service_fn(handler));
     let mut next = 0u64;
 

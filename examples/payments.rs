@@ -26,7 +26,9 @@
 //! Environment: `ADDR` (default `127.0.0.1:3000`; `127.0.0.1:0` picks a free
 //! port, and the bound address is printed as `listening on <addr>`),
 //! `PAYMENT_DELAY_MS` (default 0), `IDEMPOTENCY=off` (no layer: the baseline
-//! for load comparisons).
+//! for load comparisons), `MIN_RETENTION_SECS` (how long a record is kept at
+//! the least; default one hour: past 100 000 young records, new keys are
+//! answered `503` — `0` evicts the oldest instead, as load runs need).
 
 #[path = "support/payments_app.rs"]
 mod payments_app;
@@ -37,6 +39,13 @@ use tower_idempotency::{IdempotencyLayer, MemoryBackend};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let backend = MemoryBackend::builder().max_entries(100_000).build();
+    let mut backend = MemoryBackend::builder().max_entries(100_000);
+    if let Some(secs) = std::env::var("MIN_RETENTION_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        backend = backend.min_retention(Duration::from_secs(secs));
+    }
+    let backend = backend.build();
     payments_app::serve(IdempotencyLayer::new(backend).ttl(Duration::from_hours(24))).await
 }

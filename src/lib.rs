@@ -112,8 +112,9 @@
 //!
 //! # Backends
 //!
-//! - [`MemoryBackend`] (feature `memory`, on by default): bounded, in
-//!   process, no server. Protects **one** process.
+//! - [`MemoryBackend`] (feature `memory`, on by default): bounded by records
+//!   and bytes, in process, no server; keeps every record at least an hour.
+//!   Protects **one** process.
 //! - `RedisBackend` (feature `redis`): several instances share one Redis or
 //!   Redis Cluster through your `deadpool_redis` pool; two commands for a
 //!   fresh request, one for a replay. See the `backend::redis` module.
@@ -288,8 +289,12 @@
 //! - **Expiry.** A response is replayed until its TTL ends (at most
 //!   [`MAX_TTL`]; longer TTLs are shortened to it); after that the key is free
 //!   and the next request runs the handler.
-//! - **Single process for [`MemoryBackend`].** It protects one process only;
-//!   several instances need a shared backend such as Redis.
+//! - **[`MemoryBackend`] forgets no young record.** A record is kept at least
+//!   its [`min_retention`](MemoryBackendBuilder::min_retention)
+//!   (one hour by default) and up to its TTL while memory allows; when the
+//!   bound is reached with younger records only, *new* keys are answered `503`
+//!   (store full) instead of evicting anyone's response. It protects one
+//!   process only; several instances need a shared backend such as Redis.
 //! - **Fail closed.** A backend error answers `503` and the handler does not
 //!   run, unless [`fail_open`](IdempotencyLayer::fail_open) is chosen.
 //! - **Corrupt data is never replayed.** A stored record that fails its

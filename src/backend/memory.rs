@@ -4,21 +4,57 @@
 //! mutex over its records (kept in the order they were stored) and its locks
 //! (each carrying a unique token). `begin` and `complete` take one shard's
 //! mutex once: the lookup and the lock it takes are a single step, so no
-//! holder can complete in between. At capacity the oldest records are evicted
-//! first — records expire in the order they were stored, and the newest are
-//! the ones a retry is about to ask for. Expired records are never replayed;
-//! their memory is reclaimed as newer records arrive. Expiry is judged with
+//! holder can complete in between. Expired records are never replayed; their
+//! memory is reclaimed as newer records arrive. Expiry is judged with
 //! [`tokio::time::Instant`], so tests can drive it with `tokio::time::pause`
 //! and `advance`.
+//!
+//! # Bounded, and never forgetting a young record
+//!
+//! The table is bounded by records (default 500 000) **and** by their bytes
+//! (default 512 MiB, weighed by body and headers). At the bound, room is made
+//! from the oldest end: expired records first, then records older than the
+//! [minimum retention](MemoryBackendBuilder::min_retention) (default one
+//! hour, longer than any client's retry loop). A record younger than that,
+//! and a held lock, are never evicted: a request with a **new** key that
+//! finds no room is answered `503` (the backend reports
+//! [`BackendErrorKind::Rejected`], "store full") and its handler does not
+//! run — the memory analogue of Redis' `noeviction`. Replays and requests in
+//! flight are not affected. The promise: a record is kept at least the
+//! minimum retention, and up to its TTL while memory allows. (A lock counts
+//! as a record against the record bound; the byte bound may be passed by the
+//! responses of requests already in flight.)
+//!
+//! One caller sending many new keys can fill the table and make everybody's
+//! *new* keys wait — it can no longer wipe anybody's stored responses. Bound
+//! each caller in front of this layer with a rate limit, for example
+//! [`tower_governor`](https://docs.rs/tower_governor) keyed by the same
+//! identity as the idempotency scope:
+//!
+//! ```ignore
+//! use tower_governor::{GovernorLayer, governor::GovernorConfigBuilder};
+//!
+//! // 20 keyed requests a second per client IP, bursts of 50.
+//! let governor = GovernorConfigBuilder::default().per_second(20).burst_size(50).finish().unwrap();
+//! let app = Router::new()
+//!     .route("/payments", post(create_payment))
+//!     .layer(IdempotencyLayer::new(MemoryBackend::new()))
+//!     .layer(GovernorLayer::new(governor)); // outside: limits before the table
+//! ```
 //!
 //! It protects **one process** only: two instances of a service each have
 //! their own memory and would both run a retried request. Use the Redis or
 //! PostgreSQL backend when more than one instance serves the same clients.
 //!
 //! ```
+//! use std::time::Duration;
 //! use tower_idempotency::{IdempotencyLayer, MemoryBackend};
 //!
-//! let backend = MemoryBackend::builder().max_entries(100_000).build();
+//! let backend = MemoryBackend::builder()
+//!     .max_entries(100_000)
+//!     .max_bytes(256 << 20)
+//!     .min_retention(Duration::from_hours(1))
+//!     .build();
 //! let layer = IdempotencyLayer::new(backend);
 //! # let _ = layer;
 //! ```
@@ -41,8 +77,15 @@ const MAX_SHARDS: u64 = 64;
 /// Below this many records per shard, fewer shards are used, so that a small
 /// bound is kept exactly.
 const MIN_ENTRIES_PER_SHARD: u64 = 1024;
-/// The same for a byte bound: a shard holds at least this much.
+/// The same for the byte bound: a shard holds at least this much.
 const MIN_BYTES_PER_SHARD: u64 = 4 << 20;
+const DEFAULT_MAX_ENTRIES: u64 = 500_000;
+const DEFAULT_MAX_BYTES: u64 = 512 << 20;
+const DEFAULT_MIN_RETENTION: Duration = Duration::from_hours(1);
+/// A full shard looks through all its records for expired ones (out of
+/// store order) at most this often, so a flood cannot make every request
+/// pay for a scan.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// A bounded in-memory [`Backend`] for a single process.
 ///
@@ -71,10 +114,19 @@ struct Inner {
     shards: Box<[Mutex<Shard>]>,
     /// Mask over a key's hash that picks its shard (shard count − 1).
     shard_mask: u64,
-    /// What one shard may hold: records, or bytes of records.
-    shard_capacity: u64,
-    by_bytes: bool,
+    /// What one shard may hold.
+    limits: Limits,
     next_token: AtomicU64,
+}
+
+/// One shard's share of the bounds, and the retention promise.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    /// Records plus held locks.
+    entries: u64,
+    /// Bytes of records.
+    bytes: u64,
+    min_retention: Duration,
 }
 
 #[derive(Default)]
@@ -85,16 +137,27 @@ struct Shard {
     /// stale (the record was removed or stored again) and is skipped.
     order: VecDeque<(StorageKey, u64)>,
     locks: HashMap<StorageKey, LockState>,
-    /// Records held (entry bound) or their bytes (byte bound).
-    weight: u64,
+    /// Bytes of the records held.
+    bytes: u64,
     next_seq: u64,
+    /// When the shard last looked through all its records for expired ones.
+    last_sweep: Option<Instant>,
 }
 
 struct Stored {
     record: Arc<Record>,
+    kept_since: Instant,
     expires_at: Instant,
     seq: u64,
-    weight: u64,
+    size: u64,
+}
+
+impl Stored {
+    /// Whether making room may remove it: expired, or kept for at least the
+    /// minimum retention.
+    fn evictable(&self, now: Instant, min_retention: Duration) -> bool {
+        self.expires_at <= now || self.kept_since + min_retention <= now
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -129,41 +192,40 @@ pub struct MemoryLock {
     token: u64,
 }
 
-/// How a [`MemoryBackend`] bounds its size.
-#[derive(Clone, Copy, Debug)]
-enum Capacity {
-    Entries(u64),
-    Bytes(u64),
-}
-
 /// Builds a [`MemoryBackend`].
 ///
 /// ```
+/// use std::time::Duration;
 /// use tower_idempotency::MemoryBackend;
 ///
-/// let backend = MemoryBackend::builder().max_entries(10_000).build();
+/// let backend = MemoryBackend::builder()
+///     .max_entries(10_000)
+///     .max_bytes(64 << 20)
+///     .min_retention(Duration::from_mins(30))
+///     .build();
 /// # let _ = backend;
 /// ```
 #[derive(Clone, Debug)]
 #[must_use]
 pub struct MemoryBackendBuilder {
-    capacity: Capacity,
+    max_entries: u64,
+    max_bytes: u64,
+    min_retention: Duration,
 }
 
 impl MemoryBackendBuilder {
-    /// Keep at most `n` records (default 100 000); the oldest are evicted
-    /// first. Replaces a [`max_bytes`](Self::max_bytes) bound.
+    /// Keep at most `n` records (default 500 000); held locks count too.
     ///
-    /// Large bounds are spread over up to 64 shards of equal share, so
-    /// eviction may begin a little before the total reaches `n`; it never
+    /// Large bounds are spread over up to 64 shards of equal share, so the
+    /// table may be full a little before the total reaches `n`; it never
     /// exceeds it.
     pub const fn max_entries(mut self, n: u64) -> Self {
-        self.capacity = Capacity::Entries(n);
+        self.max_entries = n;
         self
     }
 
-    /// Keep at most about `bytes` of records, weighed by body and header
-    /// size. Replaces a [`max_entries`](Self::max_entries) bound.
+    /// Keep at most about `bytes` of records (default 512 MiB), weighed by
+    /// body and header size. Both bounds hold at once.
     ///
     /// Large bounds are spread over up to 64 shards of at least 4 MiB each;
     /// a record heavier than one shard's share is refused (the layer still
@@ -171,28 +233,39 @@ impl MemoryBackendBuilder {
     /// above the layer's
     /// [`max_stored_response`](crate::IdempotencyLayer::max_stored_response).
     pub const fn max_bytes(mut self, bytes: u64) -> Self {
-        self.capacity = Capacity::Bytes(bytes);
+        self.max_bytes = bytes;
+        self
+    }
+
+    /// How long a record is kept at the least (default one hour, capped by
+    /// its own TTL): at the bound, younger records are never evicted to make
+    /// room, and new keys are refused instead (see the
+    /// [module documentation](self)). `Duration::ZERO` evicts the oldest
+    /// records whatever their age.
+    pub const fn min_retention(mut self, min_retention: Duration) -> Self {
+        self.min_retention = min_retention;
         self
     }
 
     /// Builds the backend.
     #[must_use]
     pub fn build(self) -> MemoryBackend {
-        let (total, per_shard_floor, by_bytes) = match self.capacity {
-            Capacity::Entries(n) => (n, MIN_ENTRIES_PER_SHARD, false),
-            Capacity::Bytes(n) => (n, MIN_BYTES_PER_SHARD, true),
-        };
         // The largest power of two of shards, at most 64, each holding at
-        // least the floor.
-        let fit = (total / per_shard_floor).clamp(1, MAX_SHARDS);
+        // least the floor of both bounds.
+        let fit = (self.max_entries / MIN_ENTRIES_PER_SHARD)
+            .min(self.max_bytes / MIN_BYTES_PER_SHARD)
+            .clamp(1, MAX_SHARDS);
         let shards = 1u64 << fit.ilog2();
         MemoryBackend {
             inner: Arc::new(Inner {
                 hasher: RandomState::new(),
                 shards: (0..shards).map(|_| Mutex::default()).collect(),
                 shard_mask: shards - 1,
-                shard_capacity: total / shards,
-                by_bytes,
+                limits: Limits {
+                    entries: self.max_entries / shards,
+                    bytes: self.max_bytes / shards,
+                    min_retention: self.min_retention,
+                },
                 next_token: AtomicU64::new(1),
             }),
         }
@@ -215,7 +288,8 @@ impl std::fmt::Debug for MemoryBackend {
 }
 
 impl MemoryBackend {
-    /// A backend holding at most 100 000 records.
+    /// A backend with the default bounds: 500 000 records, 512 MiB, each
+    /// record kept at least an hour.
     #[must_use]
     pub fn new() -> Self {
         Self::builder().build()
@@ -224,12 +298,14 @@ impl MemoryBackend {
     /// Starts a builder.
     pub const fn builder() -> MemoryBackendBuilder {
         MemoryBackendBuilder {
-            capacity: Capacity::Entries(100_000),
+            max_entries: DEFAULT_MAX_ENTRIES,
+            max_bytes: DEFAULT_MAX_BYTES,
+            min_retention: DEFAULT_MIN_RETENTION,
         }
     }
 
     /// How many records are held in memory, including expired ones not yet
-    /// reclaimed (never replayed). It never exceeds the
+    /// reclaimed (never replayed). With the locks held, it never exceeds the
     /// [`max_entries`](MemoryBackendBuilder::max_entries) bound.
     #[must_use]
     pub fn stored_count(&self) -> u64 {
@@ -276,6 +352,17 @@ impl MemoryBackend {
     }
 }
 
+fn store_full(limits: &Limits) -> BackendError {
+    BackendError::new(
+        BackendErrorKind::Rejected,
+        format!(
+            "the memory backend is full (store full): every record in this shard is younger \
+             than the minimum retention of {:?}; new keys wait until records age or expire",
+            limits.min_retention
+        ),
+    )
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing panics while a shard is held; recover rather than propagate.
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -294,30 +381,33 @@ impl Shard {
 
     fn remove(&mut self, key: &StorageKey) {
         if let Some(gone) = self.records.remove(key) {
-            self.weight -= gone.weight;
+            self.bytes -= gone.size;
         }
     }
 
-    /// Stores `stored`, then evicts from the oldest end: stale order
-    /// entries, expired records, and live ones while over `capacity` (the
-    /// caller made sure `stored` alone fits).
-    fn store(&mut self, key: StorageKey, mut stored: Stored, capacity: u64, now: Instant) {
-        self.remove(&key);
-        self.next_seq += 1;
-        stored.seq = self.next_seq;
-        self.weight += stored.weight;
-        self.order.push_back((key, stored.seq));
-        self.records.insert(key, stored);
+    /// Whether one more lock (a new key) would pass a bound.
+    fn full(&self, limits: &Limits) -> bool {
+        (self.records.len() + self.locks.len()) as u64 >= limits.entries
+            || self.bytes >= limits.bytes
+    }
+
+    /// Removes records from the oldest end while the shard is `over` its
+    /// bounds: stale order entries, then records that are expired or older
+    /// than the minimum retention. Stops at the first young record.
+    fn evict_oldest(&mut self, limits: &Limits, now: Instant, over: fn(&Self, &Limits) -> bool) {
         while let Some(&(oldest, seq)) = self.order.front() {
+            let is_over = over(self, limits);
             // One probe per queue entry: the oldest records are cold in the
             // CPU caches, so a second lookup would cost another miss.
             if let Entry::Occupied(entry) = self.records.entry(oldest)
                 && entry.get().seq == seq
             {
-                if self.weight <= capacity && entry.get().expires_at > now {
+                let stored = entry.get();
+                let expired = stored.expires_at <= now;
+                if !expired && (!is_over || !stored.evictable(now, limits.min_retention)) {
                     break;
                 }
-                self.weight -= entry.remove().weight;
+                self.bytes -= entry.remove().size;
             }
             // Evicted, expired, or stale (the record it stood for is gone).
             self.order.pop_front();
@@ -330,6 +420,48 @@ impl Shard {
             self.order
                 .retain(|(k, seq)| records.get(k).is_some_and(|s| s.seq == *seq));
         }
+    }
+
+    /// Makes room for one more lock if it can without evicting a young
+    /// record or a live lock; says whether there is room now.
+    fn make_room(&mut self, limits: &Limits, now: Instant) -> bool {
+        self.evict_oldest(limits, now, Self::full);
+        if !self.full(limits) {
+            return true;
+        }
+        // The oldest record is young: expired records (shorter TTLs, out of
+        // store order) and lapsed locks may still be found further in, at
+        // most once per `SWEEP_EVERY`.
+        if self.last_sweep.is_none_or(|at| at + SWEEP_EVERY <= now) {
+            self.last_sweep = Some(now);
+            let mut freed = 0;
+            self.records.retain(|_, stored| {
+                let keep = stored.expires_at > now;
+                if !keep {
+                    freed += stored.size;
+                }
+                keep
+            });
+            self.bytes -= freed;
+            self.locks.retain(|_, lock| lock.expires_at > now);
+        }
+        !self.full(limits)
+    }
+
+    /// Stores `stored`, then evicts what may go while over a bound (a young
+    /// record never goes; the entry bound was checked when the key was
+    /// locked).
+    fn store(&mut self, key: StorageKey, mut stored: Stored, limits: &Limits, now: Instant) {
+        self.remove(&key);
+        self.next_seq += 1;
+        stored.seq = self.next_seq;
+        self.bytes += stored.size;
+        self.order.push_back((key, stored.seq));
+        self.records.insert(key, stored);
+        self.evict_oldest(limits, now, |shard, limits| {
+            (shard.records.len() + shard.locks.len()) as u64 > limits.entries
+                || shard.bytes > limits.bytes
+        });
     }
 }
 
@@ -353,19 +485,21 @@ impl Backend for MemoryBackend {
             token,
             expires_at: now + clamp_ttl(lock_ttl),
         };
-        match shard.locks.entry(*key) {
-            Entry::Occupied(held) if held.get().expires_at > now => {
+        match shard.locks.get_mut(key) {
+            Some(held) if held.expires_at > now => {
                 return Ok(Begin::Busy {
-                    retry_after: held.get().expires_at - now,
+                    retry_after: held.expires_at - now,
                 });
             }
             // A lapsed lock is taken over: its holder's `complete` finds
             // another token and stores nothing.
-            Entry::Occupied(mut lapsed) => {
-                lapsed.insert(fresh);
-            }
-            Entry::Vacant(free) => {
-                free.insert(fresh);
+            Some(lapsed) => *lapsed = fresh,
+            None => {
+                let limits = self.inner.limits;
+                if shard.full(&limits) && !shard.make_room(&limits, now) {
+                    return Err(store_full(&limits));
+                }
+                shard.locks.insert(*key, fresh);
             }
         }
         Ok(Begin::Acquired(MemoryLock { key: *key, token }))
@@ -377,11 +511,7 @@ impl Backend for MemoryBackend {
         record: Record,
         ttl: Duration,
     ) -> Result<Completion, BackendError> {
-        let weight = if self.inner.by_bytes {
-            record.size() as u64
-        } else {
-            1
-        };
+        let size = record.size() as u64;
         let now = Instant::now();
         let mut shard = self.shard(&lock_.key);
         let held = match shard.locks.entry(lock_.key) {
@@ -391,22 +521,24 @@ impl Backend for MemoryBackend {
         if held.expires_at <= now {
             return Ok(Completion::Lost);
         }
-        let capacity = self.inner.shard_capacity;
-        if weight > capacity {
+        let limits = self.inner.limits;
+        if size > limits.bytes {
             return Err(BackendError::new(
                 BackendErrorKind::Rejected,
                 format!(
-                    "a {weight}-byte record is larger than a memory backend shard's {capacity}-byte share"
+                    "a {size}-byte record is larger than a memory backend shard's {}-byte share",
+                    limits.bytes
                 ),
             ));
         }
         let stored = Stored {
             record: Arc::new(record),
+            kept_since: now,
             expires_at: now + clamp_ttl(ttl),
             seq: 0,
-            weight,
+            size,
         };
-        shard.store(lock_.key, stored, capacity, now);
+        shard.store(lock_.key, stored, &limits, now);
         Ok(Completion::Saved)
     }
 
