@@ -7,7 +7,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,10 +16,7 @@ use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::{
-    Backend, BackendError, Begin, Completion, Fingerprint, IdempotencyBody, IdempotencyLayer,
-    MemoryBackend, MemoryLock, OnDisconnect, Record, StorageKey,
-};
+use tower_idempotency::{IdempotencyBody, IdempotencyLayer, MemoryBackend, OnDisconnect};
 
 /// A handler whose first call signals its start, then waits for `go`; it
 /// answers `done <n>`.
@@ -152,249 +149,16 @@ impl http_body::Body for SlowBody {
     }
 }
 
-fn slow_request(key: &str) -> Request<SlowBody> {
-    Request::post("/p")
-        .header("idempotency-key", key)
-        .body(SlowBody {
-            chunks: vec![b"a", b"b", b"c"],
-            pending: false,
-        })
-        .unwrap()
-}
-
-/// Steps handed out one at a time by the test: every await point of the
-/// handler and the backend below waits for one, so the test decides how far
-/// the flow gets before the client leaves.
-#[derive(Clone)]
-struct Steps(Arc<tokio::sync::Semaphore>);
-
-impl Steps {
-    fn new() -> Self {
-        Self(Arc::new(tokio::sync::Semaphore::new(0)))
-    }
-    async fn take(&self) {
-        self.0.acquire().await.unwrap().forget();
-    }
-    fn grant(&self, n: usize) {
-        self.0.add_permits(n);
-    }
-    /// One step, unless the last one is still unused.
-    fn grant_one(&self) {
-        if self.0.available_permits() == 0 {
-            self.0.add_permits(1);
-        }
-    }
-}
-
-/// A memory backend whose every operation waits for a step before it runs,
-/// as a remote backend's would wait for the network.
-#[derive(Clone)]
-struct Stepped {
-    inner: MemoryBackend,
-    steps: Steps,
-}
-
-impl Backend for Stepped {
-    type Lock = MemoryLock;
-
-    async fn begin(
-        &self,
-        key: &StorageKey,
-        fp: &Fingerprint,
-        ttl: Duration,
-    ) -> Result<Begin<MemoryLock>, BackendError> {
-        self.steps.take().await;
-        self.inner.begin(key, fp, ttl).await
-    }
-
-    async fn complete(
-        &self,
-        lock: MemoryLock,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<Completion, BackendError> {
-        self.steps.take().await;
-        self.inner.complete(lock, record, ttl).await
-    }
-
-    async fn release(&self, lock: MemoryLock) -> Result<(), BackendError> {
-        self.steps.take().await;
-        self.inner.release(lock).await
-    }
-
-    async fn extend(&self, lock: &MemoryLock, ttl: Duration) -> Result<bool, BackendError> {
-        self.steps.take().await;
-        self.inner.extend(lock, ttl).await
-    }
-}
-
-/// A response body of two chunks, each after a step, with no length.
-struct SteppedBody {
-    chunks: Vec<&'static [u8]>,
-    step: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    steps: Steps,
-}
-
-impl http_body::Body for SteppedBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.chunks.is_empty() {
-            return Poll::Ready(None);
-        }
-        let steps = self.steps.clone();
-        let step = self
-            .step
-            .get_or_insert_with(|| Box::pin(async move { steps.take().await }));
-        std::task::ready!(step.as_mut().poll(cx));
-        self.step = None;
-        let chunk = self.chunks.remove(0);
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(chunk)))))
-    }
-}
-
-/// Echoes the request body after two steps; the response body is either
-/// whole (`Full`, stored as it is buffered) or streamed in two stepped
-/// chunks without a length (teed to the client and stored at its end).
-fn echo_handler(
-    runs: Runs,
-    streamed: bool,
-    steps: Steps,
-) -> impl Service<
-    Request<IdempotencyBody<SlowBody>>,
-    Response = Response<http_body_util::Either<Full<Bytes>, SteppedBody>>,
-    Error = Infallible,
-    Future: Send,
-> + Clone
-+ Send
-+ 'static {
-    tower::service_fn(move |req: Request<IdempotencyBody<SlowBody>>| {
-        let runs = runs.clone();
-        let steps = steps.clone();
-        async move {
-            runs.bump();
-            let body = req.into_body().collect().await.unwrap().to_bytes();
-            steps.take().await;
-            steps.take().await;
-            assert_eq!(body, "abc");
-            let body = if streamed {
-                http_body_util::Either::Right(SteppedBody {
-                    chunks: vec![b"ab", b"c"],
-                    step: None,
-                    steps,
-                })
-            } else {
-                http_body_util::Either::Left(Full::new(body))
-            };
-            Ok::<_, Infallible>(Response::new(body))
-        }
-    })
-}
-
-/// Yields until no key is locked; fails if that takes unreasonably long (a
-/// stuck lock).
-async fn settle(backend: &MemoryBackend, what: &str) {
-    for _ in 0..1000 {
-        tokio::task::yield_now().await;
-        if backend.in_flight_count() == 0 {
-            return;
-        }
-    }
-    panic!("stuck lock {what}");
-}
-
-/// What one client that leaves after `polls` polls saw.
-struct Left {
-    /// The key was locked when the client left.
-    held_lock: bool,
-    /// The client had its answer (and dropped the body unread).
-    answered: bool,
-    /// Handler runs by the first request and its retry.
-    first_runs: usize,
-    retry_runs: usize,
-    /// The retry was a replay.
-    replayed: bool,
-}
-
-/// Sends a request and drops it after `polls` polls, with one step granted
-/// and the runtime turned once between polls; then lets everything finish
-/// and retries.
-async fn leave_after(polls: usize, streamed: bool, on_disconnect: OnDisconnect) -> Left {
-    let runs = Runs::default();
-    let steps = Steps::new();
-    let backend = Stepped {
-        inner: MemoryBackend::new(),
-        steps: steps.clone(),
-    };
-    let svc = IdempotencyLayer::new(backend.clone())
-        .on_disconnect(on_disconnect)
-        .layer(echo_handler(runs.clone(), streamed, steps.clone()));
-    let mut fut = Box::pin(svc.clone().oneshot(slow_request("k")));
-    let mut cx = Context::from_waker(Waker::noop());
-    let mut answered = false;
-    for _ in 0..polls {
-        if let Poll::Ready(res) = fut.as_mut().poll(&mut cx) {
-            answered = true;
-            drop(res); // the body, unread
-            break;
-        }
-        steps.grant_one();
-        tokio::task::yield_now().await;
-    }
-    let held_lock = backend.inner.in_flight_count() == 1;
-    drop(fut);
-    steps.grant(1 << 20);
-    settle(&backend.inner, &format!("after {polls} polls")).await;
-    let first_runs = runs.get();
-    let retry = svc.oneshot(slow_request("k")).await.unwrap();
-    let replayed = retry.headers().contains_key("idempotent-replayed");
-    assert_eq!(retry.into_body().collect().await.unwrap().to_bytes(), "abc");
-    Left {
-        held_lock,
-        answered,
-        first_runs,
-        retry_runs: runs.get() - first_runs,
-        replayed,
-    }
-}
-
 /// Drops the client's response future after 0, 1, 2, … polls: at every
 /// await point of the flow (request body chunks, `begin`, the handler, the
 /// response body, the store). With the default [`OnDisconnect::Complete`],
 /// once the handler has started it finishes exactly once, its response is
 /// stored and the retry replays it; before that nothing ran and the retry
-/// runs. A client that got its answer drops the body unread.
+/// runs. A client that got its answer drops the body unread. (The same on
+/// Redis and PostgreSQL: `tests/retry.rs`.)
 #[tokio::test]
 async fn a_client_leaving_at_any_await_point_never_runs_the_handler_twice() {
-    for streamed in [false, true] {
-        let (mut held, mut before_start, mut answered) = (0, 0, 0);
-        for polls in 0..24 {
-            let left = leave_after(polls, streamed, OnDisconnect::Complete).await;
-            let at = format!("streamed {streamed}, {polls} polls");
-            assert_eq!(
-                left.first_runs + left.retry_runs,
-                1,
-                "{at}: exactly one run"
-            );
-            assert_eq!(
-                left.replayed,
-                left.first_runs == 1,
-                "{at}: replay iff the first ran"
-            );
-            held += usize::from(left.held_lock);
-            before_start += usize::from(left.first_runs == 0);
-            answered += usize::from(left.answered);
-        }
-        assert!(before_start > 0, "no drop before the handler started");
-        assert!(held >= 2, "only {held} drops held the lock");
-        assert!(
-            answered > 0,
-            "the poll budget never reached an answer; raise it"
-        );
-    }
+    common::stepped::never_twice(&MemoryBackend::new(), "memory").await;
 }
 
 /// The same drops with [`OnDisconnect::Cancel`]: a handler may be cut off,
@@ -402,19 +166,7 @@ async fn a_client_leaving_at_any_await_point_never_runs_the_handler_twice() {
 /// response or runs again.
 #[tokio::test]
 async fn with_cancel_a_client_leaving_at_any_await_point_leaves_no_stuck_lock() {
-    for streamed in [false, true] {
-        let mut cut_off = 0;
-        for polls in 0..24 {
-            let left = leave_after(polls, streamed, OnDisconnect::Cancel).await;
-            let at = format!("streamed {streamed}, {polls} polls");
-            assert!(left.retry_runs <= 1, "{at}");
-            assert_eq!(left.replayed, left.retry_runs == 0, "{at}");
-            if left.first_runs == 1 && left.retry_runs == 1 {
-                cut_off += 1;
-            }
-        }
-        assert!(cut_off >= 1, "cancel mode never cut a handler off");
-    }
+    common::stepped::cancel_leaves_no_lock(&MemoryBackend::new(), "memory").await;
 }
 
 #[tokio::test]

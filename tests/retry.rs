@@ -694,6 +694,18 @@ mod memory {
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
+
+    #[tokio::test]
+    async fn client_leaves_at_every_await_point() {
+        let tag = unique_key("redis");
+        common::stepped::never_twice(&backend().await, &tag).await;
+    }
+
+    #[tokio::test]
+    async fn with_cancel_client_leaves_at_every_await_point() {
+        let tag = unique_key("redis");
+        common::stepped::cancel_leaves_no_lock(&backend().await, &tag).await;
+    }
     use crate::redis_support::backend;
 
     #[tokio::test]
@@ -759,6 +771,18 @@ mod redis {
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;
+
+    #[tokio::test]
+    async fn client_leaves_at_every_await_point() {
+        let tag = unique_key("postgres");
+        common::stepped::never_twice(&backend().await, &tag).await;
+    }
+
+    #[tokio::test]
+    async fn with_cancel_client_leaves_at_every_await_point() {
+        let tag = unique_key("postgres");
+        common::stepped::cancel_leaves_no_lock(&backend().await, &tag).await;
+    }
     use crate::postgres_support::backend;
 
     #[tokio::test]
