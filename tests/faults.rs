@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::stepped::SlowBody;
 use common::{Flaky, Runs, counting, post, send, slow_first};
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
@@ -122,52 +123,9 @@ impl Future for YieldOnce {
     }
 }
 
-/// A request body that is `Pending` before each of its chunks.
-struct SlowBody {
-    chunks: Vec<&'static [u8]>,
-    pending: bool,
-}
-
-impl http_body::Body for SlowBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.chunks.is_empty() {
-            return Poll::Ready(None);
-        }
-        if !self.pending {
-            self.pending = true;
-            cx.waker().wake_by_ref();
-            return Poll::Pending;
-        }
-        self.pending = false;
-        let chunk = self.chunks.remove(0);
-        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(chunk)))))
-    }
-}
-
-/// Drops the client's response future after 0, 1, 2, … polls: at every
-/// await point of the flow (request body chunks, `begin`, the handler, the
-/// response body, the store). With the default [`OnDisconnect::Complete`],
-/// once the handler has started it finishes exactly once, its response is
-/// stored and the retry replays it; before that nothing ran and the retry
-/// runs. A client that got its answer drops the body unread. (The same on
-/// Redis and PostgreSQL: `tests/retry.rs`.)
-#[tokio::test]
-async fn a_client_leaving_at_any_await_point_never_runs_the_handler_twice() {
-    common::stepped::never_twice(&MemoryBackend::new(), "memory").await;
-}
-
-/// The same drops with [`OnDisconnect::Cancel`]: a handler may be cut off,
-/// but the key is never stuck, and a retry either replays a complete
-/// response or runs again.
-#[tokio::test]
-async fn with_cancel_a_client_leaving_at_any_await_point_leaves_no_stuck_lock() {
-    common::stepped::cancel_leaves_no_lock(&MemoryBackend::new(), "memory").await;
-}
+// A client that leaves at every await point of the flow, on every backend:
+// `tests/retry.rs` (`client_leaves_at_every_await_point`), with the stepped
+// backend of `tests/common/stepped.rs`.
 
 #[tokio::test]
 async fn inner_error_releases_and_stores_nothing() {
@@ -242,10 +200,7 @@ async fn oversize_request_is_413_before_any_lock() {
     // Streamed without a length.
     let streamed = Request::post("/p")
         .header("idempotency-key", "k2")
-        .body(SlowBody {
-            chunks: vec![b"0123456789", b"0123456789"],
-            pending: false,
-        })
+        .body(SlowBody::new(vec![b"0123456789", b"0123456789"]))
         .unwrap();
     let mut svc2 = IdempotencyLayer::new(backend.clone())
         .max_request_body(16)

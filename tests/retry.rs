@@ -611,56 +611,72 @@ async fn a_crashed_holder_blocks_the_key_at_most_the_lock_ttl<B: Backend>(
 }
 
 // ---------------------------------------------------------------------------
-// The memory backend.
+// Every scenario, on every backend.
+
+/// One test per scenario, each with a backend made by `$make`.
+macro_rules! scenarios {
+    ($make:expr) => {
+        #[tokio::test]
+        async fn client_closes_the_socket_mid_handler() {
+            client_closes_the_socket_mid_handler_and_the_retry_replays($make).await;
+        }
+
+        #[tokio::test]
+        async fn client_leaves_at_every_await_point() {
+            common::stepped::never_twice(&$make, &unique_key("leave")).await;
+        }
+
+        #[tokio::test]
+        async fn with_cancel_client_leaves_at_every_await_point() {
+            common::stepped::cancel_leaves_no_lock(&$make, &unique_key("cancel")).await;
+        }
+
+        #[tokio::test]
+        async fn outer_timeout() {
+            an_outer_timeout_does_not_cancel_the_handler($make).await;
+        }
+
+        #[tokio::test]
+        async fn blank_authorization() {
+            blank_authorization_never_shares_a_response($make).await;
+        }
+
+        #[tokio::test]
+        async fn unidentified_callers() {
+            unidentified_callers_are_refused_unless_shared_is_chosen($make).await;
+        }
+
+        #[tokio::test]
+        async fn corrected_content_type() {
+            a_corrected_content_type_is_422_not_the_stale_415($make).await;
+        }
+
+        #[tokio::test]
+        async fn event_stream() {
+            an_event_stream_is_never_held_back($make).await;
+        }
+
+        #[tokio::test]
+        async fn chunked_body() {
+            a_chunked_body_is_forwarded_then_stored_and_replayed_identically($make).await;
+        }
+
+        #[tokio::test]
+        async fn unstorable_response() {
+            an_unstorable_response_is_never_run_again($make).await;
+        }
+
+        #[tokio::test]
+        async fn longest_ttls() {
+            the_longest_ttls_store_and_never_panic($make).await;
+        }
+    };
+}
 
 mod memory {
     use super::*;
 
-    #[tokio::test]
-    async fn client_closes_the_socket_mid_handler() {
-        client_closes_the_socket_mid_handler_and_the_retry_replays(MemoryBackend::new()).await;
-    }
-
-    #[tokio::test]
-    async fn outer_timeout() {
-        an_outer_timeout_does_not_cancel_the_handler(MemoryBackend::new()).await;
-    }
-
-    #[tokio::test]
-    async fn blank_authorization() {
-        blank_authorization_never_shares_a_response(MemoryBackend::new()).await;
-    }
-
-    #[tokio::test]
-    async fn unidentified_callers() {
-        unidentified_callers_are_refused_unless_shared_is_chosen(MemoryBackend::new()).await;
-    }
-
-    #[tokio::test]
-    async fn corrected_content_type() {
-        a_corrected_content_type_is_422_not_the_stale_415(MemoryBackend::new()).await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn event_stream() {
-        an_event_stream_is_never_held_back(MemoryBackend::new()).await;
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn chunked_body() {
-        a_chunked_body_is_forwarded_then_stored_and_replayed_identically(MemoryBackend::new())
-            .await;
-    }
-
-    #[tokio::test]
-    async fn unstorable_response() {
-        an_unstorable_response_is_never_run_again(MemoryBackend::new()).await;
-    }
-
-    #[tokio::test]
-    async fn longest_ttls() {
-        the_longest_ttls_store_and_never_panic(MemoryBackend::new()).await;
-    }
+    scenarios!(MemoryBackend::new());
 
     /// A bare key holding a `,` is two keys joined by a proxy: `400`.
     #[tokio::test]
@@ -688,70 +704,12 @@ mod memory {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Redis.
-
 #[cfg(feature = "redis")]
 mod redis {
     use super::*;
-
-    #[tokio::test]
-    async fn client_leaves_at_every_await_point() {
-        let tag = unique_key("redis");
-        common::stepped::never_twice(&backend().await, &tag).await;
-    }
-
-    #[tokio::test]
-    async fn with_cancel_client_leaves_at_every_await_point() {
-        let tag = unique_key("redis");
-        common::stepped::cancel_leaves_no_lock(&backend().await, &tag).await;
-    }
     use crate::redis_support::backend;
 
-    #[tokio::test]
-    async fn client_closes_the_socket_mid_handler() {
-        client_closes_the_socket_mid_handler_and_the_retry_replays(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn outer_timeout() {
-        an_outer_timeout_does_not_cancel_the_handler(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn blank_authorization() {
-        blank_authorization_never_shares_a_response(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn unidentified_callers() {
-        unidentified_callers_are_refused_unless_shared_is_chosen(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn corrected_content_type() {
-        a_corrected_content_type_is_422_not_the_stale_415(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn event_stream() {
-        an_event_stream_is_never_held_back(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn chunked_body() {
-        a_chunked_body_is_forwarded_then_stored_and_replayed_identically(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn unstorable_response() {
-        an_unstorable_response_is_never_run_again(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn longest_ttls() {
-        the_longest_ttls_store_and_never_panic(backend().await).await;
-    }
+    scenarios!(backend().await);
 
     /// Real time: a 2 s lock.
     #[tokio::test]
@@ -764,69 +722,12 @@ mod redis {
     }
 }
 
-// ---------------------------------------------------------------------------
-// PostgreSQL. (A crashed holder's session lock ends with its session: see
-// tests/postgres.rs.)
-
+/// PostgreSQL. (A crashed holder's session lock ends with its session: see
+/// tests/postgres.rs.)
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;
-
-    #[tokio::test]
-    async fn client_leaves_at_every_await_point() {
-        let tag = unique_key("postgres");
-        common::stepped::never_twice(&backend().await, &tag).await;
-    }
-
-    #[tokio::test]
-    async fn with_cancel_client_leaves_at_every_await_point() {
-        let tag = unique_key("postgres");
-        common::stepped::cancel_leaves_no_lock(&backend().await, &tag).await;
-    }
     use crate::postgres_support::backend;
 
-    #[tokio::test]
-    async fn client_closes_the_socket_mid_handler() {
-        client_closes_the_socket_mid_handler_and_the_retry_replays(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn outer_timeout() {
-        an_outer_timeout_does_not_cancel_the_handler(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn blank_authorization() {
-        blank_authorization_never_shares_a_response(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn unidentified_callers() {
-        unidentified_callers_are_refused_unless_shared_is_chosen(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn corrected_content_type() {
-        a_corrected_content_type_is_422_not_the_stale_415(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn event_stream() {
-        an_event_stream_is_never_held_back(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn chunked_body() {
-        a_chunked_body_is_forwarded_then_stored_and_replayed_identically(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn unstorable_response() {
-        an_unstorable_response_is_never_run_again(backend().await).await;
-    }
-
-    #[tokio::test]
-    async fn longest_ttls() {
-        the_longest_ttls_store_and_never_panic(backend().await).await;
-    }
+    scenarios!(backend().await);
 }

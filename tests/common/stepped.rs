@@ -110,6 +110,15 @@ pub struct SlowBody {
     pending: bool,
 }
 
+impl SlowBody {
+    pub fn new(chunks: Vec<&'static [u8]>) -> Self {
+        Self {
+            chunks,
+            pending: false,
+        }
+    }
+}
+
 impl http_body::Body for SlowBody {
     type Data = Bytes;
     type Error = Infallible;
@@ -135,10 +144,7 @@ impl http_body::Body for SlowBody {
 pub fn slow_request(key: &str) -> Request<SlowBody> {
     Request::post("/p")
         .header("idempotency-key", key)
-        .body(SlowBody {
-            chunks: vec![b"a", b"b", b"c"],
-            pending: false,
-        })
+        .body(SlowBody::new(vec![b"a", b"b", b"c"]))
         .unwrap()
 }
 
