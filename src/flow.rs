@@ -12,7 +12,7 @@ use http_body::Body;
 use tower::Service;
 use tracing::Instrument;
 
-use crate::backend::{Backend, BackendError, Begin, Completion};
+use crate::backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 use crate::body::{Collected, IdempotencyBody, TeeEnd, collect_limited, follow_tee};
 use crate::config::{Config, OnDisconnect, Persist, Unstorable, clamp_ttl};
 use crate::headers::{declared_length, is_event_stream, known_length, problem, replay};
@@ -457,6 +457,29 @@ where
     ReqBody: Body,
     ResBody: Body,
 {
+    // A record is stored for this key: the request was processed. Whatever
+    // else fails, it must not run again, not even with fail-open.
+    match error.kind() {
+        BackendErrorKind::Corrupt => {
+            observe::request("stored_unreadable");
+            tracing::error!(%error, "stored record for this key is unreadable; answering 500");
+            return Ok(problem(
+                ProblemKind::StoredResponseUnreadable,
+                "this request was processed before, but its stored response cannot be read",
+                None,
+            ));
+        }
+        BackendErrorKind::Incompatible => {
+            observe::request("stored_incompatible");
+            tracing::warn!(%error, "stored record for this key cannot be read here; answering 503");
+            return Ok(problem(
+                ProblemKind::StoredResponseIncompatible,
+                "this request was processed before; its stored response cannot be read by this instance",
+                Some(config.unavailable_retry_after),
+            ));
+        }
+        _ => {}
+    }
     if config.fail_open {
         observe::request("fail_open");
         tracing::warn!(%error, "idempotency backend failed; running unprotected (fail-open)");

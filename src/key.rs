@@ -288,6 +288,30 @@ impl StorageKey {
         &self.0
     }
 
+    /// Parses the 64 hex characters that logs show (the `key` field of the
+    /// `idempotency` span), for an operator dropping one key's record.
+    ///
+    /// ```
+    /// use tower_idempotency::StorageKey;
+    ///
+    /// let key = StorageKey::from_bytes([0xab; 32]);
+    /// assert_eq!(StorageKey::from_hex(&key.to_hex()), Some(key));
+    /// assert_eq!(StorageKey::from_hex("not hex"), None);
+    /// ```
+    #[must_use]
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        let hex = hex.trim().as_bytes();
+        if hex.len() != 64 {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(hex.chunks_exact(2)) {
+            let digit = |c: u8| char::from(c).to_digit(16);
+            *byte = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+        }
+        Some(Self(bytes))
+    }
+
     /// Lower-case hex, 64 characters: what logs and key-value backends use.
     #[must_use]
     pub fn to_hex(&self) -> String {

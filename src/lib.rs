@@ -297,8 +297,30 @@
 //!   process only; several instances need a shared backend such as Redis.
 //! - **Fail closed.** A backend error answers `503` and the handler does not
 //!   run, unless [`fail_open`](IdempotencyLayer::fail_open) is chosen.
-//! - **Corrupt data is never replayed.** A stored record that fails its
-//!   checksum or does not decode is a [`CodecError`] and the request gets `503`.
+//! - **Unreadable records are never replayed, and never run again.** A
+//!   stored record that fails its checksum or does not decode is a
+//!   [`CodecError`] ([`BackendErrorKind::Corrupt`]): the request gets `500`
+//!   ([stored response unreadable](problem#stored-response-unreadable)) until
+//!   the record expires or an operator drops it. One written in a format
+//!   this instance cannot read — a newer version during a rollback, larger
+//!   than this instance's `max_record_size` —
+//!   ([`BackendErrorKind::Incompatible`]) gets `503` with `Retry-After`:
+//!   another instance may read it. Neither runs the handler, not even with
+//!   [`fail_open`](IdempotencyLayer::fail_open).
+//! - **The record format is stable.** Records are versioned; the bytes of
+//!   the current format are kept as test fixtures (`tests/fixtures/records/`)
+//!   that every later version must read and this one must write unchanged. A
+//!   format change ships in two steps — a release that reads the new form,
+//!   then one that writes it — so both a rolling upgrade and a rollback by
+//!   one release keep every stored record readable.
+//!
+//! # Operations: dropping one key's record
+//!
+//! A record that must not be replayed any more (or that cannot be read) can
+//! be dropped by its storage key, the 64 hex characters that the
+//! `idempotency` span logs as `key`: `MemoryBackend::forget`,
+//! `RedisBackend::forget` or `PostgresBackend::forget` with
+//! [`StorageKey::from_hex`]. The next request with that key runs the handler.
 //!
 //! # Metrics
 //!
@@ -312,11 +334,12 @@
 //! | `idempotency_requests_total` | counter | `outcome` | one per request the layer looked at (below) |
 //! | `idempotency_stores_total` | counter | `result` | what became of a response produced under the lock: `stored`, `not_kept` (a "response not kept" marker stored in its place), `not_stored` (`5xx`, `429`, [`Persist::Never`], handler error, a failed body, a cancelled handler; the key released), `lock_lost`, `failed` (the backend refused or failed the save) |
 //! | `idempotency_backend_duration_seconds` | histogram | `operation` | time of each backend call: `begin`, `complete`, `release`, `extend` |
-//! | `idempotency_backend_errors_total` | counter | `operation`, `kind` | failed backend calls by [`BackendErrorKind`]: `unavailable`, `timeout`, `rejected`, `corrupt`, `misconfigured`, `other` |
+//! | `idempotency_backend_errors_total` | counter | `operation`, `kind` | failed backend calls by [`BackendErrorKind`]: `unavailable`, `timeout`, `rejected`, `corrupt`, `incompatible`, `misconfigured`, `other` |
 //!
 //! Outcomes: `fresh` (the handler runs under the lock), `replayed`,
 //! `conflict` (`409`), `mismatch` (`422`), `no_key` (passed through),
 //! `missing_key`, `invalid_key` and `unidentified_caller` (`400`),
+//! `stored_unreadable` (`500`), `stored_incompatible` (`503`),
 //! `body_too_large` (`413`),
 //! `body_error` (`400`), `backend_unavailable` (`503`), `fail_open` (the
 //! handler ran unprotected). Labels take only these fixed values: keys and

@@ -63,6 +63,7 @@ const fn error_kind(error: &BackendError) -> &'static str {
         BackendErrorKind::Timeout => "timeout",
         BackendErrorKind::Rejected => "rejected",
         BackendErrorKind::Corrupt => "corrupt",
+        BackendErrorKind::Incompatible => "incompatible",
         BackendErrorKind::Misconfigured => "misconfigured",
         BackendErrorKind::Other => "other",
     }

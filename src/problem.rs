@@ -33,6 +33,20 @@
 //! and the key is free (a retry runs). It never promises an answer sooner
 //! than that; a client may retry earlier to pick up a quick response.
 //!
+//! # Stored response unreadable
+//! `500 Internal Server Error`: a response is stored for this key, but it is
+//! corrupt (it fails its checksum or does not decode). The request was
+//! processed before; the handler does not run again, and retrying does not
+//! help. An operator can drop the key's record (see the crate docs,
+//! "Operations"); until then, or until it expires, this is the answer.
+//!
+//! # Stored response incompatible
+//! `503 Service Unavailable` with `Retry-After`: a response is stored for
+//! this key in a format this instance cannot read (written by a newer
+//! version during a rollback, or larger than this instance's
+//! `max_record_size`). Another instance may read it: retry. The handler does
+//! not run again.
+//!
 //! # Unidentified caller
 //! `400 Bad Request`: the layer scopes keys by a caller identity (a
 //! [`scope`](crate::IdempotencyLayer::scope) function or a
@@ -95,6 +109,10 @@ pub enum ProblemKind {
     BackendUnavailable,
     /// See [Unidentified caller](self#unidentified-caller).
     UnidentifiedCaller,
+    /// See [Stored response unreadable](self#stored-response-unreadable).
+    StoredResponseUnreadable,
+    /// See [Stored response incompatible](self#stored-response-incompatible).
+    StoredResponseIncompatible,
     /// See [Response not kept](self#response-not-kept). Its status is the
     /// original response's; [`status`](Self::status) gives `200 OK` for it.
     ResponseNotKept,
@@ -112,7 +130,10 @@ impl ProblemKind {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight => StatusCode::CONFLICT,
-            Self::BackendUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::BackendUnavailable | Self::StoredResponseIncompatible => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::StoredResponseUnreadable => StatusCode::INTERNAL_SERVER_ERROR,
             Self::ResponseNotKept => StatusCode::OK,
         }
     }
@@ -129,6 +150,8 @@ impl ProblemKind {
             Self::BackendUnavailable => "backend-unavailable",
             Self::UnidentifiedCaller => "unidentified-caller",
             Self::ResponseNotKept => "response-not-kept",
+            Self::StoredResponseUnreadable => "stored-response-unreadable",
+            Self::StoredResponseIncompatible => "stored-response-incompatible",
         }
     }
 
@@ -151,6 +174,12 @@ impl ProblemKind {
             Self::BackendUnavailable => "Idempotency store unavailable",
             Self::UnidentifiedCaller => "Idempotency-Key needs an identified caller",
             Self::ResponseNotKept => "Request processed; its response was not kept",
+            Self::StoredResponseUnreadable => {
+                "Request processed; its stored response is unreadable"
+            }
+            Self::StoredResponseIncompatible => {
+                "Request processed; its stored response cannot be read here"
+            }
         }
     }
 }

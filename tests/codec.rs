@@ -147,3 +147,51 @@ fn typed_errors_for_each_kind_of_damage() {
         Err(CodecError::Inflate(_))
     ));
 }
+
+/// The records the fixtures hold: a small plain one, a deflated one, and a
+/// "not kept" marker, with fixed times.
+fn fixture_records() -> [(&'static str, Record); 3] {
+    let at = UNIX_EPOCH + Duration::from_millis(1_764_000_000_123);
+    let mut headers = HeaderMap::new();
+    headers.append("content-type", "application/json".parse().unwrap());
+    headers.append("x-multi", "1".parse().unwrap());
+    headers.append("x-multi", "2".parse().unwrap());
+    let mut plain = Record::new(
+        StatusCode::CREATED,
+        headers.clone(),
+        Bytes::from_static(br#"{"id":"pay_000001"}"#),
+        Fingerprint::from_bytes([7; 32]),
+    );
+    plain.created_at = at;
+    let mut deflated = Record::new(
+        StatusCode::OK,
+        headers,
+        Bytes::from("compressible ".repeat(400)),
+        Fingerprint::from_bytes([8; 32]),
+    );
+    deflated.created_at = at;
+    let mut marker = Record::not_kept(StatusCode::ACCEPTED, Fingerprint::from_bytes([9; 32]));
+    marker.created_at = at;
+    [("plain", plain), ("deflated", deflated), ("marker", marker)]
+}
+
+/// Stored bytes of the current format, kept as files: every later version
+/// must read them (a rolling upgrade), and this version must write them
+/// byte for byte (so a rollback to a version that reads them works).
+/// `REGENERATE_RECORD_FIXTURES=1` writes them again — only for a deliberate
+/// format change, which then needs a new format version.
+#[test]
+fn stored_records_of_the_current_format_stay_readable() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/records");
+    let codec = RecordCodec::new();
+    for (name, record) in fixture_records() {
+        let path = dir.join(format!("{name}.bin"));
+        let encoded = codec.encode(&record).unwrap();
+        if std::env::var_os("REGENERATE_RECORD_FIXTURES").is_some() {
+            std::fs::write(&path, &encoded).unwrap();
+        }
+        let stored = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(codec.decode(&stored).unwrap(), record, "{name} decodes");
+        assert_eq!(encoded, stored, "{name} is still written the same way");
+    }
+}

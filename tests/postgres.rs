@@ -328,10 +328,10 @@ async fn purge_expired_removes_only_expired_rows() {
 }
 
 #[tokio::test]
-async fn corrupt_rows_are_503_never_replayed() {
+async fn corrupt_rows_are_500_never_replayed_never_run_again() {
     let backend = backend().await;
     let runs = Runs::default();
-    let mut svc = IdempotencyLayer::new(backend).layer(counting(runs.clone()));
+    let mut svc = IdempotencyLayer::new(backend.clone()).layer(counting(runs.clone()));
     let key = unique("corrupt");
     send(&mut svc, post("/p", Some(&key), "x")).await;
     let admin = admin().await;
@@ -343,8 +343,14 @@ async fn corrupt_rows_are_503_never_replayed() {
         .await
         .unwrap();
     let answer = send(&mut svc, post("/p", Some(&key), "x")).await;
-    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(answer.problem_type(), "stored-response-unreadable");
     assert_eq!(runs.get(), 1);
+    // The operator drops the unreadable record: the next request runs.
+    assert!(backend.forget(&storage_key(&key)).await.unwrap());
+    let again = send(&mut svc, post("/p", Some(&key), "x")).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 2);
 }
 
 #[tokio::test]

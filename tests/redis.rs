@@ -154,7 +154,7 @@ fn redis_keys(prefix: &str, key: &str) -> (String, String) {
 }
 
 #[tokio::test]
-async fn corrupt_or_foreign_values_are_503_never_replayed() {
+async fn corrupt_or_foreign_values_are_500_never_replayed_never_run_again() {
     let prefix = unique_prefix();
     let backend = RedisBackend::builder(pool().await)
         .prefix(prefix.clone())
@@ -175,8 +175,14 @@ async fn corrupt_or_foreign_values_are_503_never_replayed() {
         .await
         .unwrap();
     let answer = send(&mut svc, post("/p", Some("garbage"), "x")).await;
-    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(answer.problem_type(), "backend-unavailable");
+    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(answer.problem_type(), "stored-response-unreadable");
+    // Not even fail-open runs the handler over a stored record.
+    let mut open = IdempotencyLayer::new(backend.clone())
+        .fail_open()
+        .layer(counting(runs.clone()));
+    let answer = send(&mut open, post("/p", Some("garbage"), "x")).await;
+    assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
 
     // A valid record with one bit flipped.
     send(&mut svc, post("/p", Some("flipped"), "x")).await;
@@ -200,7 +206,7 @@ async fn corrupt_or_foreign_values_are_503_never_replayed() {
         send(&mut svc, post("/p", Some("flipped"), "x"))
             .await
             .status,
-        StatusCode::SERVICE_UNAVAILABLE
+        StatusCode::INTERNAL_SERVER_ERROR
     );
 
     // Another type at the record key.
@@ -219,7 +225,7 @@ async fn corrupt_or_foreign_values_are_503_never_replayed() {
         .unwrap();
     assert_eq!(
         send(&mut svc, post("/p", Some("list"), "x")).await.status,
-        StatusCode::SERVICE_UNAVAILABLE
+        StatusCode::INTERNAL_SERVER_ERROR
     );
     let storage = StorageKey::derive(
         &ScopeValue::anonymous(),
@@ -240,6 +246,75 @@ async fn corrupt_or_foreign_values_are_503_never_replayed() {
         1,
         "only the 'flipped' request ran, before its record was damaged"
     );
+
+    // The operator drops the unreadable record: the next request runs.
+    let flipped = StorageKey::derive(
+        &ScopeValue::anonymous(),
+        &IdempotencyKey::parse(&"flipped".parse().unwrap()).unwrap(),
+    );
+    assert!(backend.forget(&flipped).await.unwrap());
+    assert!(!backend.forget(&flipped).await.unwrap(), "already gone");
+    let again = send(&mut svc, post("/p", Some("flipped"), "x")).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 2);
+}
+
+/// A record this instance cannot read, though another could (a newer
+/// format during a rollback; larger than this instance's
+/// `max_record_size`): `503`, retry; the handler never runs again.
+#[tokio::test]
+async fn records_another_instance_wrote_are_503_never_run_again() {
+    let prefix = unique_prefix();
+    let backend = RedisBackend::builder(pool().await)
+        .prefix(prefix.clone())
+        .build()
+        .unwrap();
+    let runs = Runs::default();
+    let mut svc = IdempotencyLayer::new(backend.clone())
+        .fail_open()
+        .layer(counting(runs.clone()));
+    let mut admin = admin(&redis_url()).await;
+    // A newer format version.
+    send(&mut svc, post("/p", Some("newer"), "x")).await;
+    let (rec, _) = redis_keys(&prefix, "newer");
+    let mut blob: Vec<u8> = redis::cmd("GET")
+        .arg(&rec)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    blob[0] = 2;
+    let () = redis::cmd("SET")
+        .arg(&rec)
+        .arg(blob)
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let answer = send(&mut svc, post("/p", Some("newer"), "x")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.problem_type(), "stored-response-incompatible");
+    assert!(answer.headers.contains_key("retry-after"));
+    // A record larger than a smaller-configured instance reads.
+    send(&mut svc, post("/p", Some("large"), &"y".repeat(4096))).await;
+    let small = RedisBackend::builder(pool().await)
+        .prefix(prefix.clone())
+        .codec(tower_idempotency::RecordCodec::new().max_record_size(1024))
+        .build()
+        .unwrap();
+    let mut small_svc = IdempotencyLayer::new(small)
+        .fail_open()
+        .layer(counting(runs.clone()));
+    let answer = send(&mut small_svc, post("/p", Some("large"), &"y".repeat(4096))).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.problem_type(), "stored-response-incompatible");
+    // The instance with the larger limit still replays it.
+    assert!(
+        send(&mut svc, post("/p", Some("large"), &"y".repeat(4096)))
+            .await
+            .replayed()
+    );
+    assert_eq!(runs.get(), 2, "each request ran once, before");
 }
 
 #[tokio::test]

@@ -334,6 +334,23 @@ impl MemoryBackend {
             .sum()
     }
 
+    /// Drops the record stored under `key`, if any (an operator removing a
+    /// record that must not be replayed); a held lock is left alone. Returns
+    /// whether a record was dropped.
+    ///
+    /// ```
+    /// use tower_idempotency::{MemoryBackend, StorageKey};
+    ///
+    /// let backend = MemoryBackend::new();
+    /// assert!(!backend.forget(&StorageKey::from_bytes([1; 32])));
+    /// ```
+    pub fn forget(&self, key: &StorageKey) -> bool {
+        let mut shard = self.shard(key);
+        let had = shard.records.contains_key(key);
+        shard.remove(key);
+        had
+    }
+
     fn shard(&self, key: &StorageKey) -> MutexGuard<'_, Shard> {
         let hash = self.inner.hasher.hash_one(key);
         // The mask keeps the index below the shard count, which is ≤ 64.

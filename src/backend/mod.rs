@@ -233,8 +233,15 @@ pub enum BackendErrorKind {
     Timeout,
     /// The backend refused the write (for example Redis out of memory).
     Rejected,
-    /// Stored data could not be decoded.
+    /// Stored data could not be decoded: altered, truncated, or not a
+    /// record at all. The layer answers `500` (the request was processed;
+    /// its response is unreadable) and never runs the handler again.
     Corrupt,
+    /// Stored data was written by another version or configuration of this
+    /// crate that this instance cannot read (a newer format during a
+    /// rollback, a record larger than this instance's `max_record_size`).
+    /// The layer answers `503`: another instance may read it.
+    Incompatible,
     /// The backend is misconfigured (for example a missing table).
     Misconfigured,
     /// Anything else.
@@ -307,6 +314,19 @@ impl StdError for BackendError {
 
 impl From<crate::CodecError> for BackendError {
     fn from(error: crate::CodecError) -> Self {
-        Self::new(BackendErrorKind::Corrupt, "stored record is corrupt").with_source(error)
+        use crate::CodecError;
+        match error {
+            CodecError::UnsupportedVersion(_)
+            | CodecError::UnknownFlags(_)
+            | CodecError::TooLarge { .. } => Self::new(
+                BackendErrorKind::Incompatible,
+                format!("stored record cannot be read by this instance: {error}"),
+            ),
+            _ => Self::new(
+                BackendErrorKind::Corrupt,
+                format!("stored record is corrupt: {error}"),
+            ),
+        }
+        .with_source(error)
     }
 }

@@ -551,6 +551,25 @@ impl PostgresBackend {
         }
     }
 
+    /// Drops the record stored under `key`, if any: an operator removing a
+    /// record that must not be replayed, or that cannot be read (a request
+    /// then gets `500` until it expires). Returns whether a row was deleted.
+    /// The same by hand: `DELETE FROM <table> WHERE key = '\x<hex>'`, with
+    /// the hex storage key the logs show.
+    ///
+    /// # Errors
+    ///
+    /// A [`BackendError`] when the database cannot be reached or refuses.
+    pub async fn forget(&self, key: &StorageKey) -> Result<bool, BackendError> {
+        let sql = format!("DELETE FROM {} WHERE key = $1", self.sql.table);
+        let conn = self.connection().await?;
+        let deleted = conn
+            .execute(&sql, &[&&key.as_bytes()[..]])
+            .await
+            .map_err(map_error)?;
+        Ok(deleted > 0)
+    }
+
     async fn begin_inner(&self, key: &StorageKey) -> Result<Begin<PostgresLock>, BackendError> {
         let conn = self.connection().await?;
         // Pessimistic until the reply says otherwise: if this future is

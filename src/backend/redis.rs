@@ -496,6 +496,40 @@ impl RedisBackend {
             })?
     }
 
+    /// Drops the record stored under `key`, if any: an operator removing a
+    /// record that must not be replayed, or that cannot be read (a request
+    /// then gets `500` until it expires). A lock held by a request in flight
+    /// is left alone. Returns whether a record was dropped. The same by hand:
+    /// `DEL <prefix>{<hex>}:rec`, with the hex storage key the logs show.
+    ///
+    /// # Errors
+    ///
+    /// A [`BackendError`] when Redis cannot be reached or refuses.
+    pub async fn forget(&self, key: &StorageKey) -> Result<bool, BackendError> {
+        let (record_key, _) = self.keys(key);
+        let (mut conn, generation) = self.connection().await?;
+        let deleted = tokio::time::timeout(
+            self.inner.timeout,
+            redis::cmd("DEL")
+                .arg(&record_key)
+                .query_async::<i64>(&mut conn),
+        )
+        .await
+        .map_err(|_| {
+            BackendError::new(
+                BackendErrorKind::Timeout,
+                format!("Redis did not answer within {:?}", self.inner.timeout),
+            )
+        })?
+        .map_err(|error| {
+            if connection_broken(&error) {
+                self.discard(generation);
+            }
+            map_error(error)
+        })?;
+        Ok(deleted > 0)
+    }
+
     /// Refuses a Redis that may evict locks or records.
     async fn check_eviction_policy(&self, conn: &mut Conn) -> Result<(), BackendError> {
         if self.inner.allow_eviction {
