@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+pub mod faults;
 pub mod stepped;
 
 use std::convert::Infallible;
