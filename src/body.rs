@@ -197,7 +197,8 @@ impl<B: Body> fmt::Debug for IdempotencyBody<B> {
 pub(crate) enum TeeEvent<B> {
     /// A copy of a data frame, while the copies stay within the limit.
     Data(Bytes),
-    /// The body passed the limit: no more copies follow.
+    /// The body passed the limit: no more copies follow, and the storing
+    /// task settles the key at once.
     Overflow,
     /// The body ended with trailers.
     Trailers,
@@ -302,11 +303,15 @@ impl<B: Body> Drop for Tee<B> {
         let Some(body) = self.body.take() else {
             return;
         };
+        // While unwinding, a body that may just have panicked is not touched
+        // again: the sender goes without an end, and nothing is stored.
+        if std::thread::panicking() {
+            return;
+        }
         if body.is_end_stream() {
             self.finish(TeeEvent::End);
-        } else if self.hand_over && !std::thread::panicking() {
+        } else if self.hand_over {
             // The client left mid-stream: the storing task reads the rest.
-            // (Not while unwinding: a body that panicked is not polled again.)
             self.finish(TeeEvent::Abandoned(body));
         }
         // Otherwise the sender is dropped without an end: nothing is stored.
@@ -326,15 +331,16 @@ pub(crate) enum TeeEnd {
     Gone,
 }
 
-/// Follows a [`Tee`] to the end of its body, collecting the copies; drains
-/// the rest itself when the client hands it over.
+/// Follows a [`Tee`] to the end of its body, collecting the copies; reads
+/// the rest itself when the client hands it over. It ends as soon as the
+/// body passes `limit`: the response cannot be stored, so the key is settled
+/// (marked) at once instead of staying locked while the rest streams.
 pub(crate) async fn follow_tee<B: Body>(
     events: &mut UnboundedReceiver<TeeEvent<B>>,
     limit: usize,
 ) -> TeeEnd {
     let mut chunks = Chunks::default();
     let mut total = 0usize;
-    let mut overflowed = false;
     loop {
         let Some(event) = events.recv().await else {
             return TeeEnd::Gone;
@@ -345,51 +351,29 @@ pub(crate) async fn follow_tee<B: Body>(
                 chunks.push(chunk);
             }
             TeeEvent::Overflow => {
-                overflowed = true;
-                chunks = Chunks::default();
-            }
-            TeeEvent::Trailers => return TeeEnd::Unstorable("response has trailers"),
-            TeeEvent::End if overflowed => {
                 return TeeEnd::Unstorable("response larger than the store limit");
             }
+            TeeEvent::Trailers => return TeeEnd::Unstorable("response has trailers"),
             TeeEvent::End => return TeeEnd::Complete(concat(chunks, total)),
             TeeEvent::Failed => return TeeEnd::Failed,
             TeeEvent::Abandoned(mut rest) => {
-                let room = if overflowed {
-                    0
-                } else {
-                    limit.saturating_sub(total)
-                };
+                let room = limit.saturating_sub(total);
                 return match collect_limited(rest.as_mut(), room).await {
                     Collected::Complete {
                         trailers: Some(_), ..
                     } => TeeEnd::Unstorable("response has trailers"),
-                    Collected::Complete { .. } if overflowed => {
-                        TeeEnd::Unstorable("response larger than the store limit")
-                    }
                     Collected::Complete { data, .. } => {
                         let len = data.len();
                         chunks.push(data);
                         TeeEnd::Complete(concat(chunks, total + len))
                     }
-                    Collected::Overflow { .. } => drain(rest.as_mut()).await,
+                    // The rest is not read: it cannot be stored anyway.
+                    Collected::Overflow { .. } => {
+                        TeeEnd::Unstorable("response larger than the store limit")
+                    }
                     Collected::Failed { .. } => TeeEnd::Failed,
                 };
             }
-        }
-    }
-}
-
-/// Reads an over-limit body to its end without keeping it.
-async fn drain<B: Body>(mut body: Pin<&mut B>) -> TeeEnd {
-    loop {
-        match std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-            None => return TeeEnd::Unstorable("response larger than the store limit"),
-            Some(Err(_)) => return TeeEnd::Failed,
-            Some(Ok(frame)) if frame.is_trailers() => {
-                return TeeEnd::Unstorable("response has trailers");
-            }
-            Some(Ok(_)) => {}
         }
     }
 }

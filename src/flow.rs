@@ -248,7 +248,7 @@ async fn execute<S, B, ReqBody, ResBody>(
                     observe::store("stored");
                     tracing::debug!("response stored");
                 }
-                Ok(Completion::Saved) => {
+                Ok(Completion::Saved | Completion::NotKept) => {
                     observe::store("not_kept");
                     tracing::debug!("response not storable; marker stored");
                 }

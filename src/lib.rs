@@ -153,7 +153,10 @@
 //!    [`persist_if`](IdempotencyLayer::persist_if) and [`Persist`]); then the
 //!    key is released. A body of known length is buffered, stored, then sent;
 //!    a body without one (a chunked stream) is sent as it arrives while a copy
-//!    is kept, and stored when it ends — before the client sees its end. A
+//!    is kept, and stored when it ends — before the client sees its end
+//!    (unless the store itself fails; the client then still gets the whole
+//!    body). Once such a body passes the limit, the key is settled at once
+//!    with a marker while the rest streams on. A
 //!    response that cannot be stored (larger than
 //!    [`max_stored_response`](IdempotencyLayer::max_stored_response), with
 //!    trailers, or a `text/event-stream`, which passes straight through)
@@ -281,7 +284,8 @@
 //!   key); blank credentials are absent, and an explicit scope that cannot
 //!   identify the caller is refused rather than shared.
 //! - **At least once, beyond that.** If the store fails *after* the handler
-//!   ran (`complete` errors), the client still gets its response, but a retry
+//!   ran (`complete` errors, or the response body itself fails part-way),
+//!   the client still gets its response (or the body's error), but a retry
 //!   runs the handler again. If the process crashes mid-handler, the key is
 //!   free after `lock_ttl` and a retry runs again: make the side effect itself
 //!   idempotent too where that matters (e.g. pass the key to your payment
@@ -350,12 +354,13 @@
 //!
 //! # Runtime
 //!
-//! The guarded path spawns a Tokio task per request that runs the handler
-//! (only fresh requests: replays, `409`, `422` and pass-through requests do
-//! not) and uses Tokio timers (the heartbeat), so it must run inside a Tokio
-//! runtime with time enabled, as axum and hyper servers do. That task is why
-//! the inner service, its future, its error and its response body must be
-//! `Send + 'static`.
+//! A fresh guarded request runs the handler, the store and the release in a
+//! future of its own: it is polled in the request's task until it first has
+//! to wait, and from then on in a Tokio task it spawns (replays, `409`,
+//! `422` and pass-through requests never get that far). With the heartbeat's
+//! timers, that is why the guarded path must run inside a Tokio runtime with
+//! time enabled, as axum and hyper servers do, and why the inner service, its
+//! future, its error and its response body must be `Send + 'static`.
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

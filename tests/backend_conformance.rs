@@ -148,35 +148,45 @@ async fn memory_backend_reclaims_expired_records() {
     assert_eq!(backend.stored_count(), 200, "expired records were kept");
 }
 
-/// A byte bound: a record heavier than a shard's share is refused with a
-/// typed error, and its key is free again for the retry.
+/// A byte bound: a record heavier than a shard's share is not kept, but a
+/// "not kept" marker with its status takes its place, so a retry does not
+/// run the handler again.
 #[tokio::test(start_paused = true)]
-async fn memory_backend_refuses_a_record_heavier_than_its_share() {
+async fn memory_backend_keeps_a_marker_for_a_record_heavier_than_its_share() {
     use std::time::Duration;
-    use tower_idempotency::{Backend, BackendErrorKind, Begin};
+    use tower_idempotency::{Backend, Begin, Completion};
 
     let backend = MemoryBackend::builder()
         .max_bytes(64 * 1024)
         .min_retention(Duration::ZERO)
         .build();
     let key = conformance::fresh_key();
-    let error = store(
+    let completion = store(
         &backend,
         &key,
         &vec![b'x'; 100 * 1024],
         Duration::from_hours(1),
     )
     .await
-    .expect_err("a 100 KiB record cannot fit a 64 KiB bound");
-    assert_eq!(error.kind(), BackendErrorKind::Rejected);
-    assert_eq!(backend.stored_count(), 0);
-    assert_eq!(backend.in_flight_count(), 0, "the refused key stays locked");
+    .unwrap();
+    assert_eq!(
+        completion,
+        Completion::NotKept,
+        "a 100 KiB record cannot fit a 64 KiB bound"
+    );
+    assert_eq!(backend.stored_count(), 1, "the marker");
+    assert_eq!(backend.in_flight_count(), 0);
     let fp = conformance::fingerprint(1);
     let begin = backend
         .begin(&key, &fp, Duration::from_secs(30))
         .await
         .unwrap();
-    assert!(matches!(begin, Begin::Acquired(_)));
+    let Begin::Completed(marker) = begin else {
+        panic!("the marker answers the retry");
+    };
+    assert!(!marker.kept);
+    assert_eq!(marker.status, http::StatusCode::CREATED);
+    backend.forget(&key);
 
     // Within the bound, records are weighed by size: 4 KiB bodies, about
     // 15 of them fit in 64 KiB.

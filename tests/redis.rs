@@ -429,3 +429,25 @@ async fn payments_redis_example_survives_a_client_that_gives_up() {
     )
     .await;
 }
+
+/// A response larger than the codec's `max_record_size` (but within the
+/// layer's `max_stored_response`) is replaced by a "not kept" marker: the
+/// retry gets the marker answer and the handler does not run again.
+#[tokio::test]
+async fn a_record_too_large_for_the_codec_leaves_a_marker() {
+    let backend = RedisBackend::builder(pool().await)
+        .prefix(unique_prefix())
+        .codec(tower_idempotency::RecordCodec::new().max_record_size(1024))
+        .build()
+        .unwrap();
+    let runs = Runs::default();
+    let mut svc = IdempotencyLayer::new(backend).layer(counting(runs.clone()));
+    let big = "z".repeat(8 * 1024);
+    let first = send(&mut svc, post("/p", Some("big"), &big)).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let retry = send(&mut svc, post("/p", Some("big"), &big)).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed());
+    assert_eq!(retry.problem_type(), "response-not-kept");
+    assert_eq!(runs.get(), 1);
+}

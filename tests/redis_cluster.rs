@@ -147,4 +147,32 @@ async fn redis_cluster() {
             .await
             .replayed()
     );
+
+    // One primary that may evict is enough to refuse the cluster: a new
+    // backend reads every primary's policy.
+    cluster.backend().verify().await.unwrap();
+    for url in cluster.urls() {
+        let mut node = admin(&url).await;
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("allkeys-lru")
+            .query_async(&mut node)
+            .await
+            .unwrap();
+        let error = cluster.backend().verify().await.unwrap_err();
+        assert_eq!(
+            error.kind(),
+            tower_idempotency::BackendErrorKind::Misconfigured,
+            "{error}"
+        );
+        let () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg("noeviction")
+            .query_async(&mut node)
+            .await
+            .unwrap();
+    }
+    cluster.backend().verify().await.unwrap();
 }

@@ -20,7 +20,11 @@
 //! finds no room is answered `503` (the backend reports
 //! [`BackendErrorKind::Rejected`], "store full") and its handler does not
 //! run — the memory analogue of Redis' `noeviction`. Replays and requests in
-//! flight are not affected. The promise: a record is kept at least the
+//! flight are not affected. (With
+//! [`fail_open`](crate::IdempotencyLayer::fail_open) such a request runs
+//! unprotected instead, as on any backend failure.) A record larger than a
+//! shard's share of the byte bound is replaced by a "not kept" marker, so a
+//! retry of it does not run the handler again. The promise: a record is kept at least the
 //! minimum retention, and up to its TTL while memory allows. (A lock counts
 //! as a record against the record bound; the byte bound may be passed by the
 //! responses of requests already in flight.)
@@ -528,6 +532,18 @@ impl Backend for MemoryBackend {
         record: Record,
         ttl: Duration,
     ) -> Result<Completion, BackendError> {
+        let limits = self.inner.limits;
+        let (record, completion) = if record.size() as u64 > limits.bytes {
+            tracing::warn!(
+                size = record.size(),
+                share = limits.bytes,
+                "record larger than a memory backend shard's share of max_bytes; keeping a not-kept marker"
+            );
+            let marker = Record::not_kept(record.status, record.fingerprint);
+            (marker, Completion::NotKept)
+        } else {
+            (record, Completion::Saved)
+        };
         let size = record.size() as u64;
         let now = Instant::now();
         let mut shard = self.shard(&lock_.key);
@@ -538,16 +554,6 @@ impl Backend for MemoryBackend {
         if held.expires_at <= now {
             return Ok(Completion::Lost);
         }
-        let limits = self.inner.limits;
-        if size > limits.bytes {
-            return Err(BackendError::new(
-                BackendErrorKind::Rejected,
-                format!(
-                    "a {size}-byte record is larger than a memory backend shard's {}-byte share",
-                    limits.bytes
-                ),
-            ));
-        }
         let stored = Stored {
             record: Arc::new(record),
             kept_since: now,
@@ -556,7 +562,7 @@ impl Backend for MemoryBackend {
             size,
         };
         shard.store(lock_.key, stored, &limits, now);
-        Ok(Completion::Saved)
+        Ok(completion)
     }
 
     async fn release(&self, lock_: MemoryLock) -> Result<(), BackendError> {

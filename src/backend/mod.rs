@@ -99,6 +99,11 @@ pub enum Completion {
     /// The lock had expired or was taken over; nothing was written, so a
     /// record made under a newer lock is never overwritten.
     Lost,
+    /// The record is larger than this backend keeps (a memory shard's share
+    /// of the byte bound, the codec's `max_record_size`): a
+    /// [`Record::not_kept`] marker with its status was stored in its place,
+    /// so a retry does not run the handler again. The lock is released.
+    NotKept,
 }
 
 /// A storage backend for idempotency records and in-flight locks.
@@ -175,6 +180,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Begin<Self::Lock>, BackendError>> + Send;
 
     /// Stores `record` for `ttl` if `lock` still holds its key, then unlocks.
+    ///
+    /// A record too large for the backend must not make the handler run
+    /// again on a retry: store [`Record::not_kept`] with its status and
+    /// fingerprint instead and answer [`Completion::NotKept`].
     fn complete(
         &self,
         lock: Self::Lock,

@@ -619,7 +619,17 @@ impl PostgresBackend {
         record: Record,
         ttl: Duration,
     ) -> Result<Completion, BackendError> {
-        let blob = self.codec.encode(&record)?;
+        let (blob, completion) = match self.codec.encode(&record) {
+            Err(crate::CodecError::TooLarge { max }) => {
+                tracing::warn!(
+                    max,
+                    "record larger than the codec's max_record_size; keeping a not-kept marker"
+                );
+                let marker = Record::not_kept(record.status, record.fingerprint);
+                (self.codec.encode(&marker)?, Completion::NotKept)
+            }
+            other => (other?, Completion::Saved),
+        };
         let client = lock.client()?;
         let (upsert, unlock) = tokio::try_join!(
             client.prepare_cached(&self.sql.upsert),
@@ -644,7 +654,7 @@ impl PostgresBackend {
         lock.held = !unlocked;
         stored.map_err(map_error)?;
         Ok(if unlocked {
-            Completion::Saved
+            completion
         } else {
             Completion::Lost
         })

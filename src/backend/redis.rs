@@ -58,13 +58,16 @@
 //! and each replacement after an error, which may lead to a restarted or
 //! failed-over server) first reads `maxmemory-policy` — with `CONFIG GET`,
 //! or from `INFO memory` where `CONFIG` is disabled, as on managed services;
-//! on a cluster, from every node that answers. Any policy but `noeviction`
+//! on a cluster, from `INFO memory` of every primary. Any policy but `noeviction`
 //! is refused: requests fail with [`BackendErrorKind::Misconfigured`] (the
 //! layer answers `503`, counted in the metrics), and the first refusal is
 //! logged at `ERROR`. Call [`RedisBackend::verify`] at start-up to fail
 //! before serving; choose [`allow_eviction`](RedisBackendBuilder::allow_eviction)
 //! only if you accept the risk. A policy changed at run time with `CONFIG
-//! SET` is seen when the connection is next replaced.
+//! SET` is seen when the connection is next replaced; on Redis Cluster, the
+//! cluster client follows failovers and resharding on its own connection,
+//! so call `verify` again (for example from a periodic health check) to
+//! cover nodes that joined later.
 //!
 //! # Cancellation
 //!
@@ -535,7 +538,8 @@ impl RedisBackend {
         if self.inner.allow_eviction {
             return Ok(());
         }
-        let policies = eviction_policies(conn).await?;
+        let cluster = matches!(self.inner.pool, Pool::Cluster(_));
+        let policies = eviction_policies(conn, cluster).await?;
         let Some(bad) = policies.iter().find(|p| p.as_str() != "noeviction") else {
             return Ok(());
         };
@@ -725,14 +729,19 @@ impl Drop for Unsettled<'_> {
     }
 }
 
-/// The `maxmemory-policy` of the server (of every node that answers, on a
-/// cluster): `CONFIG GET`, else `INFO memory`.
-async fn eviction_policies(conn: &mut Conn) -> Result<Vec<String>, BackendError> {
-    let config: Result<Value, RedisError> = redis::cmd("CONFIG")
-        .arg("GET")
-        .arg("maxmemory-policy")
-        .query_async(conn)
-        .await;
+/// The `maxmemory-policy` of the server: `CONFIG GET`, else `INFO memory`.
+/// On a cluster only `INFO memory`, which is sent to every primary (a
+/// cluster client sends `CONFIG GET` to one node picked at random).
+async fn eviction_policies(conn: &mut Conn, cluster: bool) -> Result<Vec<String>, BackendError> {
+    let config: Result<Value, RedisError> = if cluster {
+        Ok(Value::Nil)
+    } else {
+        redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(conn)
+            .await
+    };
     let mut policies = Vec::new();
     if let Ok(value) = &config {
         collect_config_policies(value, &mut policies);
@@ -928,7 +937,18 @@ impl Backend for RedisBackend {
         // by token when this is dropped: a completed save already removed
         // it, so that is harmless.
         let unsettled = Unsettled::new(self, &lock.lock_key, &lock.token);
-        let saved = match self.inner.codec.encode(&record) {
+        let (blob, completion) = match self.inner.codec.encode(&record) {
+            Err(crate::CodecError::TooLarge { max }) => {
+                tracing::warn!(
+                    max,
+                    "record larger than the codec's max_record_size; keeping a not-kept marker"
+                );
+                let marker = Record::not_kept(record.status, record.fingerprint);
+                (self.inner.codec.encode(&marker), Completion::NotKept)
+            }
+            other => (other, Completion::Saved),
+        };
+        let saved = match blob {
             Ok(blob) => {
                 let call = Call::new(&[&lock.record_key, &lock.lock_key])
                     .arg(&lock.token)
@@ -960,7 +980,7 @@ impl Backend for RedisBackend {
         };
         unsettled.settled();
         if as_flag(&reply, "complete")? {
-            Ok(Completion::Saved)
+            Ok(completion)
         } else {
             Ok(Completion::Lost)
         }
