@@ -1,6 +1,5 @@
 //! The record codec: round trips and hostile input.
 
-use std::io::Write;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
