@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::fault_proxy::{Fault, FaultProxy};
 use common::{Runs, counting, gated, post, send};
 use http::StatusCode;
 use redis_support::{RedisProcess, admin, pool_for};
@@ -66,14 +67,21 @@ async fn stopped_server_is_503_quickly_and_recovery_needs_no_restart() {
 
 #[tokio::test]
 async fn server_lost_while_the_handler_runs_still_answers_the_client() {
-    let mut server = RedisProcess::start(&[]);
+    // The server survives; the backend loses it (every connection reset)
+    // while the handler runs, so what was stored can be checked afterwards.
+    let server = RedisProcess::start(&[]);
+    let proxy = FaultProxy::start(([127, 0, 0, 1], server.port).into()).await;
     let runs = Runs::default();
     let (handler, gate) = gated(runs.clone());
-    let svc =
-        IdempotencyLayer::new(backend_on(&server.url(), Duration::from_millis(500))).layer(handler);
+    let svc = IdempotencyLayer::new(backend_on(
+        &format!("redis://127.0.0.1:{}", proxy.port()),
+        Duration::from_millis(500),
+    ))
+    .lock_ttl(Duration::from_secs(2))
+    .layer(handler);
     let first = tokio::spawn(svc.clone().oneshot(post("/p", Some("k"), "x")));
     gate.started.await.unwrap();
-    server.stop();
+    proxy.set(Fault::Down);
     gate.finish.send(()).unwrap();
     let first = first.await.unwrap().unwrap();
     assert_eq!(
@@ -81,10 +89,30 @@ async fn server_lost_while_the_handler_runs_still_answers_the_client() {
         StatusCode::OK,
         "the handler ran: its answer is delivered"
     );
-    server.restart();
-    // Nothing could be stored (and the restarted server kept nothing): a
-    // retry runs again — at least once, as documented.
-    let retry = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
+    let storage = StorageKey::derive(
+        &tower_idempotency::ScopeValue::anonymous(),
+        &tower_idempotency::IdempotencyKey::parse(&"k".parse().unwrap()).unwrap(),
+    );
+    let mut admin = admin(&server.url()).await;
+    let stored: i64 = redis::cmd("EXISTS")
+        .arg(format!("idem:{{{}}}:rec", storage.to_hex()))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0, "nothing could be stored");
+    proxy.set(Fault::None);
+    // A retry runs again once the key is free (at the latest after the lock
+    // TTL) — at least once, as documented.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let retry = loop {
+        let answer = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
+        if answer.status != StatusCode::CONFLICT && answer.status != StatusCode::SERVICE_UNAVAILABLE
+        {
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "the key stayed locked");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(retry.body, "run 2");
 }
 
