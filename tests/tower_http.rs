@@ -18,7 +18,10 @@ use tower_http::compression::CompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
-use tower_idempotency::{IdempotencyLayer, MemoryBackend, OnDisconnect};
+use tower_idempotency::{
+    Backend, BackendError, Begin, Completion, Fingerprint, IdempotencyLayer, MemoryBackend,
+    MemoryLock, OnDisconnect, Record, StorageKey,
+};
 
 const JSON: &str = r#"{"id":"pay_000001","amount":500,"currency":"EUR","status":"succeeded","note":"compressible compressible compressible"}"#;
 
@@ -202,19 +205,91 @@ async fn compression_inside_replays_the_stored_encoding() {
     );
 }
 
-/// `RequestBodyLimitLayer` outside with a smaller limit answers 413 before
-/// the key is looked at; inside, our own limit answers first.
+/// A memory backend that counts `begin` calls.
+#[derive(Clone, Default)]
+struct CountingBackend {
+    inner: MemoryBackend,
+    begins: Arc<AtomicUsize>,
+}
+
+impl Backend for CountingBackend {
+    type Lock = MemoryLock;
+
+    async fn begin(
+        &self,
+        key: &StorageKey,
+        fp: &Fingerprint,
+        ttl: Duration,
+    ) -> Result<Begin<MemoryLock>, BackendError> {
+        self.begins.fetch_add(1, Ordering::SeqCst);
+        self.inner.begin(key, fp, ttl).await
+    }
+
+    async fn complete(
+        &self,
+        lock: MemoryLock,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<Completion, BackendError> {
+        self.inner.complete(lock, record, ttl).await
+    }
+
+    async fn release(&self, lock: MemoryLock) -> Result<(), BackendError> {
+        self.inner.release(lock).await
+    }
+
+    async fn extend(&self, lock: &MemoryLock, ttl: Duration) -> Result<bool, BackendError> {
+        self.inner.extend(lock, ttl).await
+    }
+}
+
+/// `RequestBodyLimitLayer` outside with a smaller limit: a request that
+/// declares its length is answered `413` by tower-http itself, before this
+/// layer looks at the key (its answer is not our problem document, and
+/// `begin` never runs); a streamed body hits the limit while this layer
+/// buffers it, and this layer answers `413` — still before `begin`. Inside,
+/// our own limit answers first.
 #[tokio::test]
 async fn request_body_limits() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let backend = MemoryBackend::new();
+    let backend = CountingBackend::default();
     let outside = payments(runs.clone(), Duration::ZERO)
         .layer(IdempotencyLayer::new(backend.clone()))
         .layer(RequestBodyLimitLayer::new(4));
-    assert_eq!(
-        call(&outside, request("k", false)).await.status,
-        StatusCode::PAYLOAD_TOO_LARGE
+
+    let mut declared = request("k", false);
+    declared
+        .headers_mut()
+        .insert(header::CONTENT_LENGTH, "14".parse().unwrap());
+    let answer = call(&outside, declared).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_ne!(
+        answer
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap()),
+        Some("application/problem+json"),
+        "tower-http answered, not this layer"
     );
+    assert_eq!(
+        backend.begins.load(Ordering::SeqCst),
+        0,
+        "the key was never looked up"
+    );
+
+    let streamed = Request::post("/payments")
+        .header("idempotency-key", "k")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(futures_stream_of(r#"{"amount":500}"#)))
+        .unwrap();
+    let answer = call(&outside, streamed).await;
+    assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(
+        answer.headers[header::CONTENT_TYPE],
+        "application/problem+json",
+        "this layer reports the outer limit it hit"
+    );
+    assert_eq!(backend.begins.load(Ordering::SeqCst), 0);
 
     let ours = payments(runs.clone(), Duration::ZERO)
         .layer(IdempotencyLayer::new(backend.clone()).max_request_body(4));
@@ -225,10 +300,27 @@ async fn request_body_limits() {
         "application/problem+json"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 0);
-    assert_eq!(
-        backend.in_flight_count() + usize::try_from(backend.stored_count()).unwrap(),
-        0
-    );
+    assert_eq!(backend.begins.load(Ordering::SeqCst), 0);
+}
+
+/// A body of one chunk with no length known up front.
+fn futures_stream_of(
+    text: &'static str,
+) -> impl futures_core::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
+    struct Once(Option<Bytes>);
+    impl futures_core::Stream for Once {
+        type Item = Result<Bytes, std::convert::Infallible>;
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            std::task::Poll::Ready(self.0.take().map(Ok))
+        }
+        fn size_hint(&self) -> (usize, Option<usize>) {
+            (0, None)
+        }
+    }
+    Once(Some(Bytes::from_static(text.as_bytes())))
 }
 
 /// axum's `DefaultBodyLimit` applies in the handler's extractor, after our
