@@ -178,6 +178,26 @@ async fn handler_errors_and_backend_failures_are_counted() {
     let seen = Recorded::take(&snapshotter);
     assert_eq!(seen.outcome("fail_open"), 1);
     assert_eq!(runs.get(), 2);
+
+    // A handler error: the request was fresh, its response not stored, and
+    // the key released.
+    let mut failing = IdempotencyLayer::new(MemoryBackend::new()).layer(tower::service_fn(
+        |_req: common::InnerReq| async {
+            Err::<http::Response<http_body_util::Full<bytes::Bytes>>, _>("handler failed")
+        },
+    ));
+    let error = failing
+        .ready()
+        .await
+        .unwrap()
+        .call(post("/p", Some("\"h\""), "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(error, "handler failed");
+    let seen = Recorded::take(&snapshotter);
+    assert_eq!(seen.outcome("fresh"), 1);
+    assert_eq!(seen.stores("not_stored"), 1, "a handler error is counted");
+    assert_eq!(seen.timings("release"), 1);
 }
 
 #[tokio::test(flavor = "current_thread")]
