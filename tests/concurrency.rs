@@ -91,9 +91,12 @@ async fn hundred_overlapping_duplicates_run_once() {
 /// each one is the original, a replay of it, or a 409.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_racing_duplicates_run_once() {
+    let mut conflicts = 0;
     for round in 0..5 {
         let runs = Runs::default();
-        let svc = IdempotencyLayer::new(MemoryBackend::new()).layer(counting(runs.clone()));
+        // A handler that takes a moment, so that duplicates do overlap it.
+        let svc = IdempotencyLayer::new(MemoryBackend::new())
+            .layer(common::slow_payment(runs.clone(), Duration::from_millis(5)));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..N {
             let mut svc = svc.clone();
@@ -113,11 +116,15 @@ async fn hundred_racing_duplicates_run_once() {
         for a in &answers {
             match a.status {
                 StatusCode::CREATED => assert_eq!(a.body, original.body),
-                StatusCode::CONFLICT => assert_eq!(a.problem_type(), "request-in-flight"),
+                StatusCode::CONFLICT => {
+                    conflicts += 1;
+                    assert_eq!(a.problem_type(), "request-in-flight");
+                }
                 other => panic!("unexpected status {other}"),
             }
         }
     }
+    assert!(conflicts > 0, "no duplicate overlapped the first run");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
