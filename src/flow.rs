@@ -141,7 +141,7 @@ where
     };
 
     let guard = LockGuard::new(backend, lock);
-    let span = tracing::Span::current();
+    // `run_detached` keeps the work in this request's span.
     let on_disconnect = config.on_disconnect;
     let running = run_detached(on_disconnect, move |delivery, cancellation| {
         execute(
@@ -153,7 +153,6 @@ where
             delivery,
             cancellation,
         )
-        .instrument(span)
     });
     match running.await {
         Some(answer) => answer,
