@@ -1,5 +1,6 @@
 //! Instructions per request through the layer, for counting under
-//! callgrind: a number that the machine's noise cannot move.
+//! callgrind: a number that the machine's load cannot move (runs differ by a
+//! few hundred instructions, the hash maps being randomly keyed).
 //!
 //! `scripts/instructions.sh [revision]` runs it (and, given a revision, the
 //! same program built against that revision of the crate) under

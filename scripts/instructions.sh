@@ -7,8 +7,9 @@
 # For each mode (none, nokey, replay, fresh) the program runs under
 # `valgrind --tool=callgrind` with 0 and with <requests> (default 2000)
 # requests after the same warm-up; the difference over <requests> is the
-# cost of one request, repeatable to a few instructions whatever else the
-# machine does. Needs valgrind (Debian package valgrind).
+# cost of one request, whatever else the machine does (runs of the same
+# binary differ by a few hundred instructions: the hash maps are randomly
+# keyed). Needs valgrind (Debian package valgrind).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rev=${1:-}
