@@ -32,8 +32,16 @@ async fn hundred_overlapping_duplicates_run_once() {
                 // Bounded: if a second run slipped through, the test fails
                 // on the count below instead of hanging.
                 let _ = tokio::time::timeout(Duration::from_secs(10), async {
-                    while answered.load(Ordering::SeqCst) < N - 1 {
-                        notify.notified().await;
+                    loop {
+                        // Registered before the check, so a notification
+                        // between the check and the wait is not lost.
+                        let notified = notify.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        if answered.load(Ordering::SeqCst) >= N - 1 {
+                            break;
+                        }
+                        notified.await;
                     }
                 })
                 .await;

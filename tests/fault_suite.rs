@@ -139,12 +139,18 @@ mod postgres {
     use crate::postgres_support::{TABLE, database_url, pool, pool_for};
     use tower_idempotency::PostgresBackend;
 
-    fn backend(pool: deadpool_postgres::Pool) -> PostgresBackend {
+    /// A backend with a short timeout (outages are answered fast) or a
+    /// generous one (many requests wait for a pooled connection).
+    fn backend_with(pool: deadpool_postgres::Pool, timeout: Duration) -> PostgresBackend {
         PostgresBackend::builder(pool)
             .table(TABLE)
-            .timeout(Duration::from_millis(500))
+            .timeout(timeout)
             .build()
             .unwrap()
+    }
+
+    fn backend(pool: deadpool_postgres::Pool) -> PostgresBackend {
+        backend_with(pool, Duration::from_millis(500))
     }
 
     /// The server's address from `DATABASE_URL`, and a URL through a proxy.
@@ -170,9 +176,10 @@ mod postgres {
         let url = database_url();
         let counts = faults::same_key_across_instances(
             [
-                backend(pool_for(&url, 16)),
-                backend(pool_for(&url, 16)),
-                backend(pool_for(&url, 16)),
+                // 24 connections for 200 requests: most wait for one.
+                backend_with(pool_for(&url, 8), Duration::from_secs(5)),
+                backend_with(pool_for(&url, 8), Duration::from_secs(5)),
+                backend_with(pool_for(&url, 8), Duration::from_secs(5)),
             ],
             &tag("same"),
         )
@@ -183,9 +190,11 @@ mod postgres {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn retries_and_cancellations() {
         migrated().await;
-        let counts =
-            faults::retries_and_cancellations(backend(pool_for(&database_url(), 32)), &tag("mix"))
-                .await;
+        let counts = faults::retries_and_cancellations(
+            backend_with(pool_for(&database_url(), 24), Duration::from_secs(5)),
+            &tag("mix"),
+        )
+        .await;
         report(
             "postgres: 1000 requests, 50 keys, retries and cancellations",
             counts,
