@@ -32,7 +32,9 @@ if [ ${#files[@]} -eq 0 ]; then
 fi
 for file in "${files[@]}"; do
     echo "==> mutants in $file"
+    out="mutants.out/$(basename "$file" .rs)"
+    mkdir -p "$out"
     # shellcheck disable=SC2046
-    cargo mutants --file "$file" --all-features --output "mutants.out/$(basename "$file" .rs)" \
+    cargo mutants --file "$file" --all-features --output "$out" \
         -- --lib $(tests_for "$file") || true
 done
