@@ -552,6 +552,34 @@ mod tests {
     }
 
     #[test]
+    fn storage_keys_round_trip_through_hex() {
+        let mut raw = [0u8; 32];
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = u8::try_from(i * 8 + 1).unwrap();
+        }
+        let key = StorageKey::from_bytes(raw);
+        let hex = key.to_hex();
+        assert_eq!(hex.len(), 64);
+        assert_eq!(StorageKey::from_hex(&hex), Some(key));
+        assert_eq!(
+            StorageKey::from_hex(&format!(" {} ", hex.to_uppercase())),
+            Some(key)
+        );
+        assert_eq!(StorageKey::from_hex(&hex[..62]), None);
+        assert_eq!(StorageKey::from_hex(&format!("{hex}00")), None);
+        assert_eq!(StorageKey::from_hex(&format!("g{}", &hex[1..])), None);
+        assert_eq!(format!("{key}"), hex);
+        assert_eq!(format!("{key:?}"), format!("StorageKey({hex})"));
+    }
+
+    #[test]
+    fn keys_print_as_the_client_meant_them() {
+        let key = IdempotencyKey::parse(&HeaderValue::from_static("\"a\\\"b\"")).unwrap();
+        assert_eq!(key.to_string(), "a\"b");
+        assert_eq!(format!("{key:?}"), "IdempotencyKey(\"a\\\"b\")");
+    }
+
+    #[test]
     fn scopes_do_not_collide() {
         let k = IdempotencyKey::parse(&HeaderValue::from_static("k")).unwrap();
         let a = StorageKey::derive(&ScopeValue::custom("x"), &k);
