@@ -86,7 +86,7 @@ async fn decide<S, B, ReqBody, ResBody>(
     inner: S,
     backend: B,
     config: Arc<Config>,
-    req: Request<IdempotencyBody<ReqBody>>,
+    mut req: Request<IdempotencyBody<ReqBody>>,
     storage_key: StorageKey,
     fingerprint: Fingerprint,
 ) -> Answer<ResBody, S::Error>
@@ -140,6 +140,8 @@ where
         Err(error) => return backend_failed(inner, req, &config, &error).await,
     };
 
+    backend.prepare_request(&lock, req.extensions_mut());
+    let atomic = backend.commits_handler_effects();
     let guard = LockGuard::new(backend, lock);
     // `run_detached` keeps the work in this request's span.
     let on_disconnect = config.on_disconnect;
@@ -150,6 +152,7 @@ where
             req,
             fingerprint,
             guard,
+            atomic,
             delivery,
             cancellation,
         )
@@ -185,12 +188,18 @@ enum Produced<ResBody: Body, E> {
 
 /// Runs the handler under the lock (with the heartbeat), then stores or
 /// releases and delivers the response to the client, if it is still there.
+///
+/// `atomic`: the backend commits the handler's effects with the record
+/// (PostgreSQL's transaction mode), so a response whose record was not
+/// committed is replaced by a `503`: its effects were rolled back.
+#[allow(clippy::too_many_arguments)]
 async fn execute<S, B, ReqBody, ResBody>(
     mut inner: S,
     config: Arc<Config>,
     req: Request<IdempotencyBody<ReqBody>>,
     fingerprint: Fingerprint,
     mut guard: LockGuard<B>,
+    atomic: bool,
     mut delivery: Delivery<Answer<ResBody, S::Error>>,
     cancellation: Cancellation,
 ) where
@@ -205,6 +214,7 @@ async fn execute<S, B, ReqBody, ResBody>(
             req,
             &config,
             fingerprint,
+            atomic,
             &mut delivery
         ));
         let work = pin!(cancellation.unless_cancelled(work));
@@ -233,7 +243,7 @@ async fn execute<S, B, ReqBody, ResBody>(
             tracing::warn!("lock lost while the handler ran; response not stored");
             guard.release("lock lost").await;
             if let Some(response) = response {
-                delivery.send(Ok(response));
+                delivery.send(Ok(if atomic { not_committed() } else { response }));
             }
         }
         Produced::Store {
@@ -242,26 +252,34 @@ async fn execute<S, B, ReqBody, ResBody>(
             response,
         } => {
             let kept = record.kept;
-            match guard.complete(record, ttl).await {
+            let committed = match guard.complete(record, ttl).await {
                 Ok(Completion::Saved) if kept => {
                     observe::store("stored");
                     tracing::debug!("response stored");
+                    true
                 }
                 Ok(Completion::Saved | Completion::NotKept) => {
                     observe::store("not_kept");
                     tracing::debug!("response not storable; marker stored");
+                    true
                 }
                 Ok(_) => {
                     observe::store("lock_lost");
                     tracing::warn!("lock lost before the response was stored");
+                    false
                 }
                 Err(error) => {
                     observe::store("failed");
                     tracing::warn!(%error, "storing the response failed");
+                    false
                 }
-            }
+            };
             if let Some(response) = response {
-                delivery.send(Ok(response));
+                delivery.send(Ok(if atomic && !committed {
+                    not_committed()
+                } else {
+                    response
+                }));
             }
         }
     }
@@ -275,6 +293,7 @@ async fn produce<S, ReqBody, ResBody>(
     req: Request<IdempotencyBody<ReqBody>>,
     config: &Config,
     fingerprint: Fingerprint,
+    atomic: bool,
     delivery: &mut Delivery<Answer<ResBody, S::Error>>,
 ) -> Produced<ResBody, S::Error>
 where
@@ -304,7 +323,14 @@ where
         }
     };
     let status = parts.status;
+    // An atomic backend commits the handler's effects only with a record:
+    // releasing would roll back a response the client is about to get.
     let unstorable = |response, why| match config.unstorable {
+        _ if atomic => Produced::Store {
+            record: Record::not_kept(status, fingerprint),
+            ttl,
+            response,
+        },
         Unstorable::Mark => Produced::Store {
             record: Record::not_kept(status, fingerprint),
             ttl,
@@ -316,68 +342,78 @@ where
         return unstorable(Some(stream(parts, body)), "an event stream is not stored");
     }
     let limit = config.max_stored_response;
-    match known_length(&parts.headers, &body) {
-        Some(len) if len > limit as u64 => unstorable(
+    let known = known_length(&parts.headers, &body);
+    if known.is_some_and(|len| len > limit as u64) {
+        return unstorable(
             Some(stream(parts, body)),
             "response larger than the store limit",
-        ),
-        Some(_) => {
-            let mut body = Box::pin(body);
-            match collect_limited(body.as_mut(), limit).await {
-                Collected::Complete {
-                    data,
-                    trailers: None,
-                } => Produced::Store {
-                    record: Record::from_parts(&parts, data.clone(), fingerprint),
-                    ttl,
-                    response: Some(full(parts, data, None)),
-                },
-                Collected::Complete { data, trailers } => {
-                    unstorable(Some(full(parts, data, trailers)), "response has trailers")
-                }
-                // The length it announced was wrong.
-                Collected::Overflow { prefix } => unstorable(
-                    Some(Response::from_parts(
-                        parts,
-                        IdempotencyBody::prefixed(prefix, body),
-                    )),
-                    "response larger than the store limit",
-                ),
-                Collected::Failed { prefix, error } => Produced::Release {
-                    response: Some(Response::from_parts(
-                        parts,
-                        IdempotencyBody::failed(prefix, error),
-                    )),
-                    why: "response body failed",
-                },
-            }
-        }
-        None => {
-            // Forward as it arrives; store the copy at the end.
-            let headers = parts.headers.clone();
-            let (events, mut copies) = tokio::sync::mpsc::unbounded_channel();
-            let hand_over = config.on_disconnect == OnDisconnect::Complete;
-            let settled = delivery.settled();
-            let body = IdempotencyBody::tee(body, events, settled, limit, hand_over);
-            delivery.send(Ok(Response::from_parts(parts, body)));
-            match follow_tee(&mut copies, limit).await {
-                TeeEnd::Complete(data) => Produced::Store {
-                    record: Record::new(status, headers, data, fingerprint),
-                    ttl,
-                    response: None,
-                },
-                TeeEnd::Unstorable(why) => unstorable(None, why),
-                TeeEnd::Failed => Produced::Release {
-                    response: None,
-                    why: "response body failed",
-                },
-                TeeEnd::Gone => Produced::Release {
-                    response: None,
-                    why: "the client left mid-stream",
-                },
-            }
-        }
+        );
     }
+    if known.is_none() && !atomic {
+        // Forward as it arrives; store the copy at the end.
+        let headers = parts.headers.clone();
+        let (events, mut copies) = tokio::sync::mpsc::unbounded_channel();
+        let hand_over = config.on_disconnect == OnDisconnect::Complete;
+        let settled = delivery.settled();
+        let body = IdempotencyBody::tee(body, events, settled, limit, hand_over);
+        delivery.send(Ok(Response::from_parts(parts, body)));
+        return match follow_tee(&mut copies, limit).await {
+            TeeEnd::Complete(data) => Produced::Store {
+                record: Record::new(status, headers, data, fingerprint),
+                ttl,
+                response: None,
+            },
+            TeeEnd::Unstorable(why) => unstorable(None, why),
+            TeeEnd::Failed => Produced::Release {
+                response: None,
+                why: "response body failed",
+            },
+            TeeEnd::Gone => Produced::Release {
+                response: None,
+                why: "the client left mid-stream",
+            },
+        };
+    }
+    // Buffered: nothing reaches the client before the record is stored (for
+    // an atomic backend, before the handler's effects commit).
+    let mut body = Box::pin(body);
+    match collect_limited(body.as_mut(), limit).await {
+        Collected::Complete {
+            data,
+            trailers: None,
+        } => Produced::Store {
+            record: Record::from_parts(&parts, data.clone(), fingerprint),
+            ttl,
+            response: Some(full(parts, data, None)),
+        },
+        Collected::Complete { data, trailers } => {
+            unstorable(Some(full(parts, data, trailers)), "response has trailers")
+        }
+        // The length it announced was wrong.
+        Collected::Overflow { prefix } => unstorable(
+            Some(Response::from_parts(
+                parts,
+                IdempotencyBody::prefixed(prefix, body),
+            )),
+            "response larger than the store limit",
+        ),
+        Collected::Failed { prefix, error } => Produced::Release {
+            response: Some(Response::from_parts(
+                parts,
+                IdempotencyBody::failed(prefix, error),
+            )),
+            why: "response body failed",
+        },
+    }
+}
+
+/// The answer for a response whose effects were rolled back with its record.
+fn not_committed<B: Body>() -> Response<IdempotencyBody<B>> {
+    problem(
+        ProblemKind::BackendUnavailable,
+        "the request's changes were rolled back because its response could not be stored; the request was not processed",
+        None,
+    )
 }
 
 fn full<B: Body>(

@@ -387,8 +387,13 @@ mod service;
 
 #[cfg(feature = "memory")]
 pub use backend::memory::{MemoryBackend, MemoryBackendBuilder, MemoryLock};
+#[cfg(all(feature = "postgres", feature = "axum"))]
+pub use backend::postgres::NoRequestTransaction;
 #[cfg(feature = "postgres")]
-pub use backend::postgres::{PostgresBackend, PostgresBackendBuilder, PostgresLock};
+pub use backend::postgres::{
+    PostgresBackend, PostgresBackendBuilder, PostgresLock, PostgresMode, RequestTransaction,
+    TransactionClient, UnknownPostgresMode,
+};
 #[cfg(feature = "redis")]
 pub use backend::redis::{RedisBackend, RedisBackendBuilder, RedisLock};
 pub use backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};

@@ -159,6 +159,14 @@ pub enum Completion {
 ///     fn abandon(&self, lock: B::Lock) {
 ///         self.inner.abandon(lock);
 ///     }
+///
+///     fn prepare_request(&self, lock: &B::Lock, extensions: &mut http::Extensions) {
+///         self.inner.prepare_request(lock, extensions);
+///     }
+///
+///     fn commits_handler_effects(&self) -> bool {
+///         self.inner.commits_handler_effects()
+///     }
 /// }
 ///
 /// let backend = Counted { inner: tower_idempotency::MemoryBackend::new(), lookups: Arc::default() };
@@ -202,6 +210,24 @@ pub trait Backend: Clone + Send + Sync + 'static {
         lock: &Self::Lock,
         lock_ttl: Duration,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Lends the handler what it needs from the lock, through the request's
+    /// extensions, just before the handler is called: PostgreSQL's
+    /// transaction mode puts the
+    /// [`RequestTransaction`](crate::RequestTransaction) there. The default
+    /// lends nothing. A backend that wraps another must forward this.
+    #[allow(unused_variables)]
+    fn prepare_request(&self, lock: &Self::Lock, extensions: &mut http::Extensions) {}
+
+    /// Whether `complete` commits the handler's own effects together with
+    /// the record (PostgreSQL's transaction mode). Then a `complete` that
+    /// fails or finds its lock lost means those effects were undone, and the
+    /// layer answers `503` instead of the handler's response; responses are
+    /// buffered, not streamed, until they are committed. The default is
+    /// `false`. A backend that wraps another must forward this.
+    fn commits_handler_effects(&self) -> bool {
+        false
+    }
 
     /// Releases a lock from a synchronous context: the layer calls this when
     /// the task that holds the key is dropped before it could complete or

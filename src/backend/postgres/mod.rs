@@ -1,0 +1,901 @@
+//! The PostgreSQL backend: one table through the user's [`deadpool_postgres`]
+//! pool, in one of three [modes](PostgresMode).
+//!
+//! ```no_run
+//! use tower_idempotency::{IdempotencyLayer, PostgresBackend};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut config = deadpool_postgres::Config::new();
+//! config.url = Some("postgres://postgres@127.0.0.1:5432/test".to_owned());
+//! let pool = config.create_pool(
+//!     Some(deadpool_postgres::Runtime::Tokio1),
+//!     tokio_postgres::NoTls,
+//! )?;
+//! let backend = PostgresBackend::new(pool); // lease mode
+//! backend.migrate().await?; // the table, its index and the functions
+//! let layer = IdempotencyLayer::new(backend);
+//! # let _ = layer;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Which mode
+//!
+//! | | [`Lease`](PostgresMode::Lease) (default) | [`Advisory`](PostgresMode::Advisory) | [`Transaction`](PostgresMode::Transaction) |
+//! |---|---|---|---|
+//! | the key's lock | a row: token and expiry | a session advisory lock | a transaction advisory lock |
+//! | connection held while the handler runs | none | one per request | one per request (the handler's own) |
+//! | lost session (killed backend, network cut, restart) | nothing changes: the lease lapses on its own | **the key is free while the handler still runs** | the transaction rolls back, handler writes included |
+//! | behind PgBouncer `pool_mode = transaction` | works | refused by [`verify`](PostgresBackend::verify) | works |
+//! | writes per fresh request | 2 (lease, record) | 1 (record) | 1, in the handler's transaction |
+//! | handler's own writes | separate | separate | **committed with the record, or not at all** |
+//!
+//! - **Lease** is the default: it never lets a duplicate run while the first
+//!   request is alive, whatever happens to connections, and it holds no
+//!   connection across the handler, so a handler that uses the same pool
+//!   cannot starve it.
+//! - **Advisory** writes the least (the measured difference is in
+//!   `BENCHMARKS.md`), at the price of its failure mode: a session lock dies
+//!   with its connection, and a duplicate can then run concurrently with a
+//!   handler that is still running. Every request in flight holds a pooled
+//!   connection, so a handler that takes another one from the same pool can
+//!   wait for ever once the pool is exhausted (deadpool waits without limit
+//!   unless you set `PoolConfig::timeouts.wait`).
+//! - **Transaction** makes the handler's database writes and the stored
+//!   response one atomic commit: see [Transaction mode](#transaction-mode).
+//!
+//! Instances in different modes may share one table (during a rolling
+//! upgrade, say): every mode's `begin` respects the others' locks.
+//!
+//! # How it works
+//!
+//! All modes:
+//!
+//! - **begin** is one statement: a `VOLATILE` PL/pgSQL function (made by
+//!   [`migrate`](PostgresBackend::migrate)) looks the key up and only when
+//!   nothing live is stored takes the key, then looks again *in a later
+//!   statement*. Under `READ COMMITTED` every statement of a volatile
+//!   function takes a fresh snapshot, so the second look sees a row that the
+//!   previous holder committed just before the key was taken. A replay takes
+//!   no lock at all.
+//! - **complete is fenced**: it writes only while its lock is still the
+//!   key's holder, and never over a live record. A stale `complete` answers
+//!   [`Completion::Lost`] and writes nothing.
+//! - Every error path, timeout and dropped future **detaches** a connection
+//!   that may be inside a transaction or hold a lock: it is closed, not
+//!   returned to the pool.
+//!
+//! **Lease mode.** `begin` writes a row with a random 128-bit token and an
+//! expiry of `lock_ttl`; the layer's heartbeat extends it (`UPDATE … WHERE
+//! lock_token = $token`); `complete` turns that row into the record with
+//! `UPDATE … WHERE lock_token = $token`, so a lease that was taken over
+//! never writes. A lapsed lease that nobody took over still completes:
+//! no other request ran. Each call borrows a connection for one statement
+//! and returns it; statements are unnamed (`query_typed`), so transaction
+//! poolers work. A begin dropped before its reply was read deletes its lease
+//! from a task of its own.
+//!
+//! **Advisory mode.** The lock is `pg_try_advisory_lock(id)` on a pooled
+//! connection that stays checked out for the request. `complete` sends the
+//! fenced write (which first checks, in `pg_locks`, that this session still
+//! holds the lock) and `pg_advisory_unlock` together: one round trip, two
+//! statements, each its own transaction, so the row is committed *before*
+//! the lock is released. Unlocking inside the write's transaction would let
+//! the next holder look before the row is visible.
+//!
+//! Lock ids are 64 bits of the SHA-256 storage key. Two keys sharing an id
+//! only make one of them wait (a false `409`); records are keyed by the full
+//! storage key, so a collision never replays the wrong response.
+//!
+//! Round trips (after each connection prepared its statements once):
+//!
+//! | | fresh request | replay |
+//! |---|---|---|
+//! | lease | 2 (+ one per heartbeat) | 1 |
+//! | advisory | 2 | 1 |
+//! | transaction | 2 | 2 (`ROLLBACK`) |
+//!
+//! # Transaction mode
+//!
+//! `begin` opens a `READ COMMITTED` transaction on a pooled connection and
+//! takes `pg_try_advisory_xact_lock(id)` in it. The layer puts that
+//! transaction into the request's extensions as a [`RequestTransaction`]
+//! (an axum extractor too, with the `axum` feature); the handler writes
+//! through it. The layer then writes the record **in the same transaction**
+//! and commits:
+//!
+//! - a stored response commits the handler's writes and the record together;
+//! - a response that is not stored — a `5xx` or `429` under the default
+//!   policy, a handler error, a response marked
+//!   [`Persist::Never`](crate::Persist::Never), a panic, a client that left
+//!   under [`OnDisconnect::Cancel`](crate::OnDisconnect::Cancel) — **rolls
+//!   back** the handler's writes with it: the retry runs on a clean slate;
+//! - a crash, a killed connection or a failed commit rolls back both, and
+//!   the client is answered `503` (never the handler's success response for
+//!   writes that did not happen); the lock ends with the transaction, so no
+//!   key is left stuck.
+//!
+//! Database effects therefore happen exactly once, even across crashes.
+//! Effects outside the database (an e-mail, a call to a payment provider)
+//! are at most once per committed attempt, as in the other modes.
+//!
+//! A handler opts out per write by using a connection of its own from the
+//! pool instead of the request's transaction: those writes commit on their
+//! own. The handler must not `COMMIT` or `ROLLBACK` the request's
+//! transaction itself (use `SAVEPOINT`s for partial rollbacks).
+//!
+//! Responses are buffered before they are committed (a response without a
+//! length is not streamed while it is stored, as in the other modes): the
+//! client sees nothing that could still be rolled back. Responses that
+//! cannot be stored commit with a "not kept" marker whatever
+//! [`Unstorable`](crate::Unstorable) says. Requests without an
+//! `Idempotency-Key` get no transaction: take
+//! `Option<RequestTransaction>` and fall back to the pool, or make the key
+//! [`required`](crate::IdempotencyLayer::required).
+//!
+//! ```no_run
+//! use tower_idempotency::RequestTransaction;
+//!
+//! # async fn charge(tx: RequestTransaction) -> Result<(), Box<dyn std::error::Error>> {
+//! let client = tx.client().await?;
+//! client
+//!     .execute("INSERT INTO payments (amount) VALUES ($1)", &[&1000_i64])
+//!     .await?;
+//! // Committed with the stored response, after the handler returns.
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Requirements
+//!
+//! - **`READ COMMITTED`** (the PostgreSQL default) for the pool's sessions;
+//!   the begin functions refuse to run under another isolation level.
+//! - **Advisory mode: no transaction-mode pooler.** Session advisory locks
+//!   need a session: PgBouncer in `pool_mode = transaction` runs each
+//!   transaction on whichever server session is free. [`verify`](PostgresBackend::verify)
+//!   (run by [`migrate`](PostgresBackend::migrate)) probes for this and
+//!   fails with [`BackendErrorKind::Misconfigured`].
+//! - **Advisory and transaction modes: pool size bounds concurrency.**
+//!   Every request in flight holds one connection until its response is
+//!   stored; past `max_size` a request waits up to the
+//!   [`timeout`](PostgresBackendBuilder::timeout), then gets `503`.
+//! - **Crashed holders.** Lease mode: the key is free when the lease lapses,
+//!   `lock_ttl` (10 s by default) after the last heartbeat. Advisory and
+//!   transaction modes: when the server notices the session is gone — at
+//!   once for a process that died, after TCP keepalive for a network cut
+//!   (set `tcp_keepalives_idle` on the server to bound that).
+//! - Expired rows are never replayed; [`purge_expired`](PostgresBackend::purge_expired)
+//!   deletes them (and lapsed leases) in batches — run it periodically.
+
+mod advisory;
+mod lease;
+mod sql;
+mod transaction;
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Object, Pool};
+
+use super::{Backend, BackendError, BackendErrorKind, Begin, Completion};
+use crate::{Fingerprint, Record, RecordCodec, StorageKey};
+use sql::{DEFAULT_TABLE, Sql};
+#[cfg(feature = "axum")]
+pub use transaction::NoRequestTransaction;
+pub use transaction::{RequestTransaction, TransactionClient};
+
+/// How a [`PostgresBackend`] holds a key while the handler runs. See the
+/// [module documentation](self#which-mode) for when to pick which.
+///
+/// ```
+/// use tower_idempotency::PostgresMode;
+///
+/// assert_eq!(PostgresMode::default(), PostgresMode::Lease);
+/// assert_eq!("transaction".parse::<PostgresMode>(), Ok(PostgresMode::Transaction));
+/// assert!("session".parse::<PostgresMode>().is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum PostgresMode {
+    /// A lease row (token and expiry), extended by the heartbeat; no
+    /// connection is held while the handler runs. The default.
+    #[default]
+    Lease,
+    /// A session advisory lock on a connection held for the request: the
+    /// fewest writes, but a lost session frees the key while the handler
+    /// still runs.
+    Advisory,
+    /// A transaction that the handler writes through and that commits with
+    /// the record ([`RequestTransaction`]).
+    Transaction,
+}
+
+impl PostgresMode {
+    /// The mode's name, as [`FromStr`] reads it.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Lease => "lease",
+            Self::Advisory => "advisory",
+            Self::Transaction => "transaction",
+        }
+    }
+}
+
+impl fmt::Display for PostgresMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The error of parsing a [`PostgresMode`]: not one of `lease`, `advisory`,
+/// `transaction`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a PostgreSQL mode (lease, advisory, transaction)")]
+pub struct UnknownPostgresMode(String);
+
+impl FromStr for PostgresMode {
+    type Err = UnknownPostgresMode;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "lease" => Ok(Self::Lease),
+            "advisory" => Ok(Self::Advisory),
+            "transaction" => Ok(Self::Transaction),
+            _ => Err(UnknownPostgresMode(s.to_owned())),
+        }
+    }
+}
+
+/// A [`Backend`] on PostgreSQL. See the [module documentation](self).
+///
+/// Cloning is cheap; clones share the pool.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_idempotency::{IdempotencyLayer, PostgresBackend};
+///
+/// let mut config = deadpool_postgres::Config::new();
+/// config.url = Some("postgres://postgres@127.0.0.1:5432/app".to_owned());
+/// let pool = config.create_pool(Some(deadpool_postgres::Runtime::Tokio1), tokio_postgres::NoTls)?;
+/// let backend = PostgresBackend::new(pool);
+/// backend.migrate().await?; // once per deployment; safe to repeat
+/// let layer = IdempotencyLayer::new(backend);
+/// # let _ = layer;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresBackend {
+    pool: Pool,
+    sql: Arc<Sql>,
+    timeout: Duration,
+    codec: RecordCodec,
+    mode: PostgresMode,
+}
+
+impl fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresBackend")
+            .field("table", &self.sql.table)
+            .field("mode", &self.mode)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`PostgresBackend`].
+///
+/// ```no_run
+/// # fn run(pool: deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_idempotency::{PostgresBackend, PostgresMode};
+///
+/// let backend = PostgresBackend::builder(pool)
+///     .table("billing_idempotency")
+///     .mode(PostgresMode::Transaction)
+///     .timeout(Duration::from_secs(1))
+///     .build()?;
+/// # let _ = backend;
+/// # Ok(())
+/// # }
+/// ```
+#[must_use]
+pub struct PostgresBackendBuilder {
+    pool: Pool,
+    table: String,
+    timeout: Duration,
+    codec: RecordCodec,
+    mode: PostgresMode,
+}
+
+impl fmt::Debug for PostgresBackendBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresBackendBuilder")
+            .field("table", &self.table)
+            .field("mode", &self.mode)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresBackendBuilder {
+    /// The table (default `idempotency_records`), optionally
+    /// schema-qualified (`app.idempotency`). Each part must be a plain
+    /// identifier: ASCII letters, digits and `_`, not starting with a digit,
+    /// at most 50 bytes (the functions' names add a suffix).
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// How a key is held while the handler runs (default
+    /// [`PostgresMode::Lease`]).
+    pub const fn mode(mut self, mode: PostgresMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The bound on each operation, including waiting for a pooled
+    /// connection (default 2 seconds).
+    pub const fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How records are encoded (see [`RecordCodec`]).
+    pub const fn codec(mut self, codec: RecordCodec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Builds the backend. No connection is made until it is used.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendErrorKind::Misconfigured`] for a table name that is not a
+    /// plain identifier.
+    pub fn build(self) -> Result<PostgresBackend, BackendError> {
+        let sql = Sql::new(&self.table)?;
+        Ok(self.with_sql(sql))
+    }
+
+    fn with_sql(self, sql: Sql) -> PostgresBackend {
+        PostgresBackend {
+            pool: self.pool,
+            sql: Arc::new(sql),
+            timeout: self.timeout,
+            codec: self.codec,
+            mode: self.mode,
+        }
+    }
+}
+
+/// Proof of holding a key in a [`PostgresBackend`]: a lease token, or the
+/// pooled connection whose session or transaction holds the advisory lock.
+///
+/// Dropped while it may still hold a connection's lock or transaction, it
+/// closes that connection (detached from the pool), so the server frees the
+/// lock and rolls the transaction back. A dropped lease lapses on its own;
+/// the layer releases it.
+///
+/// The layer handles locks; a caller of the [`Backend`] API
+/// holds one between `begin` and `complete` or `release`:
+///
+/// ```no_run
+/// # async fn run(backend: tower_idempotency::PostgresBackend) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_idempotency::{Backend, Begin, Fingerprint, StorageKey};
+///
+/// let key = StorageKey::from_bytes([1; 32]);
+/// let fp = Fingerprint::from_bytes([2; 32]);
+/// if let Begin::Acquired(lock) = backend.begin(&key, &fp, Duration::from_secs(30)).await? {
+///     backend.release(lock).await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+pub struct PostgresLock {
+    key: StorageKey,
+    lock_id: i64,
+    held: Held,
+}
+
+enum Held {
+    Lease {
+        token: [u8; 16],
+    },
+    Session {
+        conn: Option<Object>,
+        /// Whether the session may hold the lock; then the connection must
+        /// not return to the pool.
+        locked: bool,
+    },
+    Transaction(RequestTransaction),
+}
+
+impl fmt::Debug for PostgresLock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match self.held {
+            Held::Lease { .. } => PostgresMode::Lease,
+            Held::Session { .. } => PostgresMode::Advisory,
+            Held::Transaction(_) => PostgresMode::Transaction,
+        };
+        f.debug_struct("PostgresLock")
+            .field("key", &self.key)
+            .field("lock_id", &self.lock_id)
+            .field("mode", &mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresLock {
+    fn drop(&mut self) {
+        match &mut self.held {
+            Held::Session { conn, locked } => {
+                if let Some(conn) = conn.take()
+                    && *locked
+                {
+                    // Closing the session is the one sure unlock without a
+                    // round trip.
+                    detach(conn);
+                }
+            }
+            // Whoever drops the last handle of an unfinished transaction
+            // closes its connection: the server rolls it back.
+            Held::Transaction(tx) => tx.abort(),
+            Held::Lease { .. } => {}
+        }
+    }
+}
+
+/// Closes a connection that may hold a lock or be inside a transaction,
+/// instead of returning it to the pool.
+fn detach(conn: Object) {
+    drop(Object::take(conn));
+}
+
+fn lock_id(key: &StorageKey) -> i64 {
+    let b = key.as_bytes();
+    i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+fn map_error(error: tokio_postgres::Error) -> BackendError {
+    use tokio_postgres::error::SqlState;
+    let kind = match error.code() {
+        _ if error.is_closed() => BackendErrorKind::Unavailable,
+        Some(c) if *c == SqlState::UNDEFINED_TABLE || *c == SqlState::UNDEFINED_FUNCTION => {
+            BackendErrorKind::Misconfigured
+        }
+        Some(c) if *c == SqlState::RAISE_EXCEPTION => BackendErrorKind::Misconfigured,
+        Some(c)
+            if *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::TOO_MANY_CONNECTIONS =>
+        {
+            BackendErrorKind::Unavailable
+        }
+        Some(c) if *c == SqlState::DISK_FULL || *c == SqlState::OUT_OF_MEMORY => {
+            BackendErrorKind::Rejected
+        }
+        Some(_) => BackendErrorKind::Other,
+        None => BackendErrorKind::Unavailable,
+    };
+    BackendError::new(kind, format!("PostgreSQL: {error}")).with_source(error)
+}
+
+/// The first column of the first row of a simple (unprepared) query.
+async fn simple_value(conn: &Object, sql: &str) -> Result<String, BackendError> {
+    let messages = conn.simple_query(sql).await.map_err(map_error)?;
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .ok_or_else(|| BackendError::new(BackendErrorKind::Other, "the probe returned no row"))
+}
+
+fn timed_out(what: &str, after: Duration) -> BackendError {
+    BackendError::new(
+        BackendErrorKind::Timeout,
+        format!("PostgreSQL {what} did not finish within {after:?}"),
+    )
+}
+
+/// Milliseconds of a TTL, within [`MAX_TTL`](crate::MAX_TTL) so that
+/// `now() + interval` stays a valid timestamp.
+fn ttl_ms(ttl: Duration) -> i64 {
+    i64::try_from(crate::config::clamp_ttl(ttl).as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Encodes `record`, or a "not kept" marker in its place when it is larger
+/// than the codec keeps.
+fn encode(codec: &RecordCodec, record: &Record) -> Result<(Vec<u8>, Completion), BackendError> {
+    match codec.encode(record) {
+        Err(crate::CodecError::TooLarge { max }) => {
+            tracing::warn!(
+                max,
+                "record larger than the codec's max_record_size; keeping a not-kept marker"
+            );
+            let marker = Record::not_kept(record.status, record.fingerprint);
+            Ok((codec.encode(&marker)?, Completion::NotKept))
+        }
+        other => Ok((other?, Completion::Saved)),
+    }
+}
+
+impl PostgresBackend {
+    /// A backend in [lease mode](PostgresMode::Lease) on the
+    /// `idempotency_records` table with the defaults.
+    #[must_use]
+    pub fn new(pool: Pool) -> Self {
+        // The default name is a valid identifier: no validation needed.
+        Self::builder(pool).with_sql(Sql::from_parts(&[DEFAULT_TABLE]))
+    }
+
+    /// Starts a builder.
+    pub fn builder(pool: Pool) -> PostgresBackendBuilder {
+        PostgresBackendBuilder {
+            pool,
+            table: DEFAULT_TABLE.to_owned(),
+            timeout: Duration::from_secs(2),
+            codec: RecordCodec::new(),
+            mode: PostgresMode::default(),
+        }
+    }
+
+    /// The quoted table name.
+    #[must_use]
+    pub fn table(&self) -> &str {
+        &self.sql.table
+    }
+
+    /// The mode this backend holds keys in.
+    #[must_use]
+    pub const fn mode(&self) -> PostgresMode {
+        self.mode
+    }
+
+    async fn connection(&self) -> Result<Object, BackendError> {
+        match tokio::time::timeout(self.timeout, self.pool.get()).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(error)) => Err(BackendError::new(
+                BackendErrorKind::Unavailable,
+                format!("no PostgreSQL connection from the pool: {error}"),
+            )
+            .with_source(error)),
+            Err(_) => Err(timed_out("connection checkout", self.timeout)),
+        }
+    }
+
+    /// Creates the table, its index and the functions if they do not exist,
+    /// upgrades a table made by an earlier version (safe to run on every
+    /// start, from several instances at once), then runs
+    /// [`verify`](Self::verify).
+    ///
+    /// The DDL runs in one transaction; if any of it fails, the connection
+    /// is closed rather than returned to the pool.
+    ///
+    /// # Errors
+    ///
+    /// A [`BackendError`] when the database is unreachable, the DDL fails, or
+    /// `verify` fails.
+    pub async fn migrate(&self) -> Result<(), BackendError> {
+        let conn = self.connection().await?;
+        let ddl = format!(
+            "BEGIN; SELECT pg_advisory_xact_lock({}); {} COMMIT;",
+            sql::MIGRATION_LOCK,
+            self.sql.migration()
+        );
+        match tokio::time::timeout(
+            self.timeout.max(Duration::from_secs(30)),
+            conn.batch_execute(&ddl),
+        )
+        .await
+        {
+            Ok(Ok(())) => drop(conn),
+            Ok(Err(error)) => {
+                // Inside an aborted transaction: never hand it to the pool.
+                detach(conn);
+                return Err(map_error(error));
+            }
+            Err(_) => {
+                detach(conn);
+                return Err(timed_out(
+                    "migration",
+                    self.timeout.max(Duration::from_secs(30)),
+                ));
+            }
+        }
+        self.verify().await
+    }
+
+    /// Checks that this backend can work: the table exists (run
+    /// [`migrate`](Self::migrate) first), and in [advisory
+    /// mode](PostgresMode::Advisory) that the pool's connections are sessions
+    /// of their own, with no transaction-mode pooler in between. Run it at
+    /// start-up when migrations run elsewhere.
+    ///
+    /// The pooler probe: connection A takes a probe lock; connection B then
+    /// asks whether *its* session holds that lock. Connected directly, it
+    /// never can. Behind a transaction-mode pooler, B's statement runs on
+    /// whichever server session is free — typically the one A's statement
+    /// just used — and finds the lock. The probe needs a pool of at least two
+    /// connections (with one, it is skipped).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendErrorKind::Misconfigured`] for a missing table or a
+    /// transaction-mode pooler in advisory mode; another [`BackendError`]
+    /// when the database cannot be reached.
+    pub async fn verify(&self) -> Result<(), BackendError> {
+        let conn = self.connection().await?;
+        conn.simple_query(&self.sql.exists)
+            .await
+            .map_err(map_error)?;
+        drop(conn);
+        if self.mode == PostgresMode::Advisory {
+            self.check_session_locks().await?;
+        }
+        Ok(())
+    }
+
+    async fn check_session_locks(&self) -> Result<(), BackendError> {
+        let status = self.pool.status();
+        if status.max_size < 2 {
+            return Ok(());
+        }
+        for probe in 0..4_i64 {
+            let id = i64::MIN + 7 + probe;
+            let first = self.connection().await?;
+            let second = self.connection().await?;
+            match Self::probe_once(&first, &second, id).await {
+                // Unlocked: both connections are clean.
+                Ok(Probe::Separate) => {}
+                Ok(Probe::Busy) => {} // another instance is probing with this id
+                Ok(Probe::Shared) => {
+                    detach(first);
+                    return Err(BackendError::new(
+                        BackendErrorKind::Misconfigured,
+                        "two pooled connections share one server session: PostgreSQL is behind \
+                         a transaction-mode pooler (e.g. PgBouncer pool_mode=transaction), where \
+                         session advisory locks cannot work; connect directly or in session \
+                         mode, or use PostgresMode::Lease",
+                    ));
+                }
+                Err(error) => {
+                    // The probe lock may still be held by `first`.
+                    detach(first);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn probe_once(first: &Object, second: &Object, id: i64) -> Result<Probe, BackendError> {
+        // A: take the lock (its own statement, its own transaction).
+        let taken = simple_value(first, &format!("SELECT pg_try_advisory_lock({id})")).await?;
+        if taken != "t" {
+            return Ok(Probe::Busy);
+        }
+        // B: does my session hold A's lock?
+        let seen = simple_value(
+            second,
+            &format!(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = {id}"
+            ),
+        )
+        .await?;
+        let unlocked = simple_value(first, &format!("SELECT pg_advisory_unlock({id})")).await?;
+        if seen != "0" {
+            return Ok(Probe::Shared);
+        }
+        if unlocked != "t" {
+            return Err(BackendError::new(
+                BackendErrorKind::Misconfigured,
+                "the probe lock was not held by the session that took it",
+            ));
+        }
+        Ok(Probe::Separate)
+    }
+
+    /// Deletes expired records and lapsed leases, `batch` rows per
+    /// statement, until none are left; returns how many were deleted. Run it
+    /// periodically (for example every few minutes from one instance):
+    /// expired rows are never replayed, but they take space until purged.
+    ///
+    /// # Errors
+    ///
+    /// A [`BackendError`] when the database fails.
+    pub async fn purge_expired(&self, batch: u32) -> Result<u64, BackendError> {
+        let batch = i64::from(batch.max(1));
+        let mut total = 0;
+        loop {
+            let conn = self.connection().await?;
+            let deleted = conn
+                .execute_typed(
+                    &self.sql.purge,
+                    &[(&batch, tokio_postgres::types::Type::INT8)],
+                )
+                .await
+                .map_err(map_error)?;
+            total += deleted;
+            if deleted < batch.unsigned_abs() {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Drops the record stored under `key`, if any: an operator removing a
+    /// record that must not be replayed, or that cannot be read (a request
+    /// then gets `500` until it expires). Returns whether a record was
+    /// deleted. A lease (a request in flight) is left alone. The same by
+    /// hand: `DELETE FROM <table> WHERE key = '\x<hex>'`, with the hex
+    /// storage key the logs show.
+    ///
+    /// # Errors
+    ///
+    /// A [`BackendError`] when the database cannot be reached or refuses.
+    pub async fn forget(&self, key: &StorageKey) -> Result<bool, BackendError> {
+        let conn = self.connection().await?;
+        let deleted = conn
+            .execute_typed(
+                &self.sql.forget,
+                &[(&&key.as_bytes()[..], tokio_postgres::types::Type::BYTEA)],
+            )
+            .await
+            .map_err(map_error)?;
+        Ok(deleted > 0)
+    }
+
+    /// Decodes what a begin function returned: 0 acquired, 1 a record, 2
+    /// busy.
+    fn begun(
+        &self,
+        state: i32,
+        record: Option<Vec<u8>>,
+        retry_after: Duration,
+    ) -> Result<Option<Begin<PostgresLock>>, BackendError> {
+        match (state, record) {
+            (0, _) => Ok(None),
+            (1, Some(blob)) => Ok(Some(Begin::Completed(self.codec.decode(&blob)?))),
+            (2, _) => Ok(Some(Begin::Busy { retry_after })),
+            (other, _) => Err(BackendError::new(
+                BackendErrorKind::Corrupt,
+                format!("unexpected begin state {other}"),
+            )),
+        }
+    }
+
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        work: impl Future<Output = Result<T, BackendError>>,
+    ) -> Result<T, BackendError> {
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(timed_out(what, self.timeout)))
+    }
+}
+
+enum Probe {
+    Separate,
+    Shared,
+    Busy,
+}
+
+impl Backend for PostgresBackend {
+    type Lock = PostgresLock;
+
+    async fn begin(
+        &self,
+        key: &StorageKey,
+        fingerprint: &Fingerprint,
+        lock_ttl: Duration,
+    ) -> Result<Begin<PostgresLock>, BackendError> {
+        match self.mode {
+            PostgresMode::Lease => {
+                self.bounded("begin", self.lease_begin(key, fingerprint, lock_ttl))
+                    .await
+            }
+            PostgresMode::Advisory => self.bounded("begin", self.session_begin(key)).await,
+            PostgresMode::Transaction => self.bounded("begin", self.xact_begin(key)).await,
+        }
+    }
+
+    async fn complete(
+        &self,
+        lock: PostgresLock,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<Completion, BackendError> {
+        match lock.held {
+            Held::Lease { .. } => {
+                self.bounded("complete", self.lease_complete(lock, record, ttl))
+                    .await
+            }
+            Held::Session { .. } => {
+                self.bounded("complete", self.session_complete(lock, record, ttl))
+                    .await
+            }
+            Held::Transaction(_) => {
+                self.bounded("complete", self.xact_complete(lock, record, ttl))
+                    .await
+            }
+        }
+    }
+
+    async fn release(&self, lock: PostgresLock) -> Result<(), BackendError> {
+        match lock.held {
+            Held::Lease { .. } => self.bounded("release", self.lease_release(lock)).await,
+            Held::Session { .. } => self.bounded("release", self.session_release(lock)).await,
+            Held::Transaction(_) => self.bounded("release", self.xact_release(lock)).await,
+        }
+    }
+
+    async fn extend(&self, lock: &PostgresLock, lock_ttl: Duration) -> Result<bool, BackendError> {
+        match &lock.held {
+            Held::Lease { token } => {
+                self.bounded("extend", self.lease_extend(&lock.key, token, lock_ttl))
+                    .await
+            }
+            // Advisory locks do not expire: alive while the session is.
+            Held::Session { conn, .. } => Ok(conn.as_ref().is_some_and(|c| !c.is_closed())),
+            Held::Transaction(tx) => Ok(tx.is_alive()),
+        }
+    }
+
+    fn prepare_request(&self, lock: &PostgresLock, extensions: &mut http::Extensions) {
+        if let Held::Transaction(tx) = &lock.held {
+            extensions.insert(tx.clone());
+        }
+    }
+
+    fn commits_handler_effects(&self) -> bool {
+        self.mode == PostgresMode::Transaction
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_print() {
+        for mode in [
+            PostgresMode::Lease,
+            PostgresMode::Advisory,
+            PostgresMode::Transaction,
+        ] {
+            assert_eq!(mode.to_string().parse::<PostgresMode>(), Ok(mode));
+        }
+        assert_eq!(" Lease ".parse::<PostgresMode>(), Ok(PostgresMode::Lease));
+        assert!("".parse::<PostgresMode>().is_err());
+    }
+
+    #[test]
+    fn lock_ids_are_the_first_eight_bytes() {
+        let mut bytes = [0; 32];
+        bytes[0] = 1;
+        bytes[7] = 0x80;
+        assert_eq!(
+            lock_id(&StorageKey::from_bytes(bytes)),
+            i64::from_le_bytes([1, 0, 0, 0, 0, 0, 0, 0x80])
+        );
+    }
+
+    #[test]
+    fn ttls_are_clamped_to_whole_milliseconds() {
+        assert_eq!(ttl_ms(Duration::from_millis(1500)), 1500);
+        assert_eq!(
+            ttl_ms(Duration::MAX),
+            i64::try_from(crate::MAX_TTL.as_millis()).unwrap()
+        );
+    }
+}
