@@ -17,15 +17,29 @@ use common::{Runs, counting, gated, post, send, slow_payment};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use postgres_support::{
-    TABLE, admin, backend, database_url, holders, lock_id, pool, pool_for, wait_unlocked,
+    TABLE, admin, backend, backend_in, database_url, holders, lock_id, pool, pool_for,
+    wait_unlocked,
 };
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{
     Backend, BackendErrorKind, Begin, Completion, IdempotencyKey, IdempotencyLayer,
-    PostgresBackend, ScopeValue, StorageKey,
+    PostgresBackend, PostgresMode, RequestTransaction, ScopeValue, StorageKey,
 };
 
-backend_conformance!(#[tokio::test], backend().await, Session);
+mod lease {
+    use super::*;
+    backend_conformance!(#[tokio::test], backend_in(PostgresMode::Lease).await, Lapse);
+}
+
+mod advisory {
+    use super::*;
+    backend_conformance!(#[tokio::test], backend_in(PostgresMode::Advisory).await, Session);
+}
+
+mod transaction {
+    use super::*;
+    backend_conformance!(#[tokio::test], backend_in(PostgresMode::Transaction).await, Session);
+}
 
 fn storage_key(key: &str) -> StorageKey {
     StorageKey::derive(
@@ -167,6 +181,7 @@ async fn cancellation_at_every_await_point_leaves_no_lock_in_the_pool() {
     let url = format!("{}?application_name={app}", database_url());
     let backend = PostgresBackend::builder(pool_for(&url, 4))
         .table(TABLE)
+        .mode(PostgresMode::Advisory)
         .build()
         .unwrap();
     backend.migrate().await.unwrap();
@@ -225,10 +240,12 @@ async fn cancellation_at_every_await_point_leaves_no_lock_in_the_pool() {
     assert_eq!(held, 0, "a pooled connection still holds an advisory lock");
 }
 
-/// The holder's server process is killed while the handler runs.
+/// Advisory mode's documented failure: the holder's server process is
+/// killed while the handler runs, the key is free at once, and the first
+/// request's store fails with its session.
 #[tokio::test]
-async fn terminated_holder_frees_the_key_and_stores_nothing() {
-    let backend = backend().await;
+async fn advisory_terminated_holder_frees_the_key_and_stores_nothing() {
+    let backend = backend_in(PostgresMode::Advisory).await;
     let admin = admin().await;
     let runs = Runs::default();
     let (handler, gate) = gated(runs.clone());
@@ -421,7 +438,12 @@ async fn payments_postgres_example_survives_a_client_that_gives_up() {
 /// false 409) while the first is held, and never sees the first's record.
 #[tokio::test]
 async fn lock_id_collisions_only_delay_never_replay_the_wrong_record() {
-    let backend = backend().await;
+    for mode in [PostgresMode::Advisory, PostgresMode::Transaction] {
+        collisions_only_delay(backend_in(mode).await).await;
+    }
+}
+
+async fn collisions_only_delay(backend: PostgresBackend) {
     let fp = conformance::fingerprint(1);
     let a = conformance::fresh_key();
     let mut b_bytes = *conformance::fresh_key().as_bytes();
@@ -478,4 +500,391 @@ async fn lock_id_collisions_only_delay_never_replay_the_wrong_record() {
         panic!("b's record");
     };
     assert_eq!(record.body, "b's response");
+}
+
+/// A backend in `mode` whose sessions carry `application_name = app`, so a
+/// test can find (and kill) exactly its own server processes.
+async fn backend_named(mode: PostgresMode, app: &str, max_size: usize) -> PostgresBackend {
+    let url = format!("{}?application_name={app}", database_url());
+    let backend = PostgresBackend::builder(pool_for(&url, max_size))
+        .table(TABLE)
+        .mode(mode)
+        .build()
+        .unwrap();
+    backend.migrate().await.unwrap();
+    backend
+}
+
+async fn record_rows(admin: &tokio_postgres::Client, key: &StorageKey) -> i64 {
+    admin
+        .query_one(
+            &format!("SELECT count(*) FROM {TABLE} WHERE key = $1 AND record IS NOT NULL"),
+            &[&&key.as_bytes()[..]],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Lease mode: killing the session that ran `begin` (and every other
+/// session of the pool) while the handler runs changes nothing. The
+/// duplicate is told to wait, never run; the first request stores.
+#[tokio::test]
+async fn lease_survives_its_sessions_being_terminated_mid_handler() {
+    let app = unique("lease-kill");
+    let backend = backend_named(PostgresMode::Lease, &app, 4).await;
+    let admin = admin().await;
+    let runs = Runs::default();
+    let (handler, gate) = gated(runs.clone());
+    let svc = IdempotencyLayer::new(backend).layer(handler);
+    let key = unique("lease-killed");
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(&key), "x")));
+    gate.started.await.unwrap();
+    let pids = postgres_support::sessions_of(&admin, &app).await;
+    assert!(!pids.is_empty(), "the pool has sessions to kill");
+    postgres_support::terminate(&admin, &pids).await;
+    while !postgres_support::sessions_of(&admin, &app).await.is_empty() {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Duplicates while the handler still runs: 409, never a second run.
+    for _ in 0..3 {
+        let dup = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+        assert_eq!(dup.status, StatusCode::CONFLICT, "{:?}", dup.body);
+        assert_eq!(dup.problem_type(), "request-in-flight");
+    }
+    gate.finish.send(()).unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(record_rows(&admin, &storage_key(&key)).await, 1);
+    let retry = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+    assert!(retry.replayed());
+    assert_eq!(retry.body, "run 1");
+    assert_eq!(runs.get(), 1);
+}
+
+/// Every mode: a holder whose lock was lost (its lease lapsed, its session
+/// was killed) never overwrites the record of the request that took over.
+#[tokio::test]
+async fn a_stale_complete_never_overwrites_a_live_record() {
+    let fp = conformance::fingerprint(3);
+    let admin = admin().await;
+    for mode in [
+        PostgresMode::Lease,
+        PostgresMode::Advisory,
+        PostgresMode::Transaction,
+    ] {
+        let app = unique(&format!("stale-{mode}"));
+        let stale_backend = backend_named(mode, &app, 2).await;
+        let backend = backend_in(mode).await;
+        let key = conformance::fresh_key();
+        let ttl = Duration::from_millis(300);
+        let Begin::Acquired(stale) = stale_backend.begin(&key, &fp, ttl).await.unwrap() else {
+            panic!("{mode}: fresh key");
+        };
+        if mode == PostgresMode::Lease {
+            tokio::time::sleep(ttl * 2).await; // the lease lapses
+        } else {
+            let pids = postgres_support::sessions_of(&admin, &app).await;
+            postgres_support::terminate(&admin, &pids).await;
+            wait_unlocked(&admin, lock_id(&key)).await;
+        }
+        let Begin::Acquired(fresh) = backend
+            .begin(&key, &fp, Duration::from_secs(10))
+            .await
+            .unwrap()
+        else {
+            panic!("{mode}: the lost lock's key is free");
+        };
+        let saved = backend
+            .complete(fresh, conformance::record(fp, b"live"), Duration::from_mins(5))
+            .await
+            .unwrap();
+        assert_eq!(saved, Completion::Saved, "{mode}");
+        let stale = stale_backend
+            .complete(stale, conformance::record(fp, b"stale"), Duration::from_mins(5))
+            .await;
+        assert!(
+            matches!(stale, Ok(Completion::Lost) | Err(_)),
+            "{mode}: a stale complete reported {stale:?}"
+        );
+        let Begin::Completed(record) = backend
+            .begin(&key, &fp, Duration::from_secs(10))
+            .await
+            .unwrap()
+        else {
+            panic!("{mode}: the live record is there");
+        };
+        assert_eq!(record.body, "live", "{mode}");
+    }
+}
+
+/// Advisory mode's fenced write, called by a session that does not hold the
+/// key's lock (a pooler handed the statement to another session): it writes
+/// nothing.
+#[tokio::test]
+async fn advisory_complete_without_the_session_lock_writes_nothing() {
+    let _ = backend_in(PostgresMode::Advisory).await;
+    let admin = admin().await;
+    let key = conformance::fresh_key();
+    let written: i32 = admin
+        .query_one(
+            &format!("SELECT {TABLE}_complete_session($1, $2, $3, $4, $5)"),
+            &[
+                &lock_id(&key),
+                &&key.as_bytes()[..],
+                &&[1_u8; 32][..],
+                &&b"blob"[..],
+                &60_000_i64,
+            ],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(written, 0);
+    assert_eq!(record_rows(&admin, &key).await, 0);
+}
+
+/// Lease and transaction modes: a pool of two shared by the layer and the
+/// handlers, ten concurrent keyed requests. Nothing holds a connection the
+/// handler needs, so all are answered. (Advisory mode would hold both
+/// connections across the handlers and wait: documented.)
+#[tokio::test]
+async fn a_pool_of_two_shared_with_the_handlers_never_starves() {
+    for mode in [PostgresMode::Lease, PostgresMode::Transaction] {
+        let pool = pool_for(&database_url(), 2);
+        let backend = PostgresBackend::builder(pool.clone())
+            .table(TABLE)
+            .mode(mode)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        backend.migrate().await.unwrap();
+        let handler = tower::service_fn(move |req: common::InnerReq| {
+            let pool = pool.clone();
+            async move {
+                let n: i32 = if let Some(tx) = req.extensions().get::<RequestTransaction>() {
+                    let client = tx.client().await.unwrap();
+                    client.query_one("SELECT 1", &[]).await.unwrap().get(0)
+                } else {
+                    let conn = pool.get().await.unwrap();
+                    conn.query_one("SELECT 1", &[]).await.unwrap().get(0)
+                };
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(n.to_string()))))
+            }
+        });
+        let svc = IdempotencyLayer::new(backend).layer(handler);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..10 {
+            let mut svc = svc.clone();
+            let key = unique(&format!("starve-{mode}-{i}"));
+            tasks.spawn(async move { send(&mut svc, post("/p", Some(&key), "x")).await });
+        }
+        let answers = tokio::time::timeout(Duration::from_secs(60), tasks.join_all())
+            .await
+            .unwrap_or_else(|_| panic!("{mode}: a request hangs"));
+        for a in answers {
+            assert_eq!(a.status, StatusCode::OK, "{mode}: {:?}", a.body);
+            assert_eq!(a.body, "1");
+        }
+    }
+}
+
+/// A table of payments for the transaction-mode tests, and a handler that
+/// writes one row through the request's transaction.
+async fn payments_table(admin: &tokio_postgres::Client, name: &str) -> String {
+    let table = format!("payments_{}", name.replace(['-', '.'], "_"));
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (id bigserial PRIMARY KEY, note text)"
+        ))
+        .await
+        .unwrap();
+    table
+}
+
+async fn payment_rows(admin: &tokio_postgres::Client, table: &str) -> i64 {
+    admin
+        .query_one(&format!("SELECT count(*) FROM {table}"), &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Writes a payment row through the request's transaction; the first call
+/// then waits on the gate. A failed write answers 500.
+fn transactional_payment(
+    table: String,
+    runs: Runs,
+    gate: Option<(tokio::sync::oneshot::Sender<()>, tokio::sync::oneshot::Receiver<()>)>,
+    delay: Duration,
+) -> impl common::Handler {
+    let gate = Arc::new(std::sync::Mutex::new(gate));
+    tower::service_fn(move |req: common::InnerReq| {
+        let table = table.clone();
+        let gate = gate.lock().unwrap().take();
+        runs.bump();
+        async move {
+            let tx = req
+                .extensions()
+                .get::<RequestTransaction>()
+                .cloned()
+                .expect("transaction mode lends the transaction");
+            let written = async {
+                let client = tx.client().await.map_err(|e| e.to_string())?;
+                let row = client
+                    .query_one(
+                        &format!("INSERT INTO {table} (note) VALUES ('x') RETURNING id"),
+                        &[],
+                    )
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<i64, String>(row.get(0))
+            }
+            .await;
+            if let Some((started, finish)) = gate {
+                started.send(()).unwrap();
+                finish.await.unwrap();
+            }
+            tokio::time::sleep(delay).await;
+            let response = match written {
+                Ok(id) => Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(Full::new(Bytes::from(format!("payment {id}")))),
+                Err(error) => Response::builder()
+                    .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    .body(Full::new(Bytes::from(error))),
+            };
+            Ok::<_, Infallible>(response.unwrap())
+        }
+    })
+}
+
+/// Transaction mode: the connection is killed while the handler runs.
+/// Neither the payment row nor the record survives; the client is told
+/// 503, not the handler's 201; the retry writes exactly one row and is
+/// replayed afterwards.
+#[tokio::test]
+async fn transaction_killed_mid_handler_rolls_back_payment_and_record() {
+    let app = unique("tx-kill");
+    let backend = backend_named(PostgresMode::Transaction, &app, 4).await;
+    let admin = admin().await;
+    let table = payments_table(&admin, &app).await;
+    let runs = Runs::default();
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let (finish, finish_rx) = tokio::sync::oneshot::channel();
+    let handler = transactional_payment(
+        table.clone(),
+        runs.clone(),
+        Some((started_tx, finish_rx)),
+        Duration::ZERO,
+    );
+    let svc = IdempotencyLayer::new(backend).layer(handler);
+    let key = unique("tx-killed");
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(&key), "x")));
+    started.await.unwrap();
+    let pids = postgres_support::sessions_of(&admin, &app).await;
+    postgres_support::terminate(&admin, &pids).await;
+    wait_unlocked(&admin, lock_id(&storage_key(&key))).await;
+    finish.send(()).unwrap();
+    let first = common::Answer::read(first.await.unwrap().unwrap()).await;
+    assert_eq!(
+        first.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        first.body
+    );
+    assert_eq!(payment_rows(&admin, &table).await, 0, "the payment rolled back");
+    assert_eq!(record_rows(&admin, &storage_key(&key)).await, 0);
+
+    let retry = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{:?}", retry.body);
+    assert!(!retry.replayed());
+    let again = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, retry.body);
+    assert_eq!(payment_rows(&admin, &table).await, 1);
+    assert_eq!(runs.get(), 2);
+}
+
+/// Transaction mode: a handler that answers 500 after writing rolls its
+/// write back; the retry runs on a clean slate.
+#[tokio::test]
+async fn transaction_error_status_rolls_back_the_handler_writes() {
+    let backend = backend_in(PostgresMode::Transaction).await;
+    let admin = admin().await;
+    let name = unique("tx-500");
+    let table = payments_table(&admin, &name).await;
+    let fail = Arc::new(AtomicBool::new(true));
+    let handler = {
+        let table = table.clone();
+        let fail = fail.clone();
+        tower::service_fn(move |req: common::InnerReq| {
+            let table = table.clone();
+            let fail = fail.swap(false, Ordering::SeqCst);
+            async move {
+                let tx = req.extensions().get::<RequestTransaction>().cloned().unwrap();
+                let client = tx.client().await.unwrap();
+                client
+                    .execute(&format!("INSERT INTO {table} (note) VALUES ('x')"), &[])
+                    .await
+                    .unwrap();
+                let status = if fail {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                } else {
+                    StatusCode::CREATED
+                };
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(status)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let mut svc = IdempotencyLayer::new(backend).layer(handler);
+    let key = unique("tx-500");
+    let first = send(&mut svc, post("/p", Some(&key), "x")).await;
+    assert_eq!(first.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(payment_rows(&admin, &table).await, 0, "a 500 rolls back");
+    let retry = send(&mut svc, post("/p", Some(&key), "x")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(payment_rows(&admin, &table).await, 1);
+    assert!(send(&mut svc, post("/p", Some(&key), "x")).await.replayed());
+    assert_eq!(payment_rows(&admin, &table).await, 1);
+}
+
+/// Transaction mode: a hundred concurrent duplicates across two instances
+/// write one payment row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_hundred_duplicates_write_one_row() {
+    let admin = admin().await;
+    let name = unique("tx-dups");
+    let table = payments_table(&admin, &name).await;
+    let runs = Runs::default();
+    let handler = transactional_payment(table.clone(), runs.clone(), None, Duration::from_millis(200));
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let backend = backend_in(PostgresMode::Transaction).await;
+        instances.push(IdempotencyLayer::new(backend).layer(handler.clone()));
+    }
+    let key = unique("tx-hot");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let mut svc = instances[i % 2].clone();
+        let key = key.clone();
+        tasks.spawn(async move { send(&mut svc, post("/p", Some(&key), "x")).await });
+    }
+    let mut created = 0;
+    for a in tasks.join_all().await {
+        match a.status {
+            StatusCode::CREATED => created += 1,
+            StatusCode::CONFLICT => assert_eq!(a.problem_type(), "request-in-flight"),
+            other => panic!("unexpected {other}: {:?}", a.body),
+        }
+    }
+    assert!(created >= 1);
+    assert_eq!(runs.get(), 1, "the handler ran once");
+    assert_eq!(payment_rows(&admin, &table).await, 1);
 }

@@ -4,7 +4,7 @@
 //! the server. The tests fail, loudly, when it cannot be reached.
 #![allow(dead_code)]
 
-use tower_idempotency::PostgresBackend;
+use tower_idempotency::{PostgresBackend, PostgresMode};
 
 pub fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -39,14 +39,44 @@ pub async fn pool() -> deadpool_postgres::Pool {
 /// The table the tests share; every test uses its own random keys.
 pub const TABLE: &str = "idempotency_test_records";
 
-/// A migrated backend on the shared test table.
+/// A migrated backend in the default (lease) mode on the shared test table.
 pub async fn backend() -> PostgresBackend {
+    backend_in(PostgresMode::Lease).await
+}
+
+/// A migrated backend in `mode` on the shared test table.
+pub async fn backend_in(mode: PostgresMode) -> PostgresBackend {
     let backend = PostgresBackend::builder(pool().await)
         .table(TABLE)
+        .mode(mode)
         .build()
         .unwrap();
     backend.migrate().await.unwrap();
     backend
+}
+
+/// The server pid of every session whose `application_name` is `app`.
+pub async fn sessions_of(admin: &tokio_postgres::Client, app: &str) -> Vec<i32> {
+    admin
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Kills the server processes of `pids`.
+pub async fn terminate(admin: &tokio_postgres::Client, pids: &[i32]) {
+    for pid in pids {
+        admin
+            .execute("SELECT pg_terminate_backend($1)", &[pid])
+            .await
+            .unwrap();
+    }
 }
 
 /// A plain client for set-up and inspection.

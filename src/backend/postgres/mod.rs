@@ -68,9 +68,8 @@
 //! **Lease mode.** `begin` writes a row with a random 128-bit token and an
 //! expiry of `lock_ttl`; the layer's heartbeat extends it (`UPDATE … WHERE
 //! lock_token = $token`); `complete` turns that row into the record with
-//! `UPDATE … WHERE lock_token = $token`, so a lease that was taken over
-//! never writes. A lapsed lease that nobody took over still completes:
-//! no other request ran. Each call borrows a connection for one statement
+//! `UPDATE … WHERE lock_token = $token` while the lease is unexpired, so a
+//! lapsed lease never writes (and one taken over never could). Each call borrows a connection for one statement
 //! and returns it; statements are unnamed (`query_typed`), so transaction
 //! poolers work. A begin dropped before its reply was read deletes its lease
 //! from a task of its own.
@@ -560,8 +559,19 @@ impl PostgresBackend {
         self.mode
     }
 
+    /// A pooled connection. One the server closed while it sat in the pool
+    /// (a restart, a terminated backend) is dropped and the next is taken,
+    /// rather than failing a request that never reached the server.
     async fn connection(&self) -> Result<Object, BackendError> {
-        match tokio::time::timeout(self.timeout, self.pool.get()).await {
+        let checkout = async {
+            loop {
+                match self.pool.get().await {
+                    Ok(conn) if conn.is_closed() => detach(conn),
+                    other => return other,
+                }
+            }
+        };
+        match tokio::time::timeout(self.timeout, checkout).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(error)) => Err(BackendError::new(
                 BackendErrorKind::Unavailable,

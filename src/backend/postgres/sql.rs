@@ -97,14 +97,16 @@ impl Sql {
             complete_lease: format!(
                 "UPDATE {table} SET fingerprint = $3, record = $4, lock_token = NULL, \
                  expires_at = now() + $5::bigint * interval '1 millisecond' \
-                 WHERE key = $1 AND lock_token = $2 AND record IS NULL"
+                 WHERE key = $1 AND lock_token = $2 AND record IS NULL \
+                 AND expires_at > clock_timestamp()"
             ),
             release_lease: format!(
                 "DELETE FROM {table} WHERE key = $1 AND lock_token = $2 AND record IS NULL"
             ),
             extend_lease: format!(
                 "UPDATE {table} SET expires_at = clock_timestamp() + $3::bigint * interval '1 millisecond' \
-                 WHERE key = $1 AND lock_token = $2 AND record IS NULL"
+                 WHERE key = $1 AND lock_token = $2 AND record IS NULL \
+                 AND expires_at > clock_timestamp()"
             ),
             forget: format!("DELETE FROM {table} WHERE key = $1 AND record IS NOT NULL"),
             purge: format!(
