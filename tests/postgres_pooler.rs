@@ -2,6 +2,7 @@
 //! transaction-mode pooler and works through a session-mode one. Each test
 //! starts its own `pgbouncer` (installed by `scripts/test`).
 
+mod common;
 mod conformance;
 mod postgres_support;
 
@@ -11,7 +12,10 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use postgres_support::{database_url, pool_for};
-use tower_idempotency::{BackendErrorKind, PostgresBackend};
+use common::{Runs, post, send, slow_payment};
+use http::StatusCode;
+use tower::Layer;
+use tower_idempotency::{BackendErrorKind, IdempotencyLayer, PostgresBackend, PostgresMode};
 
 struct PgBouncer {
     child: Child,
@@ -91,11 +95,14 @@ impl Drop for PgBouncer {
     }
 }
 
+/// Advisory mode needs sessions: `migrate` (through `verify`) refuses a
+/// transaction-mode pooler.
 #[tokio::test]
-async fn transaction_mode_pooler_is_refused_at_migrate() {
+async fn transaction_mode_pooler_is_refused_in_advisory_mode() {
     let bouncer = PgBouncer::start("transaction");
     let backend = PostgresBackend::builder(pool_for(&bouncer.url(), 4))
         .table(postgres_support::TABLE)
+        .mode(PostgresMode::Advisory)
         .build()
         .unwrap();
     let error = backend.migrate().await.unwrap_err();
@@ -107,13 +114,72 @@ async fn transaction_mode_pooler_is_refused_at_migrate() {
 }
 
 #[tokio::test]
-async fn session_mode_pooler_works() {
+async fn session_mode_pooler_works_in_advisory_mode() {
     let bouncer = PgBouncer::start("session");
     let backend = PostgresBackend::builder(pool_for(&bouncer.url(), 4))
         .table(postgres_support::TABLE)
+        .mode(PostgresMode::Advisory)
         .build()
         .unwrap();
     backend.migrate().await.unwrap();
     conformance::complete_stores_and_unlocks(backend.clone()).await;
     conformance::concurrent_begin_has_one_winner(backend).await;
+}
+
+fn behind(bouncer: &PgBouncer, mode: PostgresMode) -> PostgresBackend {
+    PostgresBackend::builder(pool_for(&bouncer.url(), 8))
+        .table(postgres_support::TABLE)
+        .mode(mode)
+        .build()
+        .unwrap()
+}
+
+/// Lease mode behind PgBouncer in transaction mode: the whole conformance
+/// suite, then two instances and a hundred duplicates run the handler once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_mode_works_behind_a_transaction_mode_pooler() {
+    let bouncer = PgBouncer::start("transaction");
+    let backend = behind(&bouncer, PostgresMode::Lease);
+    backend.migrate().await.unwrap();
+    conformance::run_all(backend, conformance::Locks::Lapse).await;
+    hundred_duplicates_run_once(&bouncer, PostgresMode::Lease).await;
+}
+
+/// Transaction mode holds its transaction on one server connection, so it
+/// works behind a transaction-mode pooler too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transaction_mode_works_behind_a_transaction_mode_pooler() {
+    let bouncer = PgBouncer::start("transaction");
+    let backend = behind(&bouncer, PostgresMode::Transaction);
+    backend.migrate().await.unwrap();
+    conformance::run_all(backend, conformance::Locks::Session).await;
+    hundred_duplicates_run_once(&bouncer, PostgresMode::Transaction).await;
+}
+
+async fn hundred_duplicates_run_once(bouncer: &PgBouncer, mode: PostgresMode) {
+    let runs = Runs::default();
+    let handler = slow_payment(runs.clone(), Duration::from_millis(200));
+    let instances: Vec<_> = (0..2)
+        .map(|_| IdempotencyLayer::new(behind(bouncer, mode)).layer(handler.clone()))
+        .collect();
+    let key = format!(
+        "\"bouncer-{mode}-{}-{:?}\"",
+        std::process::id(),
+        Instant::now()
+    )
+    .replace(' ', "");
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let mut svc = instances[i % 2].clone();
+        let key = key.clone();
+        tasks.spawn(async move { send(&mut svc, post("/payments", Some(&key), "{}")).await });
+    }
+    for a in tasks.join_all().await {
+        match a.status {
+            StatusCode::CREATED => assert_eq!(a.body, "payment 1"),
+            StatusCode::CONFLICT => assert_eq!(a.problem_type(), "request-in-flight"),
+            other => panic!("{mode}: unexpected {other}: {:?}", a.body),
+        }
+    }
+    assert_eq!(runs.get(), 1, "{mode}: the handler must run once");
 }

@@ -8,11 +8,12 @@ mod postgres_support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Runs, counting, post, send};
+use common::{Runs, counting, gated, post, send};
 use http::StatusCode;
 use postgres_support::{TABLE, database_url, pool_for};
 use tower::Layer;
-use tower_idempotency::{IdempotencyLayer, PostgresBackend};
+use tower::ServiceExt;
+use tower_idempotency::{IdempotencyLayer, PostgresBackend, PostgresMode};
 
 fn cluster_version() -> String {
     let versions: Vec<String> = std::fs::read_dir("/etc/postgresql")
@@ -61,8 +62,12 @@ impl Drop for Restart {
     }
 }
 
+/// The tests of this binary take the server away: one at a time.
+static SERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test]
 async fn outage_is_503_and_the_service_recovers() {
+    let _server = SERVER.lock().await;
     let backend = PostgresBackend::builder(pool_for(&database_url(), 8))
         .table(TABLE)
         .timeout(Duration::from_secs(1))
@@ -116,4 +121,57 @@ async fn outage_is_503_and_the_service_recovers() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(send(&mut svc, post("/p", Some(&key), "x")).await.replayed());
+}
+
+/// Lease mode: the server restarts while the handler runs. The lease is a
+/// committed row, so it outlives every session: the duplicate after the
+/// restart is told to wait, never run, and the first request stores its
+/// record once the server is back.
+#[tokio::test]
+async fn lease_outlives_a_server_restart_mid_handler() {
+    let _server = SERVER.lock().await;
+    let backend = PostgresBackend::builder(pool_for(&database_url(), 8))
+        .table(TABLE)
+        .mode(PostgresMode::Lease)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    backend.migrate().await.unwrap();
+    let runs = Runs::default();
+    let (handler, gate) = gated(runs.clone());
+    let svc = IdempotencyLayer::new(backend)
+        .lock_ttl(Duration::from_secs(60))
+        .layer(handler);
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let key = format!("restarted-{nonce}");
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(&key), "x")));
+    gate.started.await.unwrap();
+    {
+        let _restart = Restart;
+        pg_ctl("restart");
+    }
+    // Until the server accepts connections again: 503, never a run.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let dup = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+        match dup.status {
+            StatusCode::CONFLICT => break,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(Instant::now() < deadline, "the server did not come back");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => panic!("a duplicate got {other}: {:?}", dup.body),
+        }
+    }
+    assert_eq!(runs.get(), 1, "the duplicate never ran");
+    gate.finish.send(()).unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let retry = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+    assert!(retry.replayed(), "{:?}", retry.body);
+    assert_eq!(retry.body, "run 1");
+    assert_eq!(runs.get(), 1);
 }
