@@ -596,12 +596,20 @@ async fn a_stale_complete_never_overwrites_a_live_record() {
             panic!("{mode}: the lost lock's key is free");
         };
         let saved = backend
-            .complete(fresh, conformance::record(fp, b"live"), Duration::from_mins(5))
+            .complete(
+                fresh,
+                conformance::record(fp, b"live"),
+                Duration::from_mins(5),
+            )
             .await
             .unwrap();
         assert_eq!(saved, Completion::Saved, "{mode}");
         let stale = stale_backend
-            .complete(stale, conformance::record(fp, b"stale"), Duration::from_mins(5))
+            .complete(
+                stale,
+                conformance::record(fp, b"stale"),
+                Duration::from_mins(5),
+            )
             .await;
         assert!(
             matches!(stale, Ok(Completion::Lost) | Err(_)),
@@ -716,7 +724,10 @@ async fn payment_rows(admin: &tokio_postgres::Client, table: &str) -> i64 {
 fn transactional_payment(
     table: String,
     runs: Runs,
-    gate: Option<(tokio::sync::oneshot::Sender<()>, tokio::sync::oneshot::Receiver<()>)>,
+    gate: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::sync::oneshot::Receiver<()>,
+    )>,
     delay: Duration,
 ) -> impl common::Handler {
     let gate = Arc::new(std::sync::Mutex::new(gate));
@@ -794,7 +805,11 @@ async fn transaction_killed_mid_handler_rolls_back_payment_and_record() {
         "{:?}",
         first.body
     );
-    assert_eq!(payment_rows(&admin, &table).await, 0, "the payment rolled back");
+    assert_eq!(
+        payment_rows(&admin, &table).await,
+        0,
+        "the payment rolled back"
+    );
     assert_eq!(record_rows(&admin, &storage_key(&key)).await, 0);
 
     let retry = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
@@ -823,7 +838,11 @@ async fn transaction_error_status_rolls_back_the_handler_writes() {
             let table = table.clone();
             let fail = fail.swap(false, Ordering::SeqCst);
             async move {
-                let tx = req.extensions().get::<RequestTransaction>().cloned().unwrap();
+                let tx = req
+                    .extensions()
+                    .get::<RequestTransaction>()
+                    .cloned()
+                    .unwrap();
                 let client = tx.client().await.unwrap();
                 client
                     .execute(&format!("INSERT INTO {table} (note) VALUES ('x')"), &[])
@@ -863,7 +882,12 @@ async fn transaction_hundred_duplicates_write_one_row() {
     let name = unique("tx-dups");
     let table = payments_table(&admin, &name).await;
     let runs = Runs::default();
-    let handler = transactional_payment(table.clone(), runs.clone(), None, Duration::from_millis(200));
+    let handler = transactional_payment(
+        table.clone(),
+        runs.clone(),
+        None,
+        Duration::from_millis(200),
+    );
     let mut instances = Vec::new();
     for _ in 0..2 {
         let backend = backend_in(PostgresMode::Transaction).await;
@@ -887,4 +911,84 @@ async fn transaction_hundred_duplicates_write_one_row() {
     assert!(created >= 1);
     assert_eq!(runs.get(), 1, "the handler ran once");
     assert_eq!(payment_rows(&admin, &table).await, 1);
+}
+
+/// `examples/payments_postgres.rs` with `PG_MODE=transaction`: the session
+/// of a running payment is killed (as the example's docs show); the client
+/// gets 503 and no payment row exists; the retry writes exactly one row,
+/// which `GET /payments` lists, and is replayed afterwards.
+#[tokio::test]
+async fn payments_postgres_example_in_transaction_mode_commits_rows_with_records() {
+    let table = format!("payments_{}", unique("ex").replace('-', "_"));
+    let (_server, addr) = common::spawn_example(
+        "payments_postgres",
+        &[
+            ("DATABASE_URL", &database_url()),
+            ("PG_MODE", "transaction"),
+            ("PAYMENTS_TABLE", &table),
+            ("PAYMENT_DELAY_MS", "1500"),
+        ],
+    )
+    .await;
+    let admin = admin().await;
+    let key = format!("\"{}\"", unique("ex-tx"));
+    let headers = [
+        ("idempotency-key", key.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let body = r#"{"amount":5,"currency":"EUR"}"#;
+    let first = {
+        let headers = headers.map(|(k, v)| (k, v.to_owned()));
+        tokio::spawn(async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            common::request(addr, "POST", "/payments", &headers, body).await
+        })
+    };
+    // The session that wrote the row and now waits in its transaction.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let pid = loop {
+        let rows = admin
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE state = 'idle in transaction' \
+                 AND query LIKE $1",
+                &[&format!("%INSERT INTO {table}%")],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = rows.first() {
+            break row.get::<_, i32>(0);
+        }
+        assert!(std::time::Instant::now() < deadline, "no payment in flight");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    postgres_support::terminate(&admin, &[pid]).await;
+    let first = first.await.unwrap();
+    assert_eq!(
+        first.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{:?}",
+        first.body
+    );
+    let listed = common::request(addr, "GET", "/payments", &[], "").await;
+    assert_eq!(listed.body, "[]", "the killed payment left no row");
+
+    let retry = common::request(addr, "POST", "/payments", &headers, body).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{:?}", retry.body);
+    let again = common::request(addr, "POST", "/payments", &headers, body).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, retry.body);
+    assert_eq!(payment_rows(&admin, &table).await, 1);
+    let listed = common::request(addr, "GET", "/payments", &[], "").await;
+    assert!(
+        listed.body.starts_with(b"[{\"") && !listed.body.windows(3).any(|w| w == b"},{"),
+        "one row: {:?}",
+        listed.body
+    );
+    let stats = common::request(addr, "GET", "/stats", &[], "").await;
+    assert_eq!(stats.body, r#"{"handler_runs":2}"#);
+    admin
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
 }

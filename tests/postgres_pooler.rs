@@ -11,9 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use postgres_support::{database_url, pool_for};
 use common::{Runs, post, send, slow_payment};
 use http::StatusCode;
+use postgres_support::{database_url, pool_for};
 use tower::Layer;
 use tower_idempotency::{BackendErrorKind, IdempotencyLayer, PostgresBackend, PostgresMode};
 

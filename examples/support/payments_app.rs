@@ -99,7 +99,12 @@ pub async fn serve_with(
     } else {
         protect(routes)
     };
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    listen(app, &addr).await
+}
+
+/// Serves `app` on `addr`, printing `listening on <addr>` once bound.
+pub async fn listen(app: Router, addr: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
     println!("listening on {}", listener.local_addr()?);
     axum::serve(listener, app).await?;
     Ok(())
