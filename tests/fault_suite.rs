@@ -137,20 +137,31 @@ mod redis {
 mod postgres {
     use super::*;
     use crate::postgres_support::{TABLE, database_url, pool, pool_for};
-    use tower_idempotency::PostgresBackend;
+    use tower_idempotency::{PostgresBackend, PostgresMode};
+
+    const MODES: [PostgresMode; 3] = [
+        PostgresMode::Lease,
+        PostgresMode::Advisory,
+        PostgresMode::Transaction,
+    ];
 
     /// A backend with a short timeout (outages are answered fast) or a
     /// generous one (many requests wait for a pooled connection).
-    fn backend_with(pool: deadpool_postgres::Pool, timeout: Duration) -> PostgresBackend {
+    fn backend_with(
+        pool: deadpool_postgres::Pool,
+        timeout: Duration,
+        mode: PostgresMode,
+    ) -> PostgresBackend {
         PostgresBackend::builder(pool)
             .table(TABLE)
             .timeout(timeout)
+            .mode(mode)
             .build()
             .unwrap()
     }
 
-    fn backend(pool: deadpool_postgres::Pool) -> PostgresBackend {
-        backend_with(pool, Duration::from_millis(500))
+    fn backend(pool: deadpool_postgres::Pool, mode: PostgresMode) -> PostgresBackend {
+        backend_with(pool, Duration::from_millis(500), mode)
     }
 
     /// The server's address from `DATABASE_URL`, and a URL through a proxy.
@@ -167,61 +178,83 @@ mod postgres {
     }
 
     async fn migrated() {
-        backend(pool().await).migrate().await.unwrap();
+        backend(pool().await, PostgresMode::Lease)
+            .migrate()
+            .await
+            .unwrap();
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn same_key_across_three_instances() {
         migrated().await;
         let url = database_url();
-        let counts = faults::same_key_across_instances(
-            [
+        for mode in MODES {
+            let counts = faults::same_key_across_instances(
                 // 24 connections for 200 requests: most wait for one.
-                backend_with(pool_for(&url, 8), Duration::from_secs(5)),
-                backend_with(pool_for(&url, 8), Duration::from_secs(5)),
-                backend_with(pool_for(&url, 8), Duration::from_secs(5)),
-            ],
-            &tag("same"),
-        )
-        .await;
-        report("postgres: 200 same-key requests, 3 instances", counts);
+                [0, 1, 2].map(|_| backend_with(pool_for(&url, 8), Duration::from_secs(5), mode)),
+                &tag(&format!("same-{mode}")),
+            )
+            .await;
+            report(
+                &format!("postgres {mode}: 200 same-key requests, 3 instances"),
+                counts,
+            );
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn retries_and_cancellations() {
         migrated().await;
-        let counts = faults::retries_and_cancellations(
-            backend_with(pool_for(&database_url(), 24), Duration::from_secs(5)),
-            &tag("mix"),
-        )
-        .await;
-        report(
-            "postgres: 1000 requests, 50 keys, retries and cancellations",
-            counts,
-        );
+        for mode in MODES {
+            let counts = faults::retries_and_cancellations(
+                backend_with(pool_for(&database_url(), 24), Duration::from_secs(5), mode),
+                &tag(&format!("mix-{mode}")),
+            )
+            .await;
+            report(
+                &format!("postgres {mode}: 1000 requests, 50 keys, retries and cancellations"),
+                counts,
+            );
+        }
     }
 
     #[tokio::test]
     async fn blackholed_reset_and_slow() {
         migrated().await;
-        let (proxy, url) = proxied().await;
-        let counts = faults::outages(
-            backend(pool_for(&url, 8)),
-            &proxy,
-            Duration::from_secs(3),
-            &tag("outage"),
-        )
-        .await;
-        report("postgres: blackhole, reset, latency", counts);
+        for mode in MODES {
+            let (proxy, url) = proxied().await;
+            let counts = faults::outages(
+                backend(pool_for(&url, 8), mode),
+                &proxy,
+                Duration::from_secs(3),
+                &tag(&format!("outage-{mode}")),
+            )
+            .await;
+            report(
+                &format!("postgres {mode}: blackhole, reset, latency"),
+                counts,
+            );
+        }
     }
 
+    /// Lease and advisory modes: the client still gets its response and the
+    /// retry runs again. (Transaction mode answers 503 there, as its writes
+    /// rolled back: `tests/postgres.rs` kills its session mid-handler.)
     #[tokio::test]
     async fn lost_between_handler_and_save() {
         migrated().await;
-        let (proxy, url) = proxied().await;
-        let counts =
-            faults::lost_between_handler_and_save(backend(pool_for(&url, 8)), &proxy, &tag("lost"))
-                .await;
-        report("postgres: lost between handler and save", counts);
+        for mode in [PostgresMode::Lease, PostgresMode::Advisory] {
+            let (proxy, url) = proxied().await;
+            let counts = faults::lost_between_handler_and_save(
+                backend(pool_for(&url, 8), mode),
+                &proxy,
+                &tag(&format!("lost-{mode}")),
+            )
+            .await;
+            report(
+                &format!("postgres {mode}: lost between handler and save"),
+                counts,
+            );
+        }
     }
 }
