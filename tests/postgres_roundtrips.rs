@@ -1,6 +1,11 @@
-//! Round trips and statements per request, counted on the wire by a proxy
-//! that reads the PostgreSQL frontend protocol between the pool and the
-//! server.
+//! What each PostgreSQL mode costs per request, counted rather than timed:
+//! round trips and statements on the wire (a proxy that reads the
+//! PostgreSQL frontend protocol between the pool and the server), WAL bytes
+//! (`pg_current_wal_insert_lsn`) and write transactions (transaction ids
+//! assigned: each is a WAL flush that its commit waits for, with the default
+//! `synchronous_commit = on`).
+//! `cargo test --all-features --test postgres_roundtrips -- --nocapture`
+//! prints the table BENCHMARKS.md quotes.
 
 mod common;
 mod postgres_support;
@@ -9,19 +14,43 @@ mod postgres_wire;
 use std::sync::Arc;
 
 use common::{Runs, counting, post, send};
-use postgres_support::{TABLE, database_url, pool_for};
+use postgres_support::{TABLE, admin, database_url, pool_for};
 use postgres_wire::Wire;
 use tower::Layer;
-use tower_idempotency::{IdempotencyLayer, PostgresBackend};
+use tower_idempotency::{IdempotencyLayer, PostgresBackend, PostgresMode};
 
-#[tokio::test]
-async fn two_round_trips_fresh_one_replay() {
+/// Fresh requests per mode for the WAL figures.
+const COUNTED: u64 = 50;
+
+struct Cost {
+    fresh: (u64, u64),
+    replay: (u64, u64),
+    wal_bytes: f64,
+    writes: f64,
+}
+
+/// The WAL insert position and the next transaction id: read-only
+/// transactions never take one.
+async fn wal(admin: &tokio_postgres::Client) -> (i64, i64) {
+    let row = admin
+        .query_one(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0')::bigint, \
+             pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+async fn cost(mode: PostgresMode, admin: &tokio_postgres::Client) -> Cost {
     let wire = Arc::new(Wire::default());
     let port = postgres_wire::proxy(Arc::clone(&wire), &database_url()).await;
     let url = postgres_wire::via(&database_url(), port);
     // One connection: it is reused, so its prepared statements are too.
     let backend = PostgresBackend::builder(pool_for(&url, 1))
         .table(TABLE)
+        .mode(mode)
         .build()
         .unwrap();
     backend.migrate().await.unwrap();
@@ -32,28 +61,78 @@ async fn two_round_trips_fresh_one_replay() {
         .unwrap()
         .as_nanos();
     // Warm up: statements prepared on the one connection.
-    send(&mut svc, post("/p", Some(&format!("warm-{nonce}")), "x")).await;
-    send(&mut svc, post("/p", Some(&format!("warm-{nonce}")), "x")).await;
+    send(
+        &mut svc,
+        post("/p", Some(&format!("warm-{mode}-{nonce}")), "x"),
+    )
+    .await;
+    send(
+        &mut svc,
+        post("/p", Some(&format!("warm-{mode}-{nonce}")), "x"),
+    )
+    .await;
 
+    let key = format!("counted-{mode}-{nonce}");
     let before = wire.snapshot();
-    let fresh = send(&mut svc, post("/p", Some(&format!("counted-{nonce}")), "x")).await;
+    let fresh = send(&mut svc, post("/p", Some(&key), "x")).await;
     assert!(!fresh.replayed());
     let after_fresh = wire.snapshot();
-    let replay = send(&mut svc, post("/p", Some(&format!("counted-{nonce}")), "x")).await;
+    let replay = send(&mut svc, post("/p", Some(&key), "x")).await;
     assert!(replay.replayed());
     let after_replay = wire.snapshot();
 
-    let fresh = (after_fresh.0 - before.0, after_fresh.1 - before.1);
-    let replay = (
-        after_replay.0 - after_fresh.0,
-        after_replay.1 - after_fresh.1,
-    );
+    let (bytes_before, syncs_before) = wal(admin).await;
+    for i in 0..COUNTED {
+        let answer = send(
+            &mut svc,
+            post("/p", Some(&format!("wal-{mode}-{nonce}-{i}")), "x"),
+        )
+        .await;
+        assert!(!answer.replayed());
+    }
+    let (bytes_after, syncs_after) = wal(admin).await;
+    #[allow(clippy::cast_precision_loss)]
+    let per = |a: i64, b: i64| (b - a) as f64 / COUNTED as f64;
+    Cost {
+        fresh: (after_fresh.0 - before.0, after_fresh.1 - before.1),
+        replay: (
+            after_replay.0 - after_fresh.0,
+            after_replay.1 - after_fresh.1,
+        ),
+        wal_bytes: per(bytes_before, bytes_after),
+        writes: per(syncs_before, syncs_after),
+    }
+}
+
+#[tokio::test]
+async fn what_each_mode_costs_per_request() {
+    let admin = admin().await;
     println!(
-        "fresh request: {} round trips, {} statements",
-        fresh.0, fresh.1
+        "| mode | fresh: round trips, statements | replay: round trips, statements | WAL bytes per fresh request | write transactions (WAL flushes) per fresh request |"
     );
-    println!("replay: {} round trips, {} statements", replay.0, replay.1);
-    assert_eq!(fresh, (2, 3), "begin; upsert + unlock pipelined");
-    assert_eq!(replay, (1, 1), "begin only");
-    assert_eq!(runs.get(), 2);
+    println!("|---|---|---|---|---|");
+    for (mode, fresh, replay, writes) in [
+        // begin (lease write); complete (record write)
+        (PostgresMode::Lease, (2, 2), (1, 1), 2.0),
+        // begin; fenced write + unlock pipelined
+        (PostgresMode::Advisory, (2, 3), (1, 1), 1.0),
+        // BEGIN + begin pipelined; write + COMMIT pipelined. A replay
+        // rolls its transaction back.
+        (PostgresMode::Transaction, (2, 4), (2, 3), 1.0),
+    ] {
+        let cost = cost(mode, &admin).await;
+        println!(
+            "| {mode} | {}, {} | {}, {} | {:.0} | {:.2} |",
+            cost.fresh.0, cost.fresh.1, cost.replay.0, cost.replay.1, cost.wal_bytes, cost.writes
+        );
+        assert_eq!(cost.fresh, fresh, "{mode}: fresh request");
+        assert_eq!(cost.replay, replay, "{mode}: replay");
+        // Other tests do not run beside this binary; the server's own
+        // background work may take the odd transaction id.
+        assert!(
+            (writes..writes + 0.1).contains(&cost.writes),
+            "{mode}: {:.2} write transactions per fresh request, {writes} expected",
+            cost.writes
+        );
+    }
 }
