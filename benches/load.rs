@@ -5,8 +5,9 @@
 //! Run with `scripts/load.sh [seconds] [connections]` (it builds the
 //! examples and the peers first). Configurations: `none`
 //! (`IDEMPOTENCY=off`), `memory`, `redis` (`REDIS_URL`, default
-//! 127.0.0.1:6379), `postgres` (`DATABASE_URL`, default the `test` database
-//! on 127.0.0.1:5432), and the same handler behind the peer crates
+//! 127.0.0.1:6379), `postgres`, `postgres-advisory` and
+//! `postgres-transaction` (the three `PG_MODE`s; `DATABASE_URL`, default the
+//! `test` database on 127.0.0.1:5432), and the same handler behind the peer crates
 //! `idempotent` and `axum-idempotent` (built from `bench/peers`).
 //! `LOAD_CONFIGS=none,memory` and `LOAD_MODES=fresh,hot` run subsets. Modes:
 //! `fresh` (a new key per request), `replay` (one key per connection, created
@@ -561,6 +562,27 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
                 ("DATABASE_URL", database_url.clone()),
                 ("IDEMPOTENCY_TABLE", TABLE.to_owned()),
             ],
+            cost: Cost::Postgres(database_url.clone()),
+        },
+        Config {
+            name: "postgres-advisory",
+            bin: examples.join("payments_postgres"),
+            env: vec![
+                ("DATABASE_URL", database_url.clone()),
+                ("IDEMPOTENCY_TABLE", format!("{TABLE}_advisory")),
+                ("PG_MODE", "advisory".to_owned()),
+            ],
+            cost: Cost::Postgres(database_url.clone()),
+        },
+        Config {
+            name: "postgres-transaction",
+            bin: examples.join("payments_postgres"),
+            env: vec![
+                ("DATABASE_URL", database_url.clone()),
+                ("IDEMPOTENCY_TABLE", format!("{TABLE}_transaction")),
+                ("PAYMENTS_TABLE", format!("{TABLE}_payments")),
+                ("PG_MODE", "transaction".to_owned()),
+            ],
             cost: Cost::Postgres(database_url),
         },
         Config {
@@ -621,12 +643,14 @@ async fn clean(config: &Config) {
                 .await
                 .expect("connect to PostgreSQL");
             tokio::spawn(conn);
-            client
-                .batch_execute(&format!(
-                    "DROP TABLE IF EXISTS {TABLE}; DROP FUNCTION IF EXISTS {TABLE}_begin CASCADE"
-                ))
-                .await
-                .expect("drop the benchmark's table");
+            for (name, table) in &config.env {
+                if matches!(*name, "IDEMPOTENCY_TABLE" | "PAYMENTS_TABLE") {
+                    client
+                        .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+                        .await
+                        .expect("drop the benchmark's table");
+                }
+            }
         }
     }
 }
@@ -814,13 +838,17 @@ async fn redis_cost(config: &Config, url: &str) -> String {
 async fn postgres_cost(config: &Config, url: &str) -> String {
     let wire = Arc::new(postgres_wire::Wire::default());
     let port = postgres_wire::proxy(Arc::clone(&wire), url).await;
+    let mut env: Vec<_> = config
+        .env
+        .iter()
+        .filter(|(name, _)| *name != "DATABASE_URL")
+        .cloned()
+        .collect();
+    env.push(("DATABASE_URL", postgres_wire::via(url, port)));
     let proxied = Config {
         name: config.name,
         bin: config.bin.clone(),
-        env: vec![
-            ("DATABASE_URL", postgres_wire::via(url, port)),
-            ("IDEMPOTENCY_TABLE", TABLE.to_owned()),
-        ],
+        env,
         cost: Cost::None,
     };
     let (child, addr) = start(&proxied, false).await;
@@ -835,7 +863,8 @@ async fn postgres_cost(config: &Config, url: &str) -> String {
         )
     };
     format!(
-        "| PostgreSQL (wire proxy) | {} | {} |",
+        "| PostgreSQL {} (wire proxy) | {} | {} |",
+        config.name,
         per(before, fresh),
         per(fresh, replay)
     )

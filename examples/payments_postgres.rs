@@ -55,7 +55,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde::Deserialize;
 use tower_idempotency::{IdempotencyLayer, PostgresBackend, PostgresMode, RequestTransaction};
 
@@ -166,13 +166,14 @@ fn failed(error: impl std::fmt::Display) -> Answer {
 /// transaction and writes directly.
 async fn create_payment(
     State(ledger): State<Arc<Ledger>>,
-    tx: Option<RequestTransaction>,
+    // With this crate's `axum` feature, `Option<RequestTransaction>` works too.
+    tx: Option<Extension<RequestTransaction>>,
     Json(new): Json<NewPayment>,
 ) -> Answer {
     ledger.handler_runs.fetch_add(1, Ordering::SeqCst);
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&new.amount, &new.currency];
     let row = match tx {
-        Some(tx) => match tx.client().await {
+        Some(Extension(tx)) => match tx.client().await {
             Ok(client) => client.query_one(&ledger.insert, &params).await,
             Err(error) => return failed(error),
         },

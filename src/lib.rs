@@ -118,9 +118,13 @@
 //! - `RedisBackend` (feature `redis`): several instances share one Redis or
 //!   Redis Cluster through your `deadpool_redis` pool; two commands for a
 //!   fresh request, one for a replay. See the `backend::redis` module.
-//! - `PostgresBackend` (feature `postgres`): session advisory locks and one
-//!   table through your `deadpool_postgres` pool; two round trips for a
-//!   fresh request, one for a replay. See the `backend::postgres` module.
+//! - `PostgresBackend` (feature `postgres`): one table through your
+//!   `deadpool_postgres` pool; two round trips for a fresh request, one for
+//!   a replay. Three modes: a lease row (the default; survives lost
+//!   sessions, holds no connection across the handler), a session advisory
+//!   lock (the fewest writes), or a transaction the handler writes through
+//!   and that commits with the record (`RequestTransaction`). See the
+//!   `backend::postgres` module.
 //! - Your own: implement [`Backend`]; the crate's conformance suite
 //!   (`tests/conformance/`) states the semantics.
 //!
@@ -274,7 +278,15 @@
 //! - **A lost lock is never overwritten.** If a lock lapses (heartbeat off
 //!   and a slow handler, or a backend that lost it), another request may run;
 //!   the first one's response is returned to its client but not stored, so
-//!   it never replaces the newer holder's record.
+//!   it never replaces the newer holder's record. On PostgreSQL, a lost
+//!   connection loses no lock in lease mode (the default); in advisory mode
+//!   it frees the key while the handler runs (documented there).
+//! - **Database effects exactly once (PostgreSQL transaction mode).** Writes
+//!   the handler makes through its `RequestTransaction` commit in the same
+//!   transaction as the stored response, or not at all: a crash, a killed
+//!   connection or a failed commit leaves neither, and the client is
+//!   answered `503`, never a success for writes that did not happen. A
+//!   response that is not stored rolls the writes back.
 //! - **No stuck keys.** A handler panic or an inner `Err` releases the key
 //!   and stores nothing; a crashed process's key is free after `lock_ttl`
 //!   (10 s by default), and the `409`s in between say so in `Retry-After`.
