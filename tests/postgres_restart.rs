@@ -140,7 +140,7 @@ async fn lease_outlives_a_server_restart_mid_handler() {
     let runs = Runs::default();
     let (handler, gate) = gated(runs.clone());
     let svc = IdempotencyLayer::new(backend)
-        .lock_ttl(Duration::from_secs(60))
+        .lock_ttl(Duration::from_mins(1))
         .layer(handler);
     let nonce = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

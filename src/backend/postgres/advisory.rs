@@ -28,7 +28,7 @@ impl PostgresBackend {
             key: *key,
             lock_id: lock_id(key),
             held: Held::Session {
-                conn: Some(conn),
+                conn: Some(Box::new(conn)),
                 locked: true,
             },
         };
@@ -111,7 +111,7 @@ impl PostgresLock {
             Held::Session {
                 conn: Some(conn),
                 locked,
-            } => Some((&*conn, locked)),
+            } => Some((&**conn, locked)),
             _ => None,
         }
     }

@@ -407,7 +407,8 @@ enum Held {
         token: [u8; 16],
     },
     Session {
-        conn: Option<Object>,
+        /// Boxed: a pooled connection is large, and a lease lock is not.
+        conn: Option<Box<Object>>,
         /// Whether the session may hold the lock; then the connection must
         /// not return to the pool.
         locked: bool,
@@ -439,7 +440,7 @@ impl Drop for PostgresLock {
                 {
                     // Closing the session is the one sure unlock without a
                     // round trip.
-                    detach(conn);
+                    detach(*conn);
                 }
             }
             // Whoever drops the last handle of an unfinished transaction
@@ -664,9 +665,9 @@ impl PostgresBackend {
             let first = self.connection().await?;
             let second = self.connection().await?;
             match Self::probe_once(&first, &second, id).await {
-                // Unlocked: both connections are clean.
-                Ok(Probe::Separate) => {}
-                Ok(Probe::Busy) => {} // another instance is probing with this id
+                // Unlocked, both connections clean; or another instance is
+                // probing with this id right now.
+                Ok(Probe::Separate | Probe::Busy) => {}
                 Ok(Probe::Shared) => {
                     detach(first);
                     return Err(BackendError::new(

@@ -126,6 +126,7 @@ impl Sql {
     /// The DDL: idempotent, and upgrades a table made by an earlier version
     /// (adds `lock_token`, lets `record` be null) without taking a table
     /// lock when there is nothing to change.
+    #[allow(clippy::too_many_lines, reason = "one SQL script")]
     pub(super) fn migration(&self) -> String {
         let table = &self.table;
         let index = format!("\"{}_expires_at_idx\"", table.replace(['"', '.'], ""));
