@@ -407,11 +407,14 @@ where
     }
 }
 
-/// The answer for a response whose effects were rolled back with its record.
+/// The answer for a response whose record, and with it the handler's
+/// effects, was not committed — or whose commit cannot be confirmed (the
+/// connection died with the COMMIT in flight). Either way the same key is
+/// the right retry: it replays if the commit happened, and runs if not.
 fn not_committed<B: Body>() -> Response<IdempotencyBody<B>> {
     problem(
         ProblemKind::BackendUnavailable,
-        "the request's changes were rolled back because its response could not be stored; the request was not processed",
+        "the request's changes could not be committed with its response, or their commit could not be confirmed; retry with the same Idempotency-Key: it replays the response if they were committed and runs the request if they were not",
         None,
     )
 }

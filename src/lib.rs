@@ -279,14 +279,17 @@
 //!   and a slow handler, or a backend that lost it), another request may run;
 //!   the first one's response is returned to its client but not stored, so
 //!   it never replaces the newer holder's record. On PostgreSQL, a lost
-//!   connection loses no lock in lease mode (the default); in advisory mode
-//!   it frees the key while the handler runs (documented there).
+//!   connection loses no lock in lease mode (the default) as long as the
+//!   heartbeat reaches the database again within `lock_ttl`; in advisory
+//!   mode it frees the key while the handler runs (documented there).
 //! - **Database effects exactly once (PostgreSQL transaction mode).** Writes
 //!   the handler makes through its `RequestTransaction` commit in the same
 //!   transaction as the stored response, or not at all: a crash, a killed
-//!   connection or a failed commit leaves neither, and the client is
-//!   answered `503`, never a success for writes that did not happen. A
-//!   response that is not stored rolls the writes back.
+//!   connection or a failed commit leaves neither, and a response meant to
+//!   be stored whose commit failed (or could not be confirmed) is answered
+//!   `503` — retry with the same key. A response that is not meant to be
+//!   stored (`5xx`, `429`, [`Persist::Never`], a body that failed) rolls the
+//!   writes back and still reaches the client as the handler made it.
 //! - **No stuck keys.** A handler panic or an inner `Err` releases the key
 //!   and stores nothing; a crashed process's key is free after `lock_ttl`
 //!   (10 s by default), and the `409`s in between say so in `Retry-After`.

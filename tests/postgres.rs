@@ -63,8 +63,11 @@ async fn two_instances_run_a_hundred_duplicates_once() {
     let handler = slow_payment(runs.clone(), Duration::from_millis(200));
     let mut instances = Vec::new();
     for _ in 0..2 {
-        let backend = PostgresBackend::builder(pool().await)
+        // Small pools and a generous wait: the tests of this binary share
+        // the server's 100 connections.
+        let backend = PostgresBackend::builder(pool_for(&database_url(), 8))
             .table(TABLE)
+            .timeout(Duration::from_secs(10))
             .build()
             .unwrap();
         backend.migrate().await.unwrap();
@@ -890,7 +893,12 @@ async fn transaction_hundred_duplicates_write_one_row() {
     );
     let mut instances = Vec::new();
     for _ in 0..2 {
-        let backend = backend_in(PostgresMode::Transaction).await;
+        let backend = PostgresBackend::builder(pool_for(&database_url(), 8))
+            .table(TABLE)
+            .mode(PostgresMode::Transaction)
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
         instances.push(IdempotencyLayer::new(backend).layer(handler.clone()));
     }
     let key = unique("tx-hot");
@@ -991,4 +999,196 @@ async fn payments_postgres_example_in_transaction_mode_commits_rows_with_records
         .batch_execute(&format!("DROP TABLE {table}"))
         .await
         .unwrap();
+}
+
+/// A migration that fails half-way (here: the table name is taken by a
+/// view, which cannot be altered) leaves its transaction aborted: that
+/// connection is closed, never handed to the next borrower.
+#[tokio::test]
+async fn a_failed_migration_closes_its_connection() {
+    let admin = admin().await;
+    let name = format!("idem_view_{}", std::process::id());
+    admin
+        .batch_execute(&format!(
+            "DROP VIEW IF EXISTS {name}; CREATE VIEW {name} AS SELECT 1 AS key"
+        ))
+        .await
+        .unwrap();
+    let pool = pool_for(&database_url(), 1);
+    let backend = PostgresBackend::builder(pool.clone())
+        .table(&name)
+        .build()
+        .unwrap();
+    assert!(backend.migrate().await.is_err());
+    assert_eq!(pool.status().size, 0, "the failed connection was detached");
+    // The pool's next connection is a clean one.
+    let conn = pool.get().await.unwrap();
+    let one: i32 = conn.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    admin
+        .batch_execute(&format!("DROP VIEW {name}"))
+        .await
+        .unwrap();
+}
+
+/// Transaction mode: a response marked `Persist::Never` is not stored, so
+/// its transaction rolls back, handler writes included (documented).
+#[tokio::test]
+async fn transaction_persist_never_rolls_back() {
+    let backend = backend_in(PostgresMode::Transaction).await;
+    let admin = admin().await;
+    let name = unique("tx-never");
+    let table = payments_table(&admin, &name).await;
+    let handler = {
+        let table = table.clone();
+        tower::service_fn(move |req: common::InnerReq| {
+            let table = table.clone();
+            async move {
+                let tx = req
+                    .extensions()
+                    .get::<RequestTransaction>()
+                    .cloned()
+                    .unwrap();
+                let client = tx.client().await.unwrap();
+                client
+                    .execute(&format!("INSERT INTO {table} (note) VALUES ('x')"), &[])
+                    .await
+                    .unwrap();
+                let mut response = Response::new(Full::new(Bytes::from_static(b"quote")));
+                response
+                    .extensions_mut()
+                    .insert(tower_idempotency::Persist::Never);
+                Ok::<_, Infallible>(response)
+            }
+        })
+    };
+    let mut svc = IdempotencyLayer::new(backend).layer(handler);
+    let answer = send(&mut svc, post("/p", Some(&unique("tx-never")), "x")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(payment_rows(&admin, &table).await, 0);
+}
+
+/// `purge_expired` racing a takeover: a writer turns an expired row into a
+/// live one (a new lease, a new record) while the purge runs. The purge
+/// must leave it alone: it skips rows a writer holds, and checks the expiry
+/// again on the row it reaches.
+#[tokio::test]
+async fn purge_never_deletes_a_row_taken_over_while_it_runs() {
+    let backend = backend().await;
+    let admin = admin().await;
+    let writer = postgres_support::admin().await;
+    let key = conformance::fresh_key();
+    admin
+        .execute(
+            &format!(
+                "INSERT INTO {TABLE} (key, fingerprint, record, expires_at) \
+                 VALUES ($1, '\\x00', '\\x00', now() - interval '1 hour')"
+            ),
+            &[&&key.as_bytes()[..]],
+        )
+        .await
+        .unwrap();
+    writer.batch_execute("BEGIN").await.unwrap();
+    writer
+        .execute(
+            &format!(
+                "UPDATE {TABLE} SET expires_at = now() + interval '1 hour', record = NULL, \
+                 lock_token = '\\x01' WHERE key = $1"
+            ),
+            &[&&key.as_bytes()[..]],
+        )
+        .await
+        .unwrap();
+    let purge = tokio::spawn(async move { backend.purge_expired(1000).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    writer.batch_execute("COMMIT").await.unwrap();
+    purge.await.unwrap().unwrap();
+    let rows: i64 = admin
+        .query_one(
+            &format!("SELECT count(*) FROM {TABLE} WHERE key = $1"),
+            &[&&key.as_bytes()[..]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the live lease was purged");
+}
+
+/// An advisory (or transaction) begin meets a lapsed lease whose extension
+/// is still committing: it waits for the row and sees the lease live,
+/// rather than taking the key from a holder that is still running.
+#[tokio::test]
+async fn a_lease_extension_in_flight_keeps_other_modes_out() {
+    let lease = backend().await;
+    let writer = postgres_support::admin().await;
+    for mode in [PostgresMode::Advisory, PostgresMode::Transaction] {
+        let other = backend_in(mode).await;
+        let key = conformance::fresh_key();
+        let fp = conformance::fingerprint(5);
+        let Begin::Acquired(held) = lease
+            .begin(&key, &fp, Duration::from_millis(200))
+            .await
+            .unwrap()
+        else {
+            panic!("fresh key");
+        };
+        tokio::time::sleep(Duration::from_millis(400)).await; // lapsed
+        // The heartbeat's extension, caught between its update and commit.
+        writer.batch_execute("BEGIN").await.unwrap();
+        writer
+            .execute(
+                &format!(
+                    "UPDATE {TABLE} SET expires_at = clock_timestamp() + interval '1 minute' \
+                     WHERE key = $1"
+                ),
+                &[&&key.as_bytes()[..]],
+            )
+            .await
+            .unwrap();
+        let begin = {
+            let other = other.clone();
+            tokio::spawn(async move { other.begin(&key, &fp, Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        writer.batch_execute("COMMIT").await.unwrap();
+        match begin.await.unwrap().unwrap() {
+            Begin::Busy { .. } => {}
+            Begin::Acquired(_) => panic!("{mode}: took a key whose lease was being extended"),
+            other => panic!("{mode}: {other:?}"),
+        }
+        lease.release(held).await.unwrap();
+    }
+}
+
+/// Transaction mode: a handler that commits the request's transaction
+/// itself ends the lock with it; the layer stores nothing and answers 503
+/// rather than claim a record it no longer holds the key for.
+#[tokio::test]
+async fn transaction_committed_by_the_handler_stores_nothing() {
+    let backend = backend_in(PostgresMode::Transaction).await;
+    let admin = admin().await;
+    let handler = tower::service_fn(|req: common::InnerReq| async move {
+        let tx = req
+            .extensions()
+            .get::<RequestTransaction>()
+            .cloned()
+            .unwrap();
+        tx.client()
+            .await
+            .unwrap()
+            .batch_execute("COMMIT")
+            .await
+            .unwrap();
+        Ok::<_, Infallible>(
+            Response::builder()
+                .status(StatusCode::CREATED)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+    });
+    let mut svc = IdempotencyLayer::new(backend).layer(handler);
+    let key = unique("tx-self-commit");
+    let answer = send(&mut svc, post("/p", Some(&key), "x")).await;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(record_rows(&admin, &storage_key(&key)).await, 0);
 }

@@ -26,7 +26,9 @@ pub fn pool_for(url: &str, max_size: usize) -> deadpool_postgres::Pool {
 /// A pool on the server, after checking it answers.
 pub async fn pool() -> deadpool_postgres::Pool {
     let url = database_url();
-    let pool = pool_for(&url, 32);
+    // Small: the tests of a binary run side by side on a server with 100
+    // connections.
+    let pool = pool_for(&url, 8);
     let conn = pool.get().await.unwrap_or_else(|e| {
         panic!(
             "PostgreSQL is not reachable at {url} ({e}); start it (scripts/test does) or set DATABASE_URL"

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use deadpool_postgres::Object;
 use tokio_postgres::types::{ToSql, Type};
 
 use super::{
@@ -22,11 +23,11 @@ impl PostgresBackend {
         lock_ttl: Duration,
     ) -> Result<Begin<PostgresLock>, BackendError> {
         let token = new_token()?;
-        let conn = self.connection().await?;
         // From here until the reply is read, a lease may exist on the
         // server that nobody will use: delete it if this future is dropped
         // or fails.
-        let unsettled = Unsettled::new(self, *key, token);
+        let unsettled = Unsettled::new(self, *key, token, self.connection().await?);
+        let conn = unsettled.conn()?;
         let id = lock_id(key);
         let lease_ms = ttl_ms(lock_ttl).max(1);
         let key_bytes = &key.as_bytes()[..];
@@ -44,7 +45,6 @@ impl PostgresBackend {
             .await
             .map_err(map_error)?;
         unsettled.settled();
-        drop(conn);
         let state: i32 = row.get(0);
         let wait_ms: i64 = row.get(2);
         let retry_after = Duration::from_millis(wait_ms.clamp(1, i64::MAX).unsigned_abs());
@@ -68,10 +68,10 @@ impl PostgresBackend {
             return Err(not_a_lease());
         };
         let (blob, completion) = encode(&self.codec, &record)?;
-        let conn = self.connection().await?;
         // Dropped before the reply: the lease is released rather than left
         // to lapse (the update, if it ran, cleared the token first).
-        let unsettled = Unsettled::new(self, lock.key, token);
+        let unsettled = Unsettled::new(self, lock.key, token, self.connection().await?);
+        let conn = unsettled.conn()?;
         let ttl_ms = ttl_ms(ttl);
         let key = &lock.key.as_bytes()[..];
         let fingerprint = &record.fingerprint.as_bytes()[..];
@@ -134,7 +134,16 @@ impl PostgresBackend {
     /// Deletes the lease `token` holds, if it is still there. Never touches
     /// a record or another token's lease.
     async fn delete_lease(&self, key: &StorageKey, token: &[u8; 16]) -> Result<(), BackendError> {
-        let conn = self.connection().await?;
+        self.delete_lease_on(&self.connection().await?, key, token)
+            .await
+    }
+
+    async fn delete_lease_on(
+        &self,
+        conn: &Object,
+        key: &StorageKey,
+        token: &[u8; 16],
+    ) -> Result<(), BackendError> {
         let key = &key.as_bytes()[..];
         let token = &token[..];
         let params: [Param<'_>; 2] = [(&key, Type::BYTEA), (&token, Type::BYTEA)];
@@ -162,19 +171,37 @@ fn not_a_lease() -> BackendError {
 
 /// A lease whose statement was sent but whose reply was not read: dropped
 /// armed, it deletes the lease from a task of its own, so a cancelled
-/// `begin` does not hold the key for its whole TTL.
+/// `begin` does not hold the key for its whole TTL. The delete goes on the
+/// same connection, after the statement it follows, so it sees what that
+/// statement committed.
 struct Unsettled<'a> {
-    lease: Option<(&'a PostgresBackend, StorageKey, [u8; 16])>,
+    backend: &'a PostgresBackend,
+    lease: Option<(StorageKey, [u8; 16])>,
+    conn: Option<Object>,
 }
 
 impl<'a> Unsettled<'a> {
-    const fn new(backend: &'a PostgresBackend, key: StorageKey, token: [u8; 16]) -> Self {
+    const fn new(
+        backend: &'a PostgresBackend,
+        key: StorageKey,
+        token: [u8; 16],
+        conn: Object,
+    ) -> Self {
         Self {
-            lease: Some((backend, key, token)),
+            backend,
+            lease: Some((key, token)),
+            conn: Some(conn),
         }
     }
 
-    /// The reply was read: nothing to clean up.
+    fn conn(&self) -> Result<&Object, BackendError> {
+        self.conn
+            .as_ref()
+            .ok_or_else(|| BackendError::new(BackendErrorKind::Other, "no connection"))
+    }
+
+    /// The reply was read: nothing to clean up; the connection goes back to
+    /// the pool.
     fn settled(mut self) {
         self.lease = None;
     }
@@ -182,17 +209,27 @@ impl<'a> Unsettled<'a> {
 
 impl Drop for Unsettled<'_> {
     fn drop(&mut self) {
-        let Some((backend, key, token)) = self.lease.take() else {
+        let Some((key, token)) = self.lease.take() else {
             return;
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return; // no runtime: the lease lapses by its TTL
         };
-        let backend = backend.clone();
+        let backend = self.backend.clone();
+        let conn = self.conn.take();
         runtime.spawn(async move {
-            let deleted = backend
-                .bounded("release", backend.delete_lease(&key, &token))
-                .await;
+            let deleted = match conn {
+                Some(conn) => {
+                    backend
+                        .bounded("release", backend.delete_lease_on(&conn, &key, &token))
+                        .await
+                }
+                None => {
+                    backend
+                        .bounded("release", backend.delete_lease(&key, &token))
+                        .await
+                }
+            };
             if let Err(error) = deleted {
                 tracing::warn!(%error, "deleting an unsettled lease failed; it lapses by its TTL");
             }

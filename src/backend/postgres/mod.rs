@@ -25,15 +25,18 @@
 //! |---|---|---|---|
 //! | the key's lock | a row: token and expiry | a session advisory lock | a transaction advisory lock |
 //! | connection held while the handler runs | none | one per request | one per request (the handler's own) |
-//! | lost session (killed backend, network cut, restart) | nothing changes: the lease lapses on its own | **the key is free while the handler still runs** | the transaction rolls back, handler writes included |
+//! | lost session (killed backend, network cut, restart) | nothing changes while the heartbeat reaches the database within `lock_ttl` | **the key is free while the handler still runs** | the transaction rolls back, handler writes included |
 //! | behind PgBouncer `pool_mode = transaction` | works | refused by [`verify`](PostgresBackend::verify) | works |
 //! | writes per fresh request | 2 (lease, record) | 1 (record) | 1, in the handler's transaction |
 //! | handler's own writes | separate | separate | **committed with the record, or not at all** |
 //!
-//! - **Lease** is the default: it never lets a duplicate run while the first
-//!   request is alive, whatever happens to connections, and it holds no
-//!   connection across the handler, so a handler that uses the same pool
-//!   cannot starve it.
+//! - **Lease** is the default: a killed session, a dropped connection or a
+//!   server restart does not free the key, and no connection is held across
+//!   the handler, so a handler that uses the same pool cannot starve it. The
+//!   key is freed only when the lease lapses: `lock_ttl` (10 s by default)
+//!   after the last heartbeat reached the database — a crashed process, or
+//!   an outage longer than that (or the heartbeat turned off and a slower
+//!   handler).
 //! - **Advisory** writes the least (the measured difference is in
 //!   `BENCHMARKS.md`), at the price of its failure mode: a session lock dies
 //!   with its connection, and a duplicate can then run concurrently with a
@@ -44,8 +47,14 @@
 //! - **Transaction** makes the handler's database writes and the stored
 //!   response one atomic commit: see [Transaction mode](#transaction-mode).
 //!
-//! Instances in different modes may share one table (during a rolling
-//! upgrade, say): every mode's `begin` respects the others' locks.
+//! Instances in different modes may share one table (while switching modes,
+//! say): every mode's `begin` respects the others' locks.
+//!
+//! **Upgrading from a version without modes** (which had only advisory
+//! locks, and a `begin` function that knows nothing of leases): first
+//! deploy this version with [`PostgresMode::Advisory`] everywhere, then
+//! switch to lease mode. An older binary that runs `migrate()` again puts
+//! back its own `begin` function, which would not see a lease.
 //!
 //! # How it works
 //!
@@ -110,9 +119,11 @@
 //!   under [`OnDisconnect::Cancel`](crate::OnDisconnect::Cancel) — **rolls
 //!   back** the handler's writes with it: the retry runs on a clean slate;
 //! - a crash, a killed connection or a failed commit rolls back both, and
-//!   the client is answered `503` (never the handler's success response for
-//!   writes that did not happen); the lock ends with the transaction, so no
-//!   key is left stuck.
+//!   the client is answered `503` — retry with the same key — never the
+//!   handler's success response for writes that did not happen (when the
+//!   connection dies with the `COMMIT` in flight, the outcome is unknown,
+//!   and the same key is still the right retry: it replays if the commit
+//!   happened). The lock ends with the transaction, so no key is left stuck.
 //!
 //! Database effects therefore happen exactly once, even across crashes.
 //! Effects outside the database (an e-mail, a call to a payment provider)
@@ -121,7 +132,13 @@
 //! A handler opts out per write by using a connection of its own from the
 //! pool instead of the request's transaction: those writes commit on their
 //! own. The handler must not `COMMIT` or `ROLLBACK` the request's
-//! transaction itself (use `SAVEPOINT`s for partial rollbacks).
+//! transaction itself (use `SAVEPOINT`s for partial rollbacks); if it does,
+//! the record is not stored (the write checks that the transaction still
+//! holds the key) and the client gets `503`. A handler must not keep the
+//! [`RequestTransaction`] or its [`TransactionClient`] beyond its response:
+//! while a clone is borrowed the layer cannot end the transaction, and a
+//! clone kept for ever keeps the connection (set the server's
+//! `idle_in_transaction_session_timeout` as a backstop).
 //!
 //! Responses are buffered before they are committed (a response without a
 //! length is not streamed while it is stored, as in the other modes): the

@@ -93,7 +93,7 @@ impl Sql {
                 "SELECT state, record, wait_ms FROM {begin_lease}($1, $2, $3, $4, $5)"
             ),
             complete_session_call: format!("SELECT {complete_session}($1, $2, $3, $4, $5)"),
-            complete_xact_call: format!("SELECT {complete_xact}($1, $2, $3, $4)"),
+            complete_xact_call: format!("SELECT {complete_xact}($1, $2, $3, $4, $5)"),
             complete_lease: format!(
                 "UPDATE {table} SET fingerprint = $3, record = $4, lock_token = NULL, \
                  expires_at = now() + $5::bigint * interval '1 millisecond' \
@@ -109,9 +109,15 @@ impl Sql {
                  AND expires_at > clock_timestamp()"
             ),
             forget: format!("DELETE FROM {table} WHERE key = $1 AND record IS NOT NULL"),
+            // The expiry is checked again on the row the DELETE reaches: a
+            // row taken over (a new lease, a new record) after the subquery
+            // chose it is live and stays. Rows locked by a writer are
+            // skipped, not waited for.
             purge: format!(
                 "DELETE FROM {table} WHERE key IN \
-                 (SELECT key FROM {table} WHERE expires_at <= clock_timestamp() LIMIT $1)"
+                 (SELECT key FROM {table} WHERE expires_at <= clock_timestamp() \
+                  LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                 AND expires_at <= clock_timestamp()"
             ),
             exists: format!("SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1) AS probe"),
             table,
@@ -134,6 +140,7 @@ impl Sql {
         let literal = table.replace('\'', "''");
         let lookup = "SELECT t.record, t.expires_at INTO found_record, found_expiry";
         let live = "WHERE t.key = lookup AND t.expires_at > clock_timestamp()";
+        let recheck = format!("{lookup} FROM {table} t WHERE t.key = lookup FOR SHARE;");
         let isolation = r"
     -- Each statement below takes a fresh snapshot only under READ COMMITTED.
     IF current_setting('transaction_isolation') <> 'read committed' THEN
@@ -178,14 +185,22 @@ BEGIN{isolation}
         RETURN QUERY SELECT 1, found_record;
         RETURN;
     END IF;
-    IF found_expiry IS NOT NULL OR NOT pg_try_advisory_lock(lock_id) THEN
+    -- Nested, not `OR`: SQL does not promise to evaluate `OR` left to right,
+    -- and a lock taken here would never be released.
+    IF found_expiry IS NOT NULL THEN
+        RETURN QUERY SELECT 2, NULL::bytea;
+        RETURN;
+    END IF;
+    IF NOT pg_try_advisory_lock(lock_id) THEN
         RETURN QUERY SELECT 2, NULL::bytea;
         RETURN;
     END IF;
     -- A new statement, so a new snapshot: it sees what the previous holder
-    -- committed before our lock was granted (a record, or a lease).
-    {lookup} FROM {table} t {live};
-    IF found_expiry IS NOT NULL THEN
+    -- committed before our lock was granted (a record, or a lease). The row
+    -- is locked to read it: a lease whose extension or completion is still
+    -- committing is waited for and seen as it ends up.
+    {recheck}
+    IF found_expiry > clock_timestamp() THEN
         PERFORM pg_advisory_unlock(lock_id);
         RETURN QUERY SELECT CASE WHEN found_record IS NULL THEN 2 ELSE 1 END, found_record;
         RETURN;
@@ -208,12 +223,16 @@ BEGIN{isolation}
         RETURN QUERY SELECT 1, found_record;
         RETURN;
     END IF;
-    IF found_expiry IS NOT NULL OR NOT pg_try_advisory_xact_lock(lock_id) THEN
+    IF found_expiry IS NOT NULL THEN
         RETURN QUERY SELECT 2, NULL::bytea;
         RETURN;
     END IF;
-    {lookup} FROM {table} t {live};
-    IF found_expiry IS NOT NULL THEN
+    IF NOT pg_try_advisory_xact_lock(lock_id) THEN
+        RETURN QUERY SELECT 2, NULL::bytea;
+        RETURN;
+    END IF;
+    {recheck}
+    IF found_expiry > clock_timestamp() THEN
         RETURN QUERY SELECT CASE WHEN found_record IS NULL THEN 2 ELSE 1 END, found_record;
         RETURN;
     END IF;
@@ -286,13 +305,24 @@ $fn$;
 
 -- Transaction mode's write, inside the handler's transaction: fenced off, it
 -- raises, so the COMMIT that follows rolls everything back.
-CREATE OR REPLACE FUNCTION {complete_xact}(lookup bytea, fp bytea, blob bytea, ttl_ms bigint)
+CREATE OR REPLACE FUNCTION {complete_xact}(lock_id bigint, lookup bytea, fp bytea,
+                                           blob bytea, ttl_ms bigint)
 RETURNS integer
 LANGUAGE plpgsql VOLATILE AS $fn$
 #variable_conflict use_column
 BEGIN
+    -- Still the transaction that took the key (a handler that ran COMMIT
+    -- through the request's transaction ended it, and the lock with it).
+    IF NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
+                   AND pid = pg_backend_pid() AND objsubid = 1
+                   AND ((classid::bigint << 32) | objid::bigint) = lock_id) THEN
+        RAISE EXCEPTION 'the transaction no longer holds this key; nothing is stored'
+            USING ERRCODE = '{FENCED_STATE}';
+    END IF;
+    -- clock_timestamp(), not now(): now() is when the handler's transaction
+    -- began.
     INSERT INTO {table} AS t (key, fingerprint, record, lock_token, expires_at)
-    VALUES (lookup, fp, blob, NULL, now() + ttl_ms * interval '1 millisecond')
+    VALUES (lookup, fp, blob, NULL, clock_timestamp() + ttl_ms * interval '1 millisecond')
     ON CONFLICT (key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint,
         record = EXCLUDED.record, lock_token = NULL, expires_at = EXCLUDED.expires_at
     WHERE t.expires_at <= clock_timestamp();

@@ -217,9 +217,11 @@ impl PostgresBackend {
             return Err(ended());
         };
         let ttl_ms = ttl_ms(ttl);
+        let id = lock.lock_id;
         let key = &lock.key.as_bytes()[..];
         let fingerprint = &record.fingerprint.as_bytes()[..];
-        let params: [Param<'_>; 4] = [
+        let params: [Param<'_>; 5] = [
+            (&id, Type::INT8),
             (&key, Type::BYTEA),
             (&fingerprint, Type::BYTEA),
             (&blob, Type::BYTEA),
