@@ -5,9 +5,10 @@
 //! Run with `scripts/load.sh [seconds] [connections]` (it builds the
 //! examples and the peers first). Configurations: `none`
 //! (`IDEMPOTENCY=off`), `memory`, `redis` (`REDIS_URL`, default
-//! 127.0.0.1:6379), `postgres`, `postgres-advisory` and
-//! `postgres-transaction` (the three `PG_MODE`s; `DATABASE_URL`, default the
-//! `test` database on 127.0.0.1:5432), and the same handler behind the peer crates
+//! 127.0.0.1:6379), `postgres`, `postgres-prepared`, `postgres-advisory`
+//! and `postgres-transaction` (the `PG_MODE`s, and lease mode with
+//! `PG_PREPARED=1`; `DATABASE_URL`, default the `test` database on
+//! 127.0.0.1:5432), and the same handler behind the peer crates
 //! `idempotent` and `axum-idempotent` (built from `bench/peers`).
 //! `LOAD_CONFIGS=none,memory` and `LOAD_MODES=fresh,hot` run subsets. Modes:
 //! `fresh` (a new key per request), `replay` (one key per connection, created
@@ -561,6 +562,16 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
             env: vec![
                 ("DATABASE_URL", database_url.clone()),
                 ("IDEMPOTENCY_TABLE", TABLE.to_owned()),
+            ],
+            cost: Cost::Postgres(database_url.clone()),
+        },
+        Config {
+            name: "postgres-prepared",
+            bin: examples.join("payments_postgres"),
+            env: vec![
+                ("DATABASE_URL", database_url.clone()),
+                ("IDEMPOTENCY_TABLE", format!("{TABLE}_prepared")),
+                ("PG_PREPARED", "1".to_owned()),
             ],
             cost: Cost::Postgres(database_url.clone()),
         },

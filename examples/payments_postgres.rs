@@ -40,7 +40,8 @@
 //!
 //! Environment: `DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`), `IDEMPOTENCY_TABLE` (default
-//! `idempotency_records`), `PG_MODE`, `PAYMENTS_TABLE`, `ADDR`,
+//! `idempotency_records`), `PG_MODE`, `PAYMENTS_TABLE`, `PG_PREPARED=1`
+//! (prepared statements: a direct connection, no transaction pooler), `ADDR`,
 //! `PAYMENT_DELAY_MS` and `IDEMPOTENCY=off` as in `payments`. The pool has
 //! 64 connections; in advisory and transaction modes each request in flight
 //! holds one.
@@ -75,7 +76,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(deadpool_postgres::Runtime::Tokio1),
         tokio_postgres::NoTls,
     )?;
-    let mut builder = PostgresBackend::builder(pool.clone()).mode(mode);
+    let prepared = std::env::var("PG_PREPARED").is_ok_and(|v| v == "1");
+    let mut builder = PostgresBackend::builder(pool.clone())
+        .mode(mode)
+        .prepared_statements(prepared);
     if let Ok(table) = std::env::var("IDEMPOTENCY_TABLE") {
         builder = builder.table(table);
     }

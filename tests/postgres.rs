@@ -31,9 +31,21 @@ mod lease {
     backend_conformance!(#[tokio::test], backend_in(PostgresMode::Lease).await, Lapse);
 }
 
+mod lease_prepared {
+    use super::*;
+    use postgres_support::backend_prepared;
+    backend_conformance!(#[tokio::test], backend_prepared(PostgresMode::Lease).await, Lapse);
+}
+
 mod advisory {
     use super::*;
     backend_conformance!(#[tokio::test], backend_in(PostgresMode::Advisory).await, Session);
+}
+
+mod transaction_prepared {
+    use super::*;
+    use postgres_support::backend_prepared;
+    backend_conformance!(#[tokio::test], backend_prepared(PostgresMode::Transaction).await, Session);
 }
 
 mod transaction {

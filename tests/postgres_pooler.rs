@@ -183,3 +183,21 @@ async fn hundred_duplicates_run_once(bouncer: &PgBouncer, mode: PostgresMode) {
     }
     assert_eq!(runs.get(), 1, "{mode}: the handler must run once");
 }
+
+/// Named prepared statements need real sessions: `verify` refuses them
+/// behind a transaction-mode pooler, in lease mode as in transaction mode.
+#[tokio::test]
+async fn prepared_statements_are_refused_behind_a_transaction_mode_pooler() {
+    let bouncer = PgBouncer::start("transaction");
+    for mode in [PostgresMode::Lease, PostgresMode::Transaction] {
+        let backend = PostgresBackend::builder(pool_for(&bouncer.url(), 4))
+            .table(postgres_support::TABLE)
+            .mode(mode)
+            .prepared_statements(true)
+            .build()
+            .unwrap();
+        let error = backend.migrate().await.unwrap_err();
+        assert_eq!(error.kind(), BackendErrorKind::Misconfigured, "{error}");
+        assert!(error.to_string().contains("prepared_statements"), "{error}");
+    }
+}

@@ -43,7 +43,7 @@ async fn wal(admin: &tokio_postgres::Client) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
-async fn cost(mode: PostgresMode, admin: &tokio_postgres::Client) -> Cost {
+async fn cost(mode: PostgresMode, prepared: bool, admin: &tokio_postgres::Client) -> Cost {
     let wire = Arc::new(Wire::default());
     let port = postgres_wire::proxy(Arc::clone(&wire), &database_url()).await;
     let url = postgres_wire::via(&database_url(), port);
@@ -51,6 +51,7 @@ async fn cost(mode: PostgresMode, admin: &tokio_postgres::Client) -> Cost {
     let backend = PostgresBackend::builder(pool_for(&url, 1))
         .table(TABLE)
         .mode(mode)
+        .prepared_statements(prepared)
         .build()
         .unwrap();
     backend.migrate().await.unwrap();
@@ -111,16 +112,23 @@ async fn what_each_mode_costs_per_request() {
         "| mode | fresh: round trips, statements | replay: round trips, statements | WAL bytes per fresh request | write transactions (WAL flushes) per fresh request |"
     );
     println!("|---|---|---|---|---|");
-    for (mode, fresh, replay, writes) in [
+    for (mode, prepared, fresh, replay, writes) in [
         // begin (lease write); complete (record write)
-        (PostgresMode::Lease, (2, 2), (1, 1), 2.0),
+        (PostgresMode::Lease, false, (2, 2), (1, 1), 2.0),
+        (PostgresMode::Lease, true, (2, 2), (1, 1), 2.0),
         // begin; fenced write + unlock pipelined
-        (PostgresMode::Advisory, (2, 3), (1, 1), 1.0),
+        (PostgresMode::Advisory, false, (2, 3), (1, 1), 1.0),
         // BEGIN + begin pipelined; write + COMMIT pipelined. A replay
         // rolls its transaction back.
-        (PostgresMode::Transaction, (2, 4), (2, 3), 1.0),
+        (PostgresMode::Transaction, false, (2, 4), (2, 3), 1.0),
+        (PostgresMode::Transaction, true, (2, 4), (2, 3), 1.0),
     ] {
-        let cost = cost(mode, &admin).await;
+        let cost = cost(mode, prepared, &admin).await;
+        let mode = if prepared {
+            format!("{mode}, prepared statements")
+        } else {
+            mode.to_string()
+        };
         println!(
             "| {mode} | {}, {} | {}, {} | {:.0} | {:.2} |",
             cost.fresh.0, cost.fresh.1, cost.replay.0, cost.replay.1, cost.wal_bytes, cost.writes

@@ -57,6 +57,18 @@ pub async fn backend_in(mode: PostgresMode) -> PostgresBackend {
     backend
 }
 
+/// A migrated backend in `mode` with prepared statements.
+pub async fn backend_prepared(mode: PostgresMode) -> PostgresBackend {
+    let backend = PostgresBackend::builder(pool().await)
+        .table(TABLE)
+        .mode(mode)
+        .prepared_statements(true)
+        .build()
+        .unwrap();
+    backend.migrate().await.unwrap();
+    backend
+}
+
 /// The server pid of every session whose `application_name` is `app`.
 pub async fn sessions_of(admin: &tokio_postgres::Client, app: &str) -> Vec<i32> {
     admin

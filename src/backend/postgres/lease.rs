@@ -1,19 +1,18 @@
 //! Lease mode: the lock is a row with a token and an expiry; no connection
 //! is held while the handler runs. Statements are unnamed (`query_typed`),
-//! so they work through transaction-mode poolers.
+//! so they work through transaction-mode poolers, unless prepared
+//! statements are chosen.
 
 use std::time::Duration;
 
 use deadpool_postgres::Object;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 
 use super::{
-    BackendError, BackendErrorKind, Begin, Completion, Held, PostgresBackend, PostgresLock, encode,
-    lock_id, map_error, ttl_ms,
+    BackendError, BackendErrorKind, Begin, Completion, Held, Param, PostgresBackend, PostgresLock,
+    encode, lock_id, map_error, ttl_ms,
 };
 use crate::{Fingerprint, Record, StorageKey};
-
-type Param<'a> = (&'a (dyn ToSql + Sync), Type);
 
 impl PostgresBackend {
     pub(super) async fn lease_begin(
@@ -40,8 +39,8 @@ impl PostgresBackend {
             (&token_bytes, Type::BYTEA),
             (&lease_ms, Type::INT8),
         ];
-        let row = conn
-            .query_typed_one(&self.sql.begin_lease_call, &params)
+        let row = self
+            .query_one(conn, &self.sql.begin_lease_call, &params)
             .await
             .map_err(map_error)?;
         unsettled.settled();
@@ -83,8 +82,8 @@ impl PostgresBackend {
             (&blob, Type::BYTEA),
             (&ttl_ms, Type::INT8),
         ];
-        let updated = conn
-            .execute_typed(&self.sql.complete_lease, &params)
+        let updated = self
+            .execute(conn, &self.sql.complete_lease, &params)
             .await
             .map_err(map_error);
         match updated {
@@ -124,8 +123,8 @@ impl PostgresBackend {
             (&token, Type::BYTEA),
             (&lease_ms, Type::INT8),
         ];
-        let updated = conn
-            .execute_typed(&self.sql.extend_lease, &params)
+        let updated = self
+            .execute(&conn, &self.sql.extend_lease, &params)
             .await
             .map_err(map_error)?;
         Ok(updated == 1)
@@ -147,7 +146,7 @@ impl PostgresBackend {
         let key = &key.as_bytes()[..];
         let token = &token[..];
         let params: [Param<'_>; 2] = [(&key, Type::BYTEA), (&token, Type::BYTEA)];
-        conn.execute_typed(&self.sql.release_lease, &params)
+        self.execute(conn, &self.sql.release_lease, &params)
             .await
             .map_err(map_error)?;
         Ok(())

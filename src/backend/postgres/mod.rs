@@ -80,7 +80,9 @@
 //! `UPDATE … WHERE lock_token = $token` while the lease is unexpired, so a
 //! lapsed lease never writes (and one taken over never could). Each call borrows a connection for one statement
 //! and returns it; statements are unnamed (`query_typed`), so transaction
-//! poolers work. A begin dropped before its reply was read deletes its lease
+//! poolers work — or prepared, with
+//! [`prepared_statements`](PostgresBackendBuilder::prepared_statements), where
+//! sessions are real. A begin dropped before its reply was read deletes its lease
 //! from a task of its own.
 //!
 //! **Advisory mode.** The lock is `pg_try_advisory_lock(id)` on a pooled
@@ -290,6 +292,7 @@ pub struct PostgresBackend {
     timeout: Duration,
     codec: RecordCodec,
     mode: PostgresMode,
+    prepared: bool,
 }
 
 impl fmt::Debug for PostgresBackend {
@@ -297,6 +300,7 @@ impl fmt::Debug for PostgresBackend {
         f.debug_struct("PostgresBackend")
             .field("table", &self.sql.table)
             .field("mode", &self.mode)
+            .field("prepared_statements", &self.prepared)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -325,6 +329,7 @@ pub struct PostgresBackendBuilder {
     timeout: Duration,
     codec: RecordCodec,
     mode: PostgresMode,
+    prepared: bool,
 }
 
 impl fmt::Debug for PostgresBackendBuilder {
@@ -332,6 +337,7 @@ impl fmt::Debug for PostgresBackendBuilder {
         f.debug_struct("PostgresBackendBuilder")
             .field("table", &self.table)
             .field("mode", &self.mode)
+            .field("prepared_statements", &self.prepared)
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -351,6 +357,24 @@ impl PostgresBackendBuilder {
     /// [`PostgresMode::Lease`]).
     pub const fn mode(mut self, mode: PostgresMode) -> Self {
         self.mode = mode;
+        self
+    }
+
+    /// Whether lease and transaction modes use named prepared statements,
+    /// cached per connection, instead of unnamed ones (default `false`).
+    ///
+    /// Prepared statements save the server parsing and planning every
+    /// statement (measured in `BENCHMARKS.md`), but they need real sessions:
+    /// connect directly, through a session-mode pooler, or through a pooler
+    /// that tracks prepared statements itself (PgBouncer 1.21 or later with
+    /// `max_prepared_statements`). Behind a transaction-mode pooler that does
+    /// not, a statement prepared on one server session can be executed on
+    /// another — another client's statement of the same name.
+    /// [`verify`](PostgresBackend::verify) refuses this setting when it
+    /// detects such a pooler. Advisory mode always prepares its statements
+    /// (it needs sessions anyway).
+    pub const fn prepared_statements(mut self, prepared: bool) -> Self {
+        self.prepared = prepared;
         self
     }
 
@@ -385,6 +409,7 @@ impl PostgresBackendBuilder {
             timeout: self.timeout,
             codec: self.codec,
             mode: self.mode,
+            prepared: self.prepared,
         }
     }
 }
@@ -562,6 +587,7 @@ impl PostgresBackend {
             timeout: Duration::from_secs(2),
             codec: RecordCodec::new(),
             mode: PostgresMode::default(),
+            prepared: false,
         }
     }
 
@@ -666,16 +692,31 @@ impl PostgresBackend {
             .await
             .map_err(map_error)?;
         drop(conn);
-        if self.mode == PostgresMode::Advisory {
-            self.check_session_locks().await?;
+        if (self.mode == PostgresMode::Advisory || self.prepared) && self.shares_sessions().await? {
+            return Err(BackendError::new(
+                BackendErrorKind::Misconfigured,
+                if self.mode == PostgresMode::Advisory {
+                    "two pooled connections share one server session: PostgreSQL is behind \
+                     a transaction-mode pooler (e.g. PgBouncer pool_mode=transaction), where \
+                     session advisory locks cannot work; connect directly or in session \
+                     mode, or use PostgresMode::Lease"
+                } else {
+                    "two pooled connections share one server session: PostgreSQL is behind \
+                     a transaction-mode pooler (e.g. PgBouncer pool_mode=transaction), where \
+                     named prepared statements can run on another client's session; turn \
+                     prepared_statements off"
+                },
+            ));
         }
         Ok(())
     }
 
-    async fn check_session_locks(&self) -> Result<(), BackendError> {
+    /// Whether two pooled connections share one server session (a
+    /// transaction-mode pooler): the probe of [`verify`](Self::verify).
+    async fn shares_sessions(&self) -> Result<bool, BackendError> {
         let status = self.pool.status();
         if status.max_size < 2 {
-            return Ok(());
+            return Ok(false);
         }
         for probe in 0..4_i64 {
             let id = i64::MIN + 7 + probe;
@@ -687,13 +728,7 @@ impl PostgresBackend {
                 Ok(Probe::Separate | Probe::Busy) => {}
                 Ok(Probe::Shared) => {
                     detach(first);
-                    return Err(BackendError::new(
-                        BackendErrorKind::Misconfigured,
-                        "two pooled connections share one server session: PostgreSQL is behind \
-                         a transaction-mode pooler (e.g. PgBouncer pool_mode=transaction), where \
-                         session advisory locks cannot work; connect directly or in session \
-                         mode, or use PostgresMode::Lease",
-                    ));
+                    return Ok(true);
                 }
                 Err(error) => {
                     // The probe lock may still be held by `first`.
@@ -702,7 +737,7 @@ impl PostgresBackend {
                 }
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     async fn probe_once(first: &Object, second: &Object, id: i64) -> Result<Probe, BackendError> {
@@ -809,6 +844,67 @@ impl PostgresBackend {
         tokio::time::timeout(self.timeout, work)
             .await
             .unwrap_or_else(|_| Err(timed_out(what, self.timeout)))
+    }
+}
+
+/// A statement parameter with its type, for unnamed statements.
+type Param<'a> = (
+    &'a (dyn tokio_postgres::types::ToSql + Sync),
+    tokio_postgres::types::Type,
+);
+
+impl PostgresBackend {
+    /// One row of `sql`: prepared (cached per connection) or unnamed, as
+    /// [`prepared_statements`](PostgresBackendBuilder::prepared_statements)
+    /// says.
+    async fn query_one(
+        &self,
+        conn: &Object,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
+        if self.prepared {
+            let types: Vec<_> = params.iter().map(|(_, t)| t.clone()).collect();
+            let statement = conn.prepare_typed_cached(sql, &types).await?;
+            let values: Vec<_> = params.iter().map(|(v, _)| *v).collect();
+            conn.query_one(&statement, &values).await
+        } else {
+            conn.query_typed_one(sql, params).await
+        }
+    }
+
+    /// Prepares `sql` now if statements are prepared, so that a later
+    /// [`query_one`](Self::query_one) sends it at once: a statement pipelined
+    /// after another one must not wait for its own preparation, or the
+    /// other would overtake it.
+    async fn prepare_ahead(
+        &self,
+        conn: &Object,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.prepared {
+            let types: Vec<_> = params.iter().map(|(_, t)| t.clone()).collect();
+            conn.prepare_typed_cached(sql, &types).await?;
+        }
+        Ok(())
+    }
+
+    /// Rows changed by `sql`, as [`query_one`](Self::query_one) runs it.
+    async fn execute(
+        &self,
+        conn: &Object,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<u64, tokio_postgres::Error> {
+        if self.prepared {
+            let types: Vec<_> = params.iter().map(|(_, t)| t.clone()).collect();
+            let statement = conn.prepare_typed_cached(sql, &types).await?;
+            let values: Vec<_> = params.iter().map(|(v, _)| *v).collect();
+            conn.execute(&statement, &values).await
+        } else {
+            conn.execute_typed(sql, params).await
+        }
     }
 }
 

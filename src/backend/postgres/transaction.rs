@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use deadpool_postgres::{ClientWrapper, Object};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::Type;
 
 use super::{
-    BackendError, BackendErrorKind, Begin, Completion, Held, PostgresBackend, PostgresLock, detach,
-    encode, lock_id, map_error, sql::FENCED_STATE, ttl_ms,
+    BackendError, BackendErrorKind, Begin, Completion, Held, Param, PostgresBackend, PostgresLock,
+    detach, encode, lock_id, map_error, sql::FENCED_STATE, ttl_ms,
 };
 use crate::{Record, StorageKey};
 
@@ -162,8 +162,6 @@ fn ended() -> BackendError {
     )
 }
 
-type Param<'a> = (&'a (dyn ToSql + Sync), Type);
-
 impl PostgresBackend {
     pub(super) async fn xact_begin(
         &self,
@@ -183,7 +181,7 @@ impl PostgresBackend {
         // One round trip: the lookup runs after BEGIN, inside the transaction.
         let ((), row) = tokio::try_join!(
             conn.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED"),
-            conn.query_typed_one(&self.sql.begin_xact_call, &params),
+            self.query_one(conn, &self.sql.begin_xact_call, &params),
         )
         .map_err(map_error)?;
         let state: i32 = row.get(0);
@@ -227,10 +225,15 @@ impl PostgresBackend {
             (&blob, Type::BYTEA),
             (&ttl_ms, Type::INT8),
         ];
+        // Prepared first, if statements are prepared: a statement still
+        // being prepared would let the COMMIT below overtake it.
+        self.prepare_ahead(conn, &self.sql.complete_xact_call, &params)
+            .await
+            .map_err(map_error)?;
         // One round trip. If the write fails, the transaction is aborted and
         // the COMMIT rolls it back: handler writes and record together.
         let (written, committed) = tokio::join!(
-            conn.query_typed_one(&self.sql.complete_xact_call, &params),
+            self.query_one(conn, &self.sql.complete_xact_call, &params),
             conn.batch_execute("COMMIT"),
         );
         match (written, committed) {
