@@ -522,6 +522,10 @@ async fn measure_one(
     }
 }
 
+/// Connections per PostgreSQL server: the four PostgreSQL configurations
+/// run side by side against a server that accepts 100.
+const PG_POOL_SIZE: &str = "20";
+
 /// Every configuration, in the order they run.
 fn configs(redis_url: String, database_url: String) -> Vec<Config> {
     let examples = examples_dir();
@@ -561,6 +565,8 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
             bin: examples.join("payments_postgres"),
             env: vec![
                 ("DATABASE_URL", database_url.clone()),
+                // Four servers share PostgreSQL's 100 connections.
+                ("PG_POOL_SIZE", PG_POOL_SIZE.to_owned()),
                 ("IDEMPOTENCY_TABLE", TABLE.to_owned()),
             ],
             cost: Cost::Postgres(database_url.clone()),
@@ -570,6 +576,8 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
             bin: examples.join("payments_postgres"),
             env: vec![
                 ("DATABASE_URL", database_url.clone()),
+                // Four servers share PostgreSQL's 100 connections.
+                ("PG_POOL_SIZE", PG_POOL_SIZE.to_owned()),
                 ("IDEMPOTENCY_TABLE", format!("{TABLE}_prepared")),
                 ("PG_PREPARED", "1".to_owned()),
             ],
@@ -580,6 +588,8 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
             bin: examples.join("payments_postgres"),
             env: vec![
                 ("DATABASE_URL", database_url.clone()),
+                // Four servers share PostgreSQL's 100 connections.
+                ("PG_POOL_SIZE", PG_POOL_SIZE.to_owned()),
                 ("IDEMPOTENCY_TABLE", format!("{TABLE}_advisory")),
                 ("PG_MODE", "advisory".to_owned()),
             ],
@@ -590,6 +600,8 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
             bin: examples.join("payments_postgres"),
             env: vec![
                 ("DATABASE_URL", database_url.clone()),
+                // Four servers share PostgreSQL's 100 connections.
+                ("PG_POOL_SIZE", PG_POOL_SIZE.to_owned()),
                 ("IDEMPOTENCY_TABLE", format!("{TABLE}_transaction")),
                 ("PAYMENTS_TABLE", format!("{TABLE}_payments")),
                 ("PG_MODE", "transaction".to_owned()),

@@ -43,8 +43,8 @@
 //! `idempotency_records`), `PG_MODE`, `PAYMENTS_TABLE`, `PG_PREPARED=1`
 //! (prepared statements: a direct connection, no transaction pooler), `ADDR`,
 //! `PAYMENT_DELAY_MS` and `IDEMPOTENCY=off` as in `payments`. The pool has
-//! 64 connections; in advisory and transaction modes each request in flight
-//! holds one.
+//! `PG_POOL_SIZE` connections (default 64); in advisory and transaction
+//! modes each request in flight holds one.
 
 #[path = "support/payments_app.rs"]
 mod payments_app;
@@ -71,7 +71,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = deadpool_postgres::Config::new();
     config.url = Some(url);
     config.application_name = Some("payments_postgres".to_owned());
-    config.pool = Some(deadpool_postgres::PoolConfig::new(64));
+    let pool_size = match std::env::var("PG_POOL_SIZE") {
+        Ok(v) => v.parse()?,
+        Err(_) => 64,
+    };
+    config.pool = Some(deadpool_postgres::PoolConfig::new(pool_size));
     let pool = config.create_pool(
         Some(deadpool_postgres::Runtime::Tokio1),
         tokio_postgres::NoTls,

@@ -51,7 +51,7 @@ declare -A results
 for round in 1 2 3; do
     for script in lease lease-async advisory; do
         tps=$(pgbench -n -M prepared -c 8 -j 2 -T "$secs" -f "$dir/$script.sql" "$url" 2>/dev/null |
-            sed -n 's/^tps = \([0-9.]*\) .*/\1/p')
+            sed -n 's/^tps = \([0-9]*\)\..*/\1/p')
         results[$script]+="$tps "
         echo "round $round $script: $tps tps" >&2
     done
