@@ -256,10 +256,10 @@ async fn cancellation_at_every_await_point_leaves_no_lock_in_the_pool() {
 }
 
 /// Advisory mode's documented failure: the holder's server process is
-/// killed while the handler runs, the key is free at once, and the first
-/// request's store fails with its session.
+/// killed while the handler runs, the key is free at once and a duplicate
+/// runs beside the first; the first request's store fails with its session.
 #[tokio::test]
-async fn advisory_terminated_holder_frees_the_key_and_stores_nothing() {
+async fn advisory_terminated_holder_frees_the_key_while_its_handler_runs() {
     let backend = backend_in(PostgresMode::Advisory).await;
     let admin = admin().await;
     let runs = Runs::default();
@@ -278,22 +278,49 @@ async fn advisory_terminated_holder_frees_the_key_and_stores_nothing() {
         .get(0);
     assert!(killed);
     wait_unlocked(&admin, id).await;
+    // The documented failure mode: the first handler still runs, and a
+    // duplicate runs beside it.
+    let duplicate = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+    assert_eq!(duplicate.status, StatusCode::OK);
+    assert_eq!(duplicate.body, "run 2", "the duplicate ran concurrently");
     gate.finish.send(()).unwrap();
     let first = first.await.unwrap().unwrap();
-    // The handler ran: its answer is delivered; storing it failed with the
-    // session, so nothing (corrupt or otherwise) was stored.
+    // The first handler's answer is delivered; storing it failed with its
+    // session, and the duplicate's record is the one kept.
     assert_eq!(first.status(), StatusCode::OK);
-    let rows: i64 = admin
-        .query_one(
-            &format!("SELECT count(*) FROM {TABLE} WHERE key = $1"),
-            &[&&storage_key(&key).as_bytes()[..]],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(rows, 0);
     let retry = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
-    assert_eq!(retry.body, "run 2", "the key is free for the next request");
+    assert!(retry.replayed());
+    assert_eq!(retry.body, "run 2", "never overwritten by the stale first");
+    assert_eq!(runs.get(), 2);
+}
+
+/// Lease mode: a handler slower than the lock TTL keeps its lease through
+/// the heartbeat; duplicates meanwhile are told to wait.
+#[tokio::test]
+async fn lease_heartbeat_keeps_a_slow_handler_s_key() {
+    let backend = backend().await;
+    let runs = Runs::default();
+    let (handler, gate) = gated(runs.clone());
+    let svc = IdempotencyLayer::new(backend)
+        .lock_ttl(Duration::from_secs(2))
+        .layer(handler);
+    let key = unique("lease-slow");
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(&key), "x")));
+    gate.started.await.unwrap();
+    // Past two lock TTLs: alive only through the heartbeat.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let duplicate = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+    assert_eq!(
+        duplicate.status,
+        StatusCode::CONFLICT,
+        "{:?}",
+        duplicate.body
+    );
+    gate.finish.send(()).unwrap();
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+    let retry = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+    assert!(retry.replayed());
+    assert_eq!(runs.get(), 1);
 }
 
 #[tokio::test]
