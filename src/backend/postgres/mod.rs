@@ -187,11 +187,13 @@
 
 mod advisory;
 mod lease;
+mod lock;
+mod maintenance;
+mod mode;
 mod sql;
 mod transaction;
 
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -199,74 +201,13 @@ use deadpool_postgres::{Object, Pool};
 
 use super::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 use crate::{Fingerprint, Record, RecordCodec, StorageKey};
+pub use lock::PostgresLock;
+use lock::{Held, detach, lock_id};
+pub use mode::{PostgresMode, UnknownPostgresMode};
 use sql::{DEFAULT_TABLE, Sql};
 #[cfg(feature = "axum")]
 pub use transaction::NoRequestTransaction;
 pub use transaction::{RequestTransaction, TransactionClient};
-
-/// How a [`PostgresBackend`] holds a key while the handler runs. See the
-/// [module documentation](self#which-mode) for when to pick which.
-///
-/// ```
-/// use tower_idempotency::PostgresMode;
-///
-/// assert_eq!(PostgresMode::default(), PostgresMode::Lease);
-/// assert_eq!("transaction".parse::<PostgresMode>(), Ok(PostgresMode::Transaction));
-/// assert!("session".parse::<PostgresMode>().is_err());
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-#[non_exhaustive]
-pub enum PostgresMode {
-    /// A lease row (token and expiry), extended by the heartbeat; no
-    /// connection is held while the handler runs. The default.
-    #[default]
-    Lease,
-    /// A session advisory lock on a connection held for the request: the
-    /// fewest writes, but a lost session frees the key while the handler
-    /// still runs.
-    Advisory,
-    /// A transaction that the handler writes through and that commits with
-    /// the record ([`RequestTransaction`]).
-    Transaction,
-}
-
-impl PostgresMode {
-    /// The mode's name, as [`FromStr`] reads it.
-    #[must_use]
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Lease => "lease",
-            Self::Advisory => "advisory",
-            Self::Transaction => "transaction",
-        }
-    }
-}
-
-impl fmt::Display for PostgresMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// The error of parsing a [`PostgresMode`]: not one of `lease`, `advisory`,
-/// `transaction`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0:?} is not a PostgreSQL mode (lease, advisory, transaction)")]
-pub struct UnknownPostgresMode(String);
-
-impl FromStr for PostgresMode {
-    type Err = UnknownPostgresMode;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "lease" => Ok(Self::Lease),
-            "advisory" => Ok(Self::Advisory),
-            "transaction" => Ok(Self::Transaction),
-            _ => Err(UnknownPostgresMode(s.to_owned())),
-        }
-    }
-}
-
 /// A [`Backend`] on PostgreSQL. See the [module documentation](self).
 ///
 /// Cloning is cheap; clones share the pool.
@@ -413,97 +354,6 @@ impl PostgresBackendBuilder {
         }
     }
 }
-
-/// Proof of holding a key in a [`PostgresBackend`]: a lease token, or the
-/// pooled connection whose session or transaction holds the advisory lock.
-///
-/// Dropped while it may still hold a connection's lock or transaction, it
-/// closes that connection (detached from the pool), so the server frees the
-/// lock and rolls the transaction back. A dropped lease lapses on its own;
-/// the layer releases it.
-///
-/// The layer handles locks; a caller of the [`Backend`] API
-/// holds one between `begin` and `complete` or `release`:
-///
-/// ```no_run
-/// # async fn run(backend: tower_idempotency::PostgresBackend) -> Result<(), Box<dyn std::error::Error>> {
-/// use std::time::Duration;
-/// use tower_idempotency::{Backend, Begin, Fingerprint, StorageKey};
-///
-/// let key = StorageKey::from_bytes([1; 32]);
-/// let fp = Fingerprint::from_bytes([2; 32]);
-/// if let Begin::Acquired(lock) = backend.begin(&key, &fp, Duration::from_secs(30)).await? {
-///     backend.release(lock).await?;
-/// }
-/// # Ok(())
-/// # }
-/// ```
-pub struct PostgresLock {
-    key: StorageKey,
-    lock_id: i64,
-    held: Held,
-}
-
-enum Held {
-    Lease {
-        token: [u8; 16],
-    },
-    Session {
-        /// Boxed: a pooled connection is large, and a lease lock is not.
-        conn: Option<Box<Object>>,
-        /// Whether the session may hold the lock; then the connection must
-        /// not return to the pool.
-        locked: bool,
-    },
-    Transaction(RequestTransaction),
-}
-
-impl fmt::Debug for PostgresLock {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mode = match self.held {
-            Held::Lease { .. } => PostgresMode::Lease,
-            Held::Session { .. } => PostgresMode::Advisory,
-            Held::Transaction(_) => PostgresMode::Transaction,
-        };
-        f.debug_struct("PostgresLock")
-            .field("key", &self.key)
-            .field("lock_id", &self.lock_id)
-            .field("mode", &mode)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for PostgresLock {
-    fn drop(&mut self) {
-        match &mut self.held {
-            Held::Session { conn, locked } => {
-                if let Some(conn) = conn.take()
-                    && *locked
-                {
-                    // Closing the session is the one sure unlock without a
-                    // round trip.
-                    detach(*conn);
-                }
-            }
-            // Whoever drops the last handle of an unfinished transaction
-            // closes its connection: the server rolls it back.
-            Held::Transaction(tx) => tx.abort(),
-            Held::Lease { .. } => {}
-        }
-    }
-}
-
-/// Closes a connection that may hold a lock or be inside a transaction,
-/// instead of returning it to the pool.
-fn detach(conn: Object) {
-    drop(Object::take(conn));
-}
-
-fn lock_id(key: &StorageKey) -> i64 {
-    let b = key.as_bytes();
-    i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
-}
-
 fn map_error(error: tokio_postgres::Error) -> BackendError {
     use tokio_postgres::error::SqlState;
     let kind = match error.code() {
@@ -625,198 +475,6 @@ impl PostgresBackend {
             Err(_) => Err(timed_out("connection checkout", self.timeout)),
         }
     }
-
-    /// Creates the table, its index and the functions if they do not exist,
-    /// upgrades a table made by an earlier version (safe to run on every
-    /// start, from several instances at once), then runs
-    /// [`verify`](Self::verify).
-    ///
-    /// The DDL runs in one transaction; if any of it fails, the connection
-    /// is closed rather than returned to the pool.
-    ///
-    /// # Errors
-    ///
-    /// A [`BackendError`] when the database is unreachable, the DDL fails, or
-    /// `verify` fails.
-    pub async fn migrate(&self) -> Result<(), BackendError> {
-        let conn = self.connection().await?;
-        let ddl = format!(
-            "BEGIN; SELECT pg_advisory_xact_lock({}); {} COMMIT;",
-            sql::MIGRATION_LOCK,
-            self.sql.migration()
-        );
-        match tokio::time::timeout(
-            self.timeout.max(Duration::from_secs(30)),
-            conn.batch_execute(&ddl),
-        )
-        .await
-        {
-            Ok(Ok(())) => drop(conn),
-            Ok(Err(error)) => {
-                // Inside an aborted transaction: never hand it to the pool.
-                detach(conn);
-                return Err(map_error(error));
-            }
-            Err(_) => {
-                detach(conn);
-                return Err(timed_out(
-                    "migration",
-                    self.timeout.max(Duration::from_secs(30)),
-                ));
-            }
-        }
-        self.verify().await
-    }
-
-    /// Checks that this backend can work: the table exists (run
-    /// [`migrate`](Self::migrate) first), and in [advisory
-    /// mode](PostgresMode::Advisory) that the pool's connections are sessions
-    /// of their own, with no transaction-mode pooler in between. Run it at
-    /// start-up when migrations run elsewhere.
-    ///
-    /// The pooler probe: connection A takes a probe lock; connection B then
-    /// asks whether *its* session holds that lock. Connected directly, it
-    /// never can. Behind a transaction-mode pooler, B's statement runs on
-    /// whichever server session is free — typically the one A's statement
-    /// just used — and finds the lock. The probe needs a pool of at least two
-    /// connections (with one, it is skipped).
-    ///
-    /// # Errors
-    ///
-    /// [`BackendErrorKind::Misconfigured`] for a missing table or a
-    /// transaction-mode pooler in advisory mode; another [`BackendError`]
-    /// when the database cannot be reached.
-    pub async fn verify(&self) -> Result<(), BackendError> {
-        let conn = self.connection().await?;
-        conn.simple_query(&self.sql.exists)
-            .await
-            .map_err(map_error)?;
-        drop(conn);
-        if (self.mode == PostgresMode::Advisory || self.prepared) && self.shares_sessions().await? {
-            return Err(BackendError::new(
-                BackendErrorKind::Misconfigured,
-                if self.mode == PostgresMode::Advisory {
-                    "two pooled connections share one server session: PostgreSQL is behind \
-                     a transaction-mode pooler (e.g. PgBouncer pool_mode=transaction), where \
-                     session advisory locks cannot work; connect directly or in session \
-                     mode, or use PostgresMode::Lease"
-                } else {
-                    "two pooled connections share one server session: PostgreSQL is behind \
-                     a transaction-mode pooler (e.g. PgBouncer pool_mode=transaction), where \
-                     named prepared statements can run on another client's session; turn \
-                     prepared_statements off"
-                },
-            ));
-        }
-        Ok(())
-    }
-
-    /// Whether two pooled connections share one server session (a
-    /// transaction-mode pooler): the probe of [`verify`](Self::verify).
-    async fn shares_sessions(&self) -> Result<bool, BackendError> {
-        let status = self.pool.status();
-        if status.max_size < 2 {
-            return Ok(false);
-        }
-        for probe in 0..4_i64 {
-            let id = i64::MIN + 7 + probe;
-            let first = self.connection().await?;
-            let second = self.connection().await?;
-            match Self::probe_once(&first, &second, id).await {
-                // Unlocked, both connections clean; or another instance is
-                // probing with this id right now.
-                Ok(Probe::Separate | Probe::Busy) => {}
-                Ok(Probe::Shared) => {
-                    detach(first);
-                    return Ok(true);
-                }
-                Err(error) => {
-                    // The probe lock may still be held by `first`.
-                    detach(first);
-                    return Err(error);
-                }
-            }
-        }
-        Ok(false)
-    }
-
-    async fn probe_once(first: &Object, second: &Object, id: i64) -> Result<Probe, BackendError> {
-        // A: take the lock (its own statement, its own transaction).
-        let taken = simple_value(first, &format!("SELECT pg_try_advisory_lock({id})")).await?;
-        if taken != "t" {
-            return Ok(Probe::Busy);
-        }
-        // B: does my session hold A's lock?
-        let seen = simple_value(
-            second,
-            &format!(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                 AND pid = pg_backend_pid() AND ((classid::bigint << 32) | objid::bigint) = {id}"
-            ),
-        )
-        .await?;
-        let unlocked = simple_value(first, &format!("SELECT pg_advisory_unlock({id})")).await?;
-        if seen != "0" {
-            return Ok(Probe::Shared);
-        }
-        if unlocked != "t" {
-            return Err(BackendError::new(
-                BackendErrorKind::Misconfigured,
-                "the probe lock was not held by the session that took it",
-            ));
-        }
-        Ok(Probe::Separate)
-    }
-
-    /// Deletes expired records and lapsed leases, `batch` rows per
-    /// statement, until none are left; returns how many were deleted. Run it
-    /// periodically (for example every few minutes from one instance):
-    /// expired rows are never replayed, but they take space until purged.
-    ///
-    /// # Errors
-    ///
-    /// A [`BackendError`] when the database fails.
-    pub async fn purge_expired(&self, batch: u32) -> Result<u64, BackendError> {
-        let batch = i64::from(batch.max(1));
-        let mut total = 0;
-        loop {
-            let conn = self.connection().await?;
-            let deleted = conn
-                .execute_typed(
-                    &self.sql.purge,
-                    &[(&batch, tokio_postgres::types::Type::INT8)],
-                )
-                .await
-                .map_err(map_error)?;
-            total += deleted;
-            if deleted < batch.unsigned_abs() {
-                return Ok(total);
-            }
-        }
-    }
-
-    /// Drops the record stored under `key`, if any: an operator removing a
-    /// record that must not be replayed, or that cannot be read (a request
-    /// then gets `500` until it expires). Returns whether a record was
-    /// deleted. A lease (a request in flight) is left alone. The same by
-    /// hand: `DELETE FROM <table> WHERE key = '\x<hex>'`, with the hex
-    /// storage key the logs show.
-    ///
-    /// # Errors
-    ///
-    /// A [`BackendError`] when the database cannot be reached or refuses.
-    pub async fn forget(&self, key: &StorageKey) -> Result<bool, BackendError> {
-        let conn = self.connection().await?;
-        let deleted = conn
-            .execute_typed(
-                &self.sql.forget,
-                &[(&&key.as_bytes()[..], tokio_postgres::types::Type::BYTEA)],
-            )
-            .await
-            .map_err(map_error)?;
-        Ok(deleted > 0)
-    }
-
     /// Decodes what a begin function returned: 0 acquired, 1 a record, 2
     /// busy.
     fn begun(
@@ -907,13 +565,6 @@ impl PostgresBackend {
         }
     }
 }
-
-enum Probe {
-    Separate,
-    Shared,
-    Busy,
-}
-
 impl Backend for PostgresBackend {
     type Lock = PostgresLock;
 
