@@ -1231,3 +1231,62 @@ async fn transaction_committed_by_the_handler_stores_nothing() {
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(record_rows(&admin, &storage_key(&key)).await, 0);
 }
+
+/// Transaction mode: a handler that panics after writing leaves no row and
+/// no record, and the key is free for the retry at once.
+#[tokio::test]
+async fn transaction_panic_rolls_back_and_frees_the_key() {
+    let backend = backend_in(PostgresMode::Transaction).await;
+    let admin = admin().await;
+    let name = unique("tx-panic");
+    let table = payments_table(&admin, &name).await;
+    let panic_now = Arc::new(AtomicBool::new(true));
+    let handler = {
+        let table = table.clone();
+        let panic_now = panic_now.clone();
+        tower::service_fn(move |req: common::InnerReq| {
+            let table = table.clone();
+            let panic_now = panic_now.swap(false, Ordering::SeqCst);
+            async move {
+                let tx = req
+                    .extensions()
+                    .get::<RequestTransaction>()
+                    .cloned()
+                    .unwrap();
+                let client = tx.client().await.unwrap();
+                client
+                    .execute(&format!("INSERT INTO {table} (note) VALUES ('x')"), &[])
+                    .await
+                    .unwrap();
+                drop(client);
+                assert!(!panic_now, "the handler fails after its write");
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    let svc = IdempotencyLayer::new(backend).layer(handler);
+    let key = unique("tx-panic");
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(&key), "x"))).await;
+    assert!(first.unwrap_err().is_panic());
+    assert_eq!(payment_rows(&admin, &table).await, 0);
+    // The key is released in the background; the retry runs once it is.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let retry = loop {
+        let answer = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+        if answer.status != StatusCode::CONFLICT {
+            break answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key stayed locked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(retry.status, StatusCode::CREATED, "{:?}", retry.body);
+    assert_eq!(payment_rows(&admin, &table).await, 1);
+}
