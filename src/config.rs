@@ -249,6 +249,56 @@ mod tests {
     }
 
     #[test]
+    fn the_heartbeat_beats_three_times_per_lock_ttl() {
+        let mut c = Config::default();
+        c.set_lock_ttl(Duration::from_secs(3));
+        assert_eq!(c.heartbeat_interval(), Duration::from_secs(1));
+        c.set_lock_ttl(Duration::ZERO);
+        assert_eq!(c.heartbeat_interval(), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn server_errors_and_429_are_not_stored_by_default() {
+        let persist = |status: u16| {
+            let (parts, ()) = http::Response::builder()
+                .status(status)
+                .body(())
+                .unwrap()
+                .into_parts();
+            default_persist(&parts)
+        };
+        for status in [200, 201, 204, 302, 400, 404, 409, 422, 428, 431] {
+            assert!(persist(status), "{status} is stored");
+        }
+        for status in [429, 500, 502, 503, 599] {
+            assert!(!persist(status), "{status} is not stored");
+        }
+    }
+
+    #[test]
+    fn debug_shows_the_settings() {
+        let debug = format!("{:?}", Config::default());
+        for field in [
+            "ttl: 86400s",
+            "lock_ttl: 10s",
+            "heartbeat: true",
+            "methods: [POST, PATCH]",
+            "required: false",
+            "max_request_body: 1048576",
+            "max_stored_response: 1048576",
+            "fingerprint_headers: [\"content-type\", \"content-encoding\"]",
+            "include_authorization: true",
+            "shared_anonymous_scope: false",
+            "fail_open: false",
+            "on_disconnect: Complete",
+            "unstorable: Mark",
+        ] {
+            assert!(debug.contains(field), "{field} in {debug}");
+        }
+        assert!(debug.starts_with("Config {"), "{debug}");
+    }
+
+    #[test]
     fn content_headers_are_fingerprinted_by_default_and_extras_added_once() {
         let mut c = Config::default();
         assert_eq!(c.fingerprint_headers, [CONTENT_TYPE, CONTENT_ENCODING]);

@@ -122,4 +122,13 @@ mod tests {
             fp("/a", b"x", Some("t1"), true)
         );
     }
+
+    #[test]
+    fn debug_shows_the_hex() {
+        let fp = Fingerprint::from_bytes([0xa5; 32]);
+        assert_eq!(
+            format!("{fp:?}"),
+            format!("Fingerprint({})", "a5".repeat(32))
+        );
+    }
 }

@@ -259,4 +259,103 @@ mod tests {
         assert_eq!(res.status(), 409);
         assert_eq!(res.headers()[RETRY_AFTER], "3");
     }
+
+    #[test]
+    fn control_characters_are_escaped_and_nothing_else() {
+        assert_eq!(json_string("\u{1f} \u{7f}é/"), "\"\\u001f \u{7f}é/\"");
+    }
+
+    /// Each kind's status, `type` (its heading in the module docs) and title,
+    /// as the document carries them.
+    #[test]
+    fn every_kind_answers_its_own_document() {
+        use ProblemKind::{
+            BackendUnavailable, BodyTooLarge, FingerprintMismatch, InFlight, InvalidKey,
+            MissingKey, RequestBodyError, ResponseNotKept, StoredResponseIncompatible,
+            StoredResponseUnreadable, UnidentifiedCaller,
+        };
+        let cases = [
+            (
+                MissingKey,
+                400,
+                "missing-key",
+                "Idempotency-Key header is required",
+            ),
+            (
+                InvalidKey,
+                400,
+                "invalid-key",
+                "Invalid Idempotency-Key header",
+            ),
+            (
+                RequestBodyError,
+                400,
+                "request-body-error",
+                "Request body could not be read",
+            ),
+            (
+                BodyTooLarge,
+                413,
+                "body-too-large",
+                "Request body too large",
+            ),
+            (
+                FingerprintMismatch,
+                422,
+                "fingerprint-mismatch",
+                "Idempotency-Key reused with a different request",
+            ),
+            (
+                InFlight,
+                409,
+                "request-in-flight",
+                "A request with this Idempotency-Key is in progress",
+            ),
+            (
+                BackendUnavailable,
+                503,
+                "backend-unavailable",
+                "Idempotency store unavailable",
+            ),
+            (
+                UnidentifiedCaller,
+                400,
+                "unidentified-caller",
+                "Idempotency-Key needs an identified caller",
+            ),
+            (
+                StoredResponseUnreadable,
+                500,
+                "stored-response-unreadable",
+                "Request processed; its stored response is unreadable",
+            ),
+            (
+                StoredResponseIncompatible,
+                503,
+                "stored-response-incompatible",
+                "Request processed; its stored response cannot be read here",
+            ),
+            (
+                ResponseNotKept,
+                200,
+                "response-not-kept",
+                "Request processed; its response was not kept",
+            ),
+        ];
+        for (kind, status, slug, title) in cases {
+            assert_eq!(kind.status(), status, "{kind:?}");
+            assert_eq!(kind.type_uri(), format!("{TYPE_BASE}{slug}"));
+            assert_eq!(kind.title(), title);
+            let res = response(kind, "d", None);
+            assert_eq!(res.status(), status, "{kind:?}");
+            assert_eq!(res.headers()[CONTENT_TYPE], "application/problem+json");
+            assert!(res.headers().get(RETRY_AFTER).is_none());
+            assert_eq!(
+                res.body(),
+                &format!(
+                    "{{\"type\":\"{TYPE_BASE}{slug}\",\"title\":\"{title}\",\"status\":{status},\"detail\":\"d\"}}"
+                )
+            );
+        }
+    }
 }

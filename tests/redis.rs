@@ -6,7 +6,7 @@ mod redis_support;
 
 use std::time::Duration;
 
-use common::{Runs, counting, post, send, slow_first, slow_payment};
+use common::{Runs, counting, gated, post, send, slow_payment};
 use http::StatusCode;
 use http_body_util::BodyExt;
 use redis_support::{admin, backend, pool, redis_url, unique_prefix};
@@ -57,20 +57,30 @@ async fn two_instances_run_a_hundred_duplicates_once() {
     }
 }
 
+/// A lock TTL a loaded machine cannot outrun: the heartbeat (every TTL / 3)
+/// may be up to two thirds of it late, and one request's round trips take
+/// far less.
+const LOCK_TTL: Duration = Duration::from_secs(3);
+
 #[tokio::test]
 async fn without_heartbeat_a_lapsed_lock_is_lost_and_never_overwrites() {
     let runs = Runs::default();
+    let (handler, gate) = gated(runs.clone());
     let svc = IdempotencyLayer::new(backend().await)
         .lock_ttl(Duration::from_millis(300))
         .heartbeat(false)
-        .layer(slow_first(runs.clone(), Duration::from_millis(1200)));
+        .layer(handler);
     let first = tokio::spawn(svc.clone().oneshot(post("/p", Some("k"), "x")));
+    // The first holds the lock from before its handler started; past the
+    // TTL, Redis has dropped it.
+    gate.started.await.unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
     let second = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
     assert_eq!(
         second.body, "run 2",
         "the lapsed lock let a second request take the key"
     );
+    gate.finish.send(()).unwrap();
     let first = first.await.unwrap().unwrap();
     assert_eq!(
         first.into_body().collect().await.unwrap().to_bytes(),
@@ -87,17 +97,22 @@ async fn without_heartbeat_a_lapsed_lock_is_lost_and_never_overwrites() {
 #[tokio::test]
 async fn heartbeat_keeps_the_lock_of_a_handler_slower_than_the_lock_ttl() {
     let runs = Runs::default();
+    let (handler, gate) = gated(runs.clone());
     let svc = IdempotencyLayer::new(backend().await)
-        .lock_ttl(Duration::from_millis(300))
-        .layer(slow_first(runs.clone(), Duration::from_millis(1200)));
+        .lock_ttl(LOCK_TTL)
+        .layer(handler);
     let first = tokio::spawn(svc.clone().oneshot(post("/p", Some("k"), "x")));
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    gate.started.await.unwrap();
+    // Half a TTL beyond the lock's own: only the heartbeat kept it.
+    tokio::time::sleep(LOCK_TTL * 3 / 2).await;
     let during = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
     assert_eq!(
         during.status,
         StatusCode::CONFLICT,
-        "still locked after 2.6 lock TTLs"
+        "still locked after 1.5 lock TTLs: {:?}",
+        during.body
     );
+    gate.finish.send(()).unwrap();
     first.await.unwrap().unwrap();
     let after = send(&mut svc.clone(), post("/p", Some("k"), "x")).await;
     assert!(after.replayed());

@@ -82,27 +82,21 @@ async fn redis_cluster() {
     // The conformance suite, unchanged.
     conformance::run_all(cluster.backend(), conformance::Locks::Lapse).await;
 
-    // Keys land on every master, and both keys of a request share a slot.
+    // Where the backend actually wrote: the lock and then the record of each
+    // key are read back from the nodes. Both carry the storage key as their
+    // hash tag and sit on the node that owns their slot, and the keys of
+    // 30 requests land on every master.
     let backend = cluster.backend();
-    let mut slots = std::collections::BTreeSet::new();
-    let mut conn = admin(&cluster.urls()[0]).await;
+    let mut nodes = Vec::new();
+    for url in cluster.urls() {
+        let mut conn = admin(&url).await;
+        let slots = owned_slots(&mut conn).await;
+        nodes.push((conn, slots));
+    }
+    let mut used = std::collections::BTreeSet::new();
     for _ in 0..30 {
         let key = conformance::fresh_key();
         let hex = key.to_hex();
-        let rec: i64 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(format!("idem:{{{hex}}}:rec"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let lock: i64 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(format!("idem:{{{hex}}}:lock"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert_eq!(rec, lock);
-        slots.insert(rec / 5462);
         let Begin::Acquired(l) = backend
             .begin(&key, &conformance::fingerprint(1), Duration::from_secs(5))
             .await
@@ -110,6 +104,11 @@ async fn redis_cluster() {
         else {
             panic!("fresh key");
         };
+        let locks = written(&mut nodes, &hex).await;
+        let [(lock_node, lock_key, lock_slot)] = locks.as_slice() else {
+            panic!("one key after begin, found {locks:?}");
+        };
+        assert!(lock_key.ends_with(":lock"), "{lock_key}");
         backend
             .complete(
                 l,
@@ -118,8 +117,22 @@ async fn redis_cluster() {
             )
             .await
             .unwrap();
+        let records = written(&mut nodes, &hex).await;
+        let [(record_node, record_key, record_slot)] = records.as_slice() else {
+            panic!("one key (the record) after complete, found {records:?}");
+        };
+        assert!(record_key.ends_with(":rec"), "{record_key}");
+        for k in [lock_key, record_key] {
+            assert_eq!(hash_tag(k), Some(hex.as_str()), "hash tag of {k}");
+        }
+        assert_eq!(
+            (record_node, record_slot),
+            (lock_node, lock_slot),
+            "{record_key} and {lock_key} share a slot"
+        );
+        used.insert(*lock_node);
     }
-    assert_eq!(slots.len(), 3, "keys spread over the three masters");
+    assert_eq!(used.len(), 3, "keys spread over the three masters");
 
     // Through the layer: 100 concurrent duplicates from two instances.
     let runs = Runs::default();
@@ -175,4 +188,72 @@ async fn redis_cluster() {
             .unwrap();
     }
     cluster.backend().verify().await.unwrap();
+}
+
+/// The slots a node owns, from its own line of `CLUSTER NODES`.
+async fn owned_slots(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(i64, i64)> {
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let me = nodes
+        .lines()
+        .find(|line| line.contains("myself"))
+        .expect("CLUSTER NODES names this node");
+    // Fields 9.. are slots and ranges; migrating slots ("[..]") are skipped.
+    me.split_whitespace()
+        .skip(8)
+        .filter_map(|range| {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            Some((first.parse().ok()?, last.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Every key holding `hex` on every node, as (node, key, slot), after
+/// checking each sits on a node that owns its slot and that the node lists
+/// it in that slot.
+async fn written(
+    nodes: &mut [(redis::aio::MultiplexedConnection, Vec<(i64, i64)>)],
+    hex: &str,
+) -> Vec<(usize, String, i64)> {
+    let mut found = Vec::new();
+    for (index, (conn, slots)) in nodes.iter_mut().enumerate() {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("*{hex}*"))
+            .query_async(conn)
+            .await
+            .unwrap();
+        for key in keys {
+            let slot: i64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&key)
+                .query_async(conn)
+                .await
+                .unwrap();
+            assert!(
+                slots.iter().any(|&(a, b)| (a..=b).contains(&slot)),
+                "{key} (slot {slot}) on node {index}, which owns {slots:?}"
+            );
+            let in_slot: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(1000)
+                .query_async(conn)
+                .await
+                .unwrap();
+            assert!(in_slot.contains(&key), "{key} not listed in slot {slot}");
+            found.push((index, key, slot));
+        }
+    }
+    found
+}
+
+/// A key's hash tag as Redis Cluster reads it: between the first `{` and
+/// the next `}`, when not empty.
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')? + 1;
+    let len = key[open..].find('}')?;
+    (len > 0).then(|| &key[open..open + len])
 }

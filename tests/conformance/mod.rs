@@ -55,8 +55,32 @@ pub fn record(fp: Fingerprint, body: &[u8]) -> Record {
     )
 }
 
-const LOCK_TTL: Duration = Duration::from_millis(500);
+/// A lock that must hold for the rest of a case: long enough that a loaded
+/// machine's slow round trips cannot outlast it. Cases about locks that end
+/// use short TTLs of their own and wait for the end.
+const LOCK_TTL: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_mins(1);
+
+/// Begins `key` until it is free again (a lock or record of `key` has
+/// lapsed), for at most `within`; returns the new lock.
+async fn acquired_once_lapsed<B: Backend>(
+    b: &B,
+    key: &StorageKey,
+    fp: &Fingerprint,
+    within: Duration,
+) -> B::Lock {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Begin::Acquired(lock) = b.begin(key, fp, LOCK_TTL).await.unwrap() {
+            return lock;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still taken after {within:?}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+}
 
 fn acquired<L>(begin: Begin<L>) -> L {
     match begin {
@@ -179,15 +203,20 @@ pub async fn keys_are_independent<B: Backend>(b: B) {
 
 pub async fn extend_keeps_the_lock<B: Backend>(b: B) {
     let key = fresh_key();
-    let lock = acquired(b.begin(&key, &fingerprint(6), LOCK_TTL).await.unwrap());
+    // Extended every third of its TTL: each extension may come two thirds
+    // of a TTL late and still find the lock.
+    let ttl = Duration::from_secs(2);
+    let begun = tokio::time::Instant::now();
+    let lock = acquired(b.begin(&key, &fingerprint(6), ttl).await.unwrap());
     for _ in 0..4 {
-        sleep(LOCK_TTL / 2).await;
+        sleep(ttl / 3).await;
         assert!(
-            b.extend(&lock, LOCK_TTL).await.unwrap(),
+            b.extend(&lock, ttl).await.unwrap(),
             "extend of a live lock failed"
         );
     }
-    // Two lock TTLs have passed since begin: only the extensions kept it.
+    // More than a lock TTL has passed since begin: only the extensions kept it.
+    assert!(begun.elapsed() > ttl);
     busy(b.begin(&key, &fingerprint(6), LOCK_TTL).await.unwrap());
     assert_eq!(
         b.complete(lock, record(fingerprint(6), b"slow"), TTL)
@@ -206,7 +235,8 @@ pub async fn lapsed_lock_is_lost<B: Backend>(b: B) {
         !b.extend(&first, short).await.unwrap(),
         "a lapsed lock was extended"
     );
-    let second = acquired(b.begin(&key, &fingerprint(7), LOCK_TTL).await.unwrap());
+    let medium = Duration::from_secs(2);
+    let second = acquired(b.begin(&key, &fingerprint(7), medium).await.unwrap());
     // The first holder may neither store nor unlock the second holder's key.
     assert_eq!(
         b.complete(first, record(fingerprint(7), b"stale"), TTL)
@@ -215,8 +245,7 @@ pub async fn lapsed_lock_is_lost<B: Backend>(b: B) {
         Completion::Lost
     );
     busy(b.begin(&key, &fingerprint(7), LOCK_TTL).await.unwrap());
-    sleep(LOCK_TTL + Duration::from_millis(100)).await;
-    let third = acquired(b.begin(&key, &fingerprint(7), LOCK_TTL).await.unwrap());
+    let third = acquired_once_lapsed(&b, &key, &fingerprint(7), medium * 5).await;
     b.release(third).await.unwrap();
     assert_eq!(
         b.complete(second, record(fingerprint(7), b"fresh"), TTL)
@@ -252,7 +281,8 @@ pub async fn release_of_a_lost_lock_spares_the_new_holder<B: Backend>(b: B) {
 pub async fn records_expire<B: Backend>(b: B) {
     let key = fresh_key();
     let lock = acquired(b.begin(&key, &fingerprint(10), LOCK_TTL).await.unwrap());
-    let ttl = Duration::from_millis(300);
+    // Long enough to be read back at once on a loaded machine.
+    let ttl = Duration::from_secs(2);
     assert_eq!(
         b.complete(lock, record(fingerprint(10), b"short-lived"), ttl)
             .await
@@ -260,8 +290,7 @@ pub async fn records_expire<B: Backend>(b: B) {
         Completion::Saved
     );
     completed(b.begin(&key, &fingerprint(10), LOCK_TTL).await.unwrap());
-    sleep(ttl + Duration::from_millis(200)).await;
-    let lock = acquired(b.begin(&key, &fingerprint(10), LOCK_TTL).await.unwrap());
+    let lock = acquired_once_lapsed(&b, &key, &fingerprint(10), ttl * 5).await;
     b.release(lock).await.unwrap();
 }
 
@@ -271,11 +300,7 @@ pub async fn concurrent_begin_has_one_winner<B: Backend>(b: B) {
     for _ in 0..64 {
         let b = b.clone();
         tasks.spawn(async move {
-            match b
-                .begin(&key, &fingerprint(11), LOCK_TTL * 20)
-                .await
-                .unwrap()
-            {
+            match b.begin(&key, &fingerprint(11), LOCK_TTL).await.unwrap() {
                 Begin::Acquired(lock) => Some(lock),
                 Begin::Busy { .. } => None,
                 _ => panic!("nothing was stored yet"),

@@ -121,11 +121,13 @@ pub async fn proxy(wire: Arc<Wire>, url: &str) -> u16 {
                     if n == 0 {
                         break;
                     }
-                    // The client forwards only after we set this and it reads.
+                    // Counted as the reply arrives, before the client can
+                    // read it: set after the write, a client quick to answer
+                    // could speak again before the flag was up.
+                    down.server_spoke.store(true, Ordering::SeqCst);
                     if cw.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
-                    down.server_spoke.store(true, Ordering::SeqCst);
                 }
             });
         }
