@@ -17,8 +17,8 @@ use common::{Runs, counting, gated, post, send, slow_payment};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use postgres_support::{
-    TABLE, admin, backend, backend_in, database_url, holders, lock_id, pool, pool_for,
-    wait_unlocked,
+    TABLE, admin, backend, backend_in, backend_named, database_url, holders, lock_id, pool,
+    pool_for, wait_unlocked,
 };
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{
@@ -544,19 +544,6 @@ async fn collisions_only_delay(backend: PostgresBackend) {
     assert_eq!(record.body, "b's response");
 }
 
-/// A backend in `mode` whose sessions carry `application_name = app`, so a
-/// test can find (and kill) exactly its own server processes.
-async fn backend_named(mode: PostgresMode, app: &str, max_size: usize) -> PostgresBackend {
-    let url = format!("{}?application_name={app}", database_url());
-    let backend = PostgresBackend::builder(pool_for(&url, max_size))
-        .table(TABLE)
-        .mode(mode)
-        .build()
-        .unwrap();
-    backend.migrate().await.unwrap();
-    backend
-}
-
 async fn record_rows(admin: &tokio_postgres::Client, key: &StorageKey) -> i64 {
     admin
         .query_one(
@@ -761,6 +748,33 @@ async fn payment_rows(admin: &tokio_postgres::Client, table: &str) -> i64 {
         .get(0)
 }
 
+/// A handler that writes one row of `table` through the request's
+/// transaction, then answers what `answer` makes of its run number (from
+/// 1); `answer` may panic.
+fn writes_then(
+    table: String,
+    answer: impl Fn(usize) -> Response<Full<Bytes>> + Clone + Send + Sync + 'static,
+) -> impl common::Handler {
+    let runs = Runs::default();
+    tower::service_fn(move |req: common::InnerReq| {
+        let (table, answer, run) = (table.clone(), answer.clone(), runs.bump());
+        async move {
+            let tx = req
+                .extensions()
+                .get::<RequestTransaction>()
+                .cloned()
+                .expect("transaction mode lends the transaction");
+            let client = tx.client().await.unwrap();
+            client
+                .execute(&format!("INSERT INTO {table} (note) VALUES ('x')"), &[])
+                .await
+                .unwrap();
+            drop(client);
+            Ok::<_, Infallible>(answer(run))
+        }
+    })
+}
+
 /// Writes a payment row through the request's transaction; the first call
 /// then waits on the gate. A failed write answers 500.
 fn transactional_payment(
@@ -872,38 +886,17 @@ async fn transaction_error_status_rolls_back_the_handler_writes() {
     let admin = admin().await;
     let name = unique("tx-500");
     let table = payments_table(&admin, &name).await;
-    let fail = Arc::new(AtomicBool::new(true));
-    let handler = {
-        let table = table.clone();
-        let fail = fail.clone();
-        tower::service_fn(move |req: common::InnerReq| {
-            let table = table.clone();
-            let fail = fail.swap(false, Ordering::SeqCst);
-            async move {
-                let tx = req
-                    .extensions()
-                    .get::<RequestTransaction>()
-                    .cloned()
-                    .unwrap();
-                let client = tx.client().await.unwrap();
-                client
-                    .execute(&format!("INSERT INTO {table} (note) VALUES ('x')"), &[])
-                    .await
-                    .unwrap();
-                let status = if fail {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                } else {
-                    StatusCode::CREATED
-                };
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .status(status)
-                        .body(Full::new(Bytes::new()))
-                        .unwrap(),
-                )
-            }
-        })
-    };
+    let handler = writes_then(table.clone(), |run| {
+        let status = if run == 1 {
+            StatusCode::INTERNAL_SERVER_ERROR
+        } else {
+            StatusCode::CREATED
+        };
+        Response::builder()
+            .status(status)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    });
     let mut svc = IdempotencyLayer::new(backend).layer(handler);
     let key = unique("tx-500");
     let first = send(&mut svc, post("/p", Some(&key), "x")).await;
@@ -1078,29 +1071,13 @@ async fn transaction_persist_never_rolls_back() {
     let admin = admin().await;
     let name = unique("tx-never");
     let table = payments_table(&admin, &name).await;
-    let handler = {
-        let table = table.clone();
-        tower::service_fn(move |req: common::InnerReq| {
-            let table = table.clone();
-            async move {
-                let tx = req
-                    .extensions()
-                    .get::<RequestTransaction>()
-                    .cloned()
-                    .unwrap();
-                let client = tx.client().await.unwrap();
-                client
-                    .execute(&format!("INSERT INTO {table} (note) VALUES ('x')"), &[])
-                    .await
-                    .unwrap();
-                let mut response = Response::new(Full::new(Bytes::from_static(b"quote")));
-                response
-                    .extensions_mut()
-                    .insert(tower_idempotency::Persist::Never);
-                Ok::<_, Infallible>(response)
-            }
-        })
-    };
+    let handler = writes_then(table.clone(), |_| {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"quote")));
+        response
+            .extensions_mut()
+            .insert(tower_idempotency::Persist::Never);
+        response
+    });
     let mut svc = IdempotencyLayer::new(backend).layer(handler);
     let answer = send(&mut svc, post("/p", Some(&unique("tx-never")), "x")).await;
     assert_eq!(answer.status, StatusCode::OK);
@@ -1240,35 +1217,13 @@ async fn transaction_panic_rolls_back_and_frees_the_key() {
     let admin = admin().await;
     let name = unique("tx-panic");
     let table = payments_table(&admin, &name).await;
-    let panic_now = Arc::new(AtomicBool::new(true));
-    let handler = {
-        let table = table.clone();
-        let panic_now = panic_now.clone();
-        tower::service_fn(move |req: common::InnerReq| {
-            let table = table.clone();
-            let panic_now = panic_now.swap(false, Ordering::SeqCst);
-            async move {
-                let tx = req
-                    .extensions()
-                    .get::<RequestTransaction>()
-                    .cloned()
-                    .unwrap();
-                let client = tx.client().await.unwrap();
-                client
-                    .execute(&format!("INSERT INTO {table} (note) VALUES ('x')"), &[])
-                    .await
-                    .unwrap();
-                drop(client);
-                assert!(!panic_now, "the handler fails after its write");
-                Ok::<_, Infallible>(
-                    Response::builder()
-                        .status(StatusCode::CREATED)
-                        .body(Full::new(Bytes::new()))
-                        .unwrap(),
-                )
-            }
-        })
-    };
+    let handler = writes_then(table.clone(), |run| {
+        assert!(run > 1, "the handler fails after its write");
+        Response::builder()
+            .status(StatusCode::CREATED)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    });
     let svc = IdempotencyLayer::new(backend).layer(handler);
     let key = unique("tx-panic");
     let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(&key), "x"))).await;

@@ -48,23 +48,30 @@ pub async fn backend() -> PostgresBackend {
 
 /// A migrated backend in `mode` on the shared test table.
 pub async fn backend_in(mode: PostgresMode) -> PostgresBackend {
-    let backend = PostgresBackend::builder(pool().await)
-        .table(TABLE)
-        .mode(mode)
-        .build()
-        .unwrap();
-    backend.migrate().await.unwrap();
-    backend
+    migrated(PostgresBackend::builder(pool().await).mode(mode)).await
 }
 
 /// A migrated backend in `mode` with prepared statements.
 pub async fn backend_prepared(mode: PostgresMode) -> PostgresBackend {
-    let backend = PostgresBackend::builder(pool().await)
-        .table(TABLE)
-        .mode(mode)
-        .prepared_statements(true)
-        .build()
-        .unwrap();
+    migrated(
+        PostgresBackend::builder(pool().await)
+            .mode(mode)
+            .prepared_statements(true),
+    )
+    .await
+}
+
+/// A migrated backend in `mode` whose sessions carry
+/// `application_name = app`, so a test can find (and kill) exactly its own
+/// server processes.
+pub async fn backend_named(mode: PostgresMode, app: &str, max_size: usize) -> PostgresBackend {
+    let url = format!("{}?application_name={app}", database_url());
+    migrated(PostgresBackend::builder(pool_for(&url, max_size)).mode(mode)).await
+}
+
+/// `builder` on the shared test table, built and migrated.
+async fn migrated(builder: tower_idempotency::PostgresBackendBuilder) -> PostgresBackend {
+    let backend = builder.table(TABLE).build().unwrap();
     backend.migrate().await.unwrap();
     backend
 }

@@ -147,6 +147,25 @@ impl Sql {
         RAISE EXCEPTION 'tower-idempotency needs READ COMMITTED, not %',
             current_setting('transaction_isolation');
     END IF;";
+        let table_lookups = Lookups {
+            first: format!("{lookup} FROM {table} t {live};"),
+            recheck: recheck.clone(),
+            isolation,
+        };
+        // The advisory and transaction begins differ only in the lock they
+        // take, and whether it must be given back when the key is not free.
+        let advisory_begin = lock_then_look(
+            &self.begin_session,
+            &table_lookups,
+            "pg_try_advisory_lock(lock_id)",
+            "PERFORM pg_advisory_unlock(lock_id);",
+        );
+        let xact_begin = lock_then_look(
+            &self.begin_xact,
+            &table_lookups,
+            "pg_try_advisory_xact_lock(lock_id)",
+            "-- The lock ends with the transaction, which the caller rolls back.",
+        );
         format!(
             r"
 CREATE TABLE IF NOT EXISTS {table} (
@@ -172,74 +191,9 @@ CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
 
 -- Advisory mode. Returns 0 acquired (the session now holds the lock),
 -- 1 a record, 2 busy.
-CREATE OR REPLACE FUNCTION {begin_session}(lock_id bigint, lookup bytea)
-RETURNS TABLE (state integer, record bytea)
-LANGUAGE plpgsql VOLATILE AS $fn$
-#variable_conflict use_column
-DECLARE
-    found_record bytea;
-    found_expiry timestamptz;
-BEGIN{isolation}
-    {lookup} FROM {table} t {live};
-    IF found_record IS NOT NULL THEN
-        RETURN QUERY SELECT 1, found_record;
-        RETURN;
-    END IF;
-    -- Nested, not `OR`: SQL does not promise to evaluate `OR` left to right,
-    -- and a lock taken here would never be released.
-    IF found_expiry IS NOT NULL THEN
-        RETURN QUERY SELECT 2, NULL::bytea;
-        RETURN;
-    END IF;
-    IF NOT pg_try_advisory_lock(lock_id) THEN
-        RETURN QUERY SELECT 2, NULL::bytea;
-        RETURN;
-    END IF;
-    -- A new statement, so a new snapshot: it sees what the previous holder
-    -- committed before our lock was granted (a record, or a lease). The row
-    -- is locked to read it: a lease whose extension or completion is still
-    -- committing is waited for and seen as it ends up.
-    {recheck}
-    IF found_expiry > clock_timestamp() THEN
-        PERFORM pg_advisory_unlock(lock_id);
-        RETURN QUERY SELECT CASE WHEN found_record IS NULL THEN 2 ELSE 1 END, found_record;
-        RETURN;
-    END IF;
-    RETURN QUERY SELECT 0, NULL::bytea;
-END
-$fn$;
-
+{advisory_begin}
 -- Transaction mode: the same with a lock that ends with the transaction.
-CREATE OR REPLACE FUNCTION {begin_xact}(lock_id bigint, lookup bytea)
-RETURNS TABLE (state integer, record bytea)
-LANGUAGE plpgsql VOLATILE AS $fn$
-#variable_conflict use_column
-DECLARE
-    found_record bytea;
-    found_expiry timestamptz;
-BEGIN{isolation}
-    {lookup} FROM {table} t {live};
-    IF found_record IS NOT NULL THEN
-        RETURN QUERY SELECT 1, found_record;
-        RETURN;
-    END IF;
-    IF found_expiry IS NOT NULL THEN
-        RETURN QUERY SELECT 2, NULL::bytea;
-        RETURN;
-    END IF;
-    IF NOT pg_try_advisory_xact_lock(lock_id) THEN
-        RETURN QUERY SELECT 2, NULL::bytea;
-        RETURN;
-    END IF;
-    {recheck}
-    IF found_expiry > clock_timestamp() THEN
-        RETURN QUERY SELECT CASE WHEN found_record IS NULL THEN 2 ELSE 1 END, found_record;
-        RETURN;
-    END IF;
-    RETURN QUERY SELECT 0, NULL::bytea;
-END
-$fn$;
-
+{xact_begin}
 -- Lease mode. The transaction advisory lock (held only during this call)
 -- keeps out holders of the other modes; rows do the rest. Returns 0 with the
 -- lease written, 1 a record, 2 busy and how long the holder's lease lasts.
@@ -334,13 +288,71 @@ BEGIN
 END
 $fn$;
 ",
-            begin_session = self.begin_session,
-            begin_xact = self.begin_xact,
             begin_lease = self.begin_lease,
             complete_session = self.complete_session,
             complete_xact = self.complete_xact,
         )
     }
+}
+
+/// The statements a begin function reads the key with.
+struct Lookups {
+    /// The unlocked look for a live row.
+    first: String,
+    /// The look after the lock, which locks the row it reads.
+    recheck: String,
+    /// The isolation check every begin function starts with.
+    isolation: &'static str,
+}
+
+/// A begin function that looks, takes `lock`, and looks again: 0 acquired,
+/// 1 a record, 2 busy. `give_back` runs when the second look finds the key
+/// taken after all.
+fn lock_then_look(name: &str, lookups: &Lookups, lock: &str, give_back: &str) -> String {
+    let Lookups {
+        first,
+        recheck,
+        isolation,
+    } = lookups;
+    format!(
+        r"CREATE OR REPLACE FUNCTION {name}(lock_id bigint, lookup bytea)
+RETURNS TABLE (state integer, record bytea)
+LANGUAGE plpgsql VOLATILE AS $fn$
+#variable_conflict use_column
+DECLARE
+    found_record bytea;
+    found_expiry timestamptz;
+BEGIN{isolation}
+    {first}
+    IF found_record IS NOT NULL THEN
+        RETURN QUERY SELECT 1, found_record;
+        RETURN;
+    END IF;
+    -- Nested, not `OR`: SQL does not promise to evaluate `OR` left to right,
+    -- and a lock taken here would never be released.
+    IF found_expiry IS NOT NULL THEN
+        RETURN QUERY SELECT 2, NULL::bytea;
+        RETURN;
+    END IF;
+    IF NOT {lock} THEN
+        RETURN QUERY SELECT 2, NULL::bytea;
+        RETURN;
+    END IF;
+    -- A new statement, so a new snapshot: it sees what the previous holder
+    -- committed before our lock was granted (a record, or a lease). The row
+    -- is locked to read it: a lease whose extension or completion is still
+    -- committing is waited for and seen as it ends up.
+    {recheck}
+    IF found_expiry > clock_timestamp() THEN
+        {give_back}
+        RETURN QUERY SELECT CASE WHEN found_record IS NULL THEN 2 ELSE 1 END, found_record;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT 0, NULL::bytea;
+END
+$fn$;
+"
+    )
 }
 
 #[cfg(test)]
