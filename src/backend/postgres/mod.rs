@@ -78,12 +78,13 @@
 //! expiry of `lock_ttl`; the layer's heartbeat extends it (`UPDATE … WHERE
 //! lock_token = $token`); `complete` turns that row into the record with
 //! `UPDATE … WHERE lock_token = $token` while the lease is unexpired, so a
-//! lapsed lease never writes (and one taken over never could). Each call borrows a connection for one statement
-//! and returns it; statements are unnamed (`query_typed`), so transaction
-//! poolers work — or prepared, with
-//! [`prepared_statements`](PostgresBackendBuilder::prepared_statements), where
-//! sessions are real. A begin dropped before its reply was read deletes its lease
-//! from a task of its own.
+//! lapsed lease never writes (and one taken over never could). Each call
+//! borrows a connection for one statement and returns it; statements are
+//! unnamed (`query_typed`), so transaction poolers work — or prepared, with
+//! [`prepared_statements`](PostgresBackendBuilder::prepared_statements),
+//! where sessions are real. A `begin` or `complete` dropped before its reply
+//! was read deletes its lease from a task of its own, on the same
+//! connection, after the statement it follows.
 //!
 //! **Advisory mode.** The lock is `pg_try_advisory_lock(id)` on a pooled
 //! connection that stays checked out for the request. `complete` sends the
