@@ -319,4 +319,9 @@ mod tests {
             [HeaderName::from_static("x-tenant"), CONTENT_TYPE]
         );
     }
+
+    #[test]
+    fn the_longest_ttl_is_366_days() {
+        assert_eq!(MAX_TTL.as_secs(), 366 * 24 * 60 * 60);
+    }
 }

@@ -204,4 +204,65 @@ mod tests {
         assert_eq!(response.headers()[CONTENT_TYPE], "application/problem+json");
         assert_eq!(response.headers()[IDEMPOTENT_REPLAYED], "true");
     }
+
+    fn stored(status: StatusCode) -> Record {
+        Record::new(
+            status,
+            HeaderMap::new(),
+            Bytes::new(),
+            Fingerprint::from_bytes([0; 32]),
+        )
+    }
+
+    #[test]
+    fn a_replay_declares_its_length_unless_its_status_has_no_body() {
+        for status in [StatusCode::OK, StatusCode::CREATED, StatusCode::NOT_FOUND] {
+            let response = replay::<http_body_util::Empty<Bytes>>(stored(status));
+            assert_eq!(response.headers()[CONTENT_LENGTH], "0", "{status}");
+        }
+        for status in [
+            StatusCode::CONTINUE,
+            StatusCode::NO_CONTENT,
+            StatusCode::NOT_MODIFIED,
+        ] {
+            let response = replay::<http_body_util::Empty<Bytes>>(stored(status));
+            assert!(!response.headers().contains_key(CONTENT_LENGTH), "{status}");
+            assert_eq!(response.headers()[IDEMPOTENT_REPLAYED], "true");
+        }
+    }
+
+    #[test]
+    fn a_declared_length_is_read_when_it_is_a_number() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(declared_length(&headers), None);
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("42"));
+        assert_eq!(declared_length(&headers), Some(42));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("4x"));
+        assert_eq!(declared_length(&headers), None);
+    }
+
+    /// A body that knows nothing of its length.
+    struct Unsized;
+
+    impl Body for Unsized {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+            std::task::Poll::Ready(None)
+        }
+    }
+
+    #[test]
+    fn a_known_length_is_the_exact_size_hint_else_the_declared_one() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("42"));
+        let full = http_body_util::Full::new(Bytes::from_static(b"abc"));
+        assert_eq!(known_length(&headers, &full), Some(3));
+        assert_eq!(known_length(&headers, &Unsized), Some(42));
+        assert_eq!(known_length(&HeaderMap::new(), &Unsized), None);
+    }
 }

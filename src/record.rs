@@ -503,4 +503,79 @@ mod tests {
         assert_eq!(r.headers.len(), 1);
         assert!(r.headers.contains_key("x-keep"));
     }
+
+    #[test]
+    fn size_counts_body_headers_and_overheads() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        headers.insert("x-bb", HeaderValue::from_static("22"));
+        let r = Record::new(
+            StatusCode::OK,
+            headers,
+            Bytes::from_static(b"abc"),
+            Fingerprint::from_bytes([0; 32]),
+        );
+        // body 3 + (3 + 1 + 32) + (4 + 2 + 32) + 96
+        assert_eq!(r.size(), 173);
+    }
+
+    #[test]
+    fn records_are_stamped_now_to_the_millisecond() {
+        let before = SystemTime::now() - Duration::from_secs(1);
+        let r = record(b"{}");
+        let r = Record::new(r.status, r.headers, r.body, r.fingerprint);
+        let marker = Record::not_kept(StatusCode::OK, r.fingerprint);
+        let after = SystemTime::now();
+        for at in [r.created_at, marker.created_at] {
+            assert!(before <= at && at <= after, "{at:?}");
+            let since = at.duration_since(UNIX_EPOCH).unwrap();
+            assert_eq!(since.subsec_nanos() % 1_000_000, 0, "{since:?}");
+        }
+    }
+
+    /// The length of a record's MessagePack form (the size the limits see).
+    fn plain_len(r: &Record) -> usize {
+        let plain = RecordCodec::new()
+            .compress_above(usize::MAX)
+            .max_record_size(usize::MAX);
+        let bytes = plain.encode(r).unwrap();
+        assert_eq!(bytes[1], 0);
+        bytes.len() - HEADER_LEN
+    }
+
+    #[test]
+    fn the_size_limit_is_inclusive_on_both_sides_and_in_both_forms() {
+        let r = record(&vec![b'a'; 4096]);
+        let len = plain_len(&r);
+        let at = |max: usize| RecordCodec::new().max_record_size(max);
+        // Encoding: exactly the limit is kept, one byte over is refused.
+        assert!(at(len).compress_above(usize::MAX).encode(&r).is_ok());
+        assert!(matches!(
+            at(len - 1).compress_above(usize::MAX).encode(&r),
+            Err(CodecError::TooLarge { .. })
+        ));
+        // Decoding, plain and deflated.
+        for compress_above in [usize::MAX, 0] {
+            let bytes = RecordCodec::new()
+                .compress_above(compress_above)
+                .max_record_size(usize::MAX)
+                .encode(&r)
+                .unwrap();
+            assert_eq!(bytes[1], u8::from(compress_above == 0) * FLAG_DEFLATE);
+            assert_eq!(at(len).decode(&bytes).unwrap(), r);
+            assert!(matches!(
+                at(len - 1).decode(&bytes),
+                Err(CodecError::TooLarge { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn records_are_deflated_only_above_the_threshold() {
+        let r = record(&vec![b'a'; 4096]);
+        let len = plain_len(&r);
+        let flag = |above: usize| RecordCodec::new().compress_above(above).encode(&r).unwrap()[1];
+        assert_eq!(flag(len), 0);
+        assert_eq!(flag(len - 1), FLAG_DEFLATE);
+    }
 }

@@ -12,12 +12,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::stepped::SlowBody;
-use common::{Flaky, Runs, counting, post, send, slow_first};
+use common::{Flaky, Runs, counting, post, send, slow_first, with_header};
 use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::{IdempotencyBody, IdempotencyLayer, MemoryBackend, OnDisconnect};
+use tower_idempotency::{
+    BackendErrorKind, IdempotencyBody, IdempotencyLayer, MemoryBackend, OnDisconnect,
+};
 
 /// A handler whose first call signals its start, then waits for `go`; it
 /// answers `done <n>`.
@@ -194,7 +196,14 @@ async fn oversize_request_is_413_before_any_lock() {
         .max_request_body(16)
         .layer(counting(runs.clone()));
     // Declared length over the limit.
-    let answer = send(&mut svc, post("/p", Some("k"), &"x".repeat(17))).await;
+    let declared = |n: usize| {
+        with_header(
+            post("/p", Some("k"), &"x".repeat(n)),
+            "content-length",
+            &n.to_string(),
+        )
+    };
+    let answer = send(&mut svc, declared(17)).await;
     assert_eq!(answer.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(answer.problem_type(), "body-too-large");
     // Streamed without a length.
@@ -216,13 +225,65 @@ async fn oversize_request_is_413_before_any_lock() {
     assert_eq!(runs.get(), 0);
     assert_eq!(backend.in_flight_count(), 0);
     assert_eq!(backend.stored_count(), 0);
-    // Exactly at the limit is fine.
+    // Exactly at the limit is fine, declared or not.
+    assert_eq!(
+        send(&mut svc, declared(16)).await.status,
+        StatusCode::CREATED
+    );
     assert_eq!(
         send(&mut svc, post("/p", Some("k"), &"x".repeat(16)))
             .await
             .status,
         StatusCode::CREATED
     );
+}
+
+/// The heartbeat was told the lock is gone: the response still reaches the
+/// client, but it is not stored over whoever may hold the key now (no
+/// `complete` at all), and the key is released for a retry.
+#[tokio::test(start_paused = true)]
+async fn a_lock_reported_lost_is_released_not_completed() {
+    let backend = Flaky::default();
+    backend.report_lost.store(true, Ordering::SeqCst);
+    let runs = Runs::default();
+    let mut svc = IdempotencyLayer::new(backend.clone())
+        .lock_ttl(Duration::from_millis(30))
+        .layer(slow_first(runs.clone(), Duration::from_millis(100)));
+    let first = send(&mut svc, post("/p", Some("k"), "x")).await;
+    assert_eq!(first.body, "run 1");
+    assert_eq!(backend.completes.load(Ordering::SeqCst), 0);
+    let retry = send(&mut svc, post("/p", Some("k"), "x")).await;
+    assert_eq!(retry.body, "run 2", "the key was released, nothing stored");
+}
+
+/// A stored record this instance cannot read is answered for what it is
+/// (500 unreadable, 503 incompatible) and the handler never runs, not even
+/// with fail-open: the request was processed before.
+#[tokio::test]
+async fn unreadable_and_incompatible_records_never_run_the_handler() {
+    for (kind, status, problem) in [
+        (
+            BackendErrorKind::Corrupt,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "stored-response-unreadable",
+        ),
+        (
+            BackendErrorKind::Incompatible,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stored-response-incompatible",
+        ),
+    ] {
+        let backend = Flaky::default();
+        *backend.begin_error.lock().unwrap() = Some(kind);
+        let runs = Runs::default();
+        let mut svc = IdempotencyLayer::new(backend)
+            .fail_open()
+            .layer(counting(runs.clone()));
+        let answer = send(&mut svc, post("/p", Some("k"), "x")).await;
+        assert_eq!(answer.status, status, "{kind:?}");
+        assert_eq!(answer.problem_type(), problem);
+        assert_eq!(runs.get(), 0, "{kind:?}: the handler must not run");
+    }
 }
 
 #[tokio::test]

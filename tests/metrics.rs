@@ -107,6 +107,19 @@ async fn each_decision_is_counted_under_its_outcome() {
     assert_eq!(runs.get(), 2, "the fresh request and the one without a key");
 }
 
+/// A response too large to keep leaves a marker, counted as `not_kept`.
+#[tokio::test(flavor = "current_thread")]
+async fn a_marker_is_counted_as_not_kept() {
+    let (snapshotter, _local) = local_recorder();
+    let mut svc = IdempotencyLayer::new(MemoryBackend::new())
+        .max_stored_response(4)
+        .layer(counting(Runs::default()));
+    send(&mut svc, post("/p", Some("\"m\""), "x")).await;
+    let seen = Recorded::take(&snapshotter);
+    assert_eq!(seen.stores("not_kept"), 1);
+    assert_eq!(seen.stores("stored"), 0);
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_duplicate_in_flight_is_counted_as_a_conflict() {
     let (snapshotter, _local) = local_recorder();

@@ -491,16 +491,83 @@ async fn oversize_responses_with_release_run_again() {
 
 #[tokio::test]
 async fn responses_within_the_limit_are_stored_whole() {
-    let runs = Runs::default();
-    let mut svc = layer(&MemoryBackend::new())
-        .max_stored_response(64 * 1024)
-        .layer(big_body_service(runs.clone(), 64 * 1024, false));
-    send(&mut svc, post("/p", Some("k"), "x")).await;
-    let again = send(&mut svc, post("/p", Some("k"), "x")).await;
-    assert!(again.replayed());
-    assert_eq!(again.body.len(), 64 * 1024);
-    assert_eq!(again.headers["content-length"], "65536");
-    assert_eq!(runs.get(), 1);
+    // Exactly the limit, streamed or declared.
+    for declare_length in [false, true] {
+        let runs = Runs::default();
+        let mut svc = layer(&MemoryBackend::new())
+            .max_stored_response(64 * 1024)
+            .layer(big_body_service(runs.clone(), 64 * 1024, declare_length));
+        send(&mut svc, post("/p", Some("k"), "x")).await;
+        let again = send(&mut svc, post("/p", Some("k"), "x")).await;
+        assert!(again.replayed(), "declared: {declare_length}");
+        assert_eq!(again.body.len(), 64 * 1024);
+        assert_eq!(again.headers["content-length"], "65536");
+        assert_eq!(runs.get(), 1);
+    }
+}
+
+/// A body of two chunks, the second held until the test lets it go.
+struct HeldBody {
+    first: Option<Bytes>,
+    rest: Option<tokio::sync::oneshot::Receiver<Bytes>>,
+}
+
+impl http_body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        let Some(rest) = self.rest.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match std::pin::Pin::new(rest).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(chunk) => {
+                self.rest = None;
+                Poll::Ready(chunk.ok().map(|c| Ok(http_body::Frame::data(c))))
+            }
+        }
+    }
+}
+
+/// A response that declares a length over the store limit is passed on
+/// at once, its body unread by the layer: the client has the head while
+/// the handler's body is still waiting for its second chunk.
+#[tokio::test(start_paused = true)]
+async fn a_response_declared_over_the_limit_is_passed_on_before_its_body_is_read() {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let rx = std::sync::Arc::new(std::sync::Mutex::new(Some(rx)));
+    let svc = layer(&MemoryBackend::new())
+        .max_stored_response(4)
+        .layer(tower::service_fn(move |_req: common::InnerReq| {
+            let rest = rx.lock().unwrap().take();
+            async move {
+                let mut res = Response::new(HeldBody {
+                    first: Some(Bytes::from_static(b"abcd")),
+                    rest,
+                });
+                res.headers_mut().insert("content-length", 8.into());
+                Ok::<_, std::convert::Infallible>(res)
+            }
+        }));
+    let res = tokio::time::timeout(
+        Duration::from_secs(5),
+        svc.oneshot(post("/p", Some("k"), "x")),
+    )
+    .await
+    .expect("answered before the body ended")
+    .unwrap();
+    tx.send(Bytes::from_static(b"efgh")).unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "abcdefgh");
 }
 
 #[tokio::test]

@@ -647,5 +647,225 @@ mod tests {
             "queue grew to {}",
             shard.order.len()
         );
+        // Compacting kept the live records' entries: they can still be evicted.
+        for (k, stored) in &shard.records {
+            assert!(
+                shard.order.contains(&(*k, stored.seq)),
+                "a live record fell out of the order queue"
+            );
+        }
+    }
+
+    fn fp() -> Fingerprint {
+        Fingerprint::from_bytes([0; 32])
+    }
+
+    fn record() -> Record {
+        Record::new(
+            http::StatusCode::OK,
+            http::HeaderMap::new(),
+            bytes::Bytes::from_static(b"x"),
+            fp(),
+        )
+    }
+
+    async fn locked(b: &MemoryBackend, k: &StorageKey, ttl: Duration) -> MemoryLock {
+        match b.begin(k, &fp(), ttl).await.unwrap() {
+            Begin::Acquired(lock) => lock,
+            Begin::Completed(_) => panic!("expected to acquire, found a record"),
+            Begin::Busy { .. } => panic!("expected to acquire, found it busy"),
+        }
+    }
+
+    async fn stored(b: &MemoryBackend, k: &StorageKey, ttl: Duration) {
+        let lock = locked(b, k, Duration::from_secs(30)).await;
+        assert_eq!(
+            b.complete(lock, record(), ttl).await.unwrap(),
+            Completion::Saved
+        );
+    }
+
+    /// Whether `k` replays a record (a lock taken instead is released).
+    async fn replayed(b: &MemoryBackend, k: &StorageKey) -> bool {
+        match b.begin(k, &fp(), Duration::from_secs(30)).await.unwrap() {
+            Begin::Completed(_) => true,
+            Begin::Acquired(lock) => {
+                b.release(lock).await.unwrap();
+                false
+            }
+            Begin::Busy { .. } => panic!("busy"),
+        }
+    }
+
+    fn refused<T>(result: Result<T, BackendError>) -> bool {
+        matches!(result, Err(e) if e.kind() == BackendErrorKind::Rejected)
+    }
+
+    fn bytes_of(b: &MemoryBackend, k: &StorageKey) -> u64 {
+        b.shard(k).bytes
+    }
+
+    #[test]
+    fn build_spreads_the_bounds_over_shards() {
+        let limits = |b: MemoryBackend| {
+            (
+                b.inner.shards.len(),
+                b.inner.limits.entries,
+                b.inner.limits.bytes,
+            )
+        };
+        assert_eq!(
+            limits(MemoryBackend::new()),
+            (64, 500_000 / 64, (512 << 20) / 64)
+        );
+        assert_eq!(
+            limits(
+                MemoryBackend::builder()
+                    .max_entries(4096)
+                    .max_bytes(1 << 30)
+                    .build()
+            ),
+            (4, 1024, 1 << 28)
+        );
+        assert_eq!(
+            limits(MemoryBackend::builder().max_entries(10).build()),
+            (1, 10, 512 << 20)
+        );
+    }
+
+    #[tokio::test]
+    async fn debug_shows_shards_and_records() {
+        let b = MemoryBackend::builder().max_entries(10).build();
+        stored(&b, &key(1), Duration::from_mins(1)).await;
+        assert_eq!(
+            format!("{b:?}"),
+            "MemoryBackend { shards: 1, records: 1, .. }"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn locks_and_records_end_exactly_at_their_ttl() {
+        let b = MemoryBackend::new();
+        let ttl = Duration::from_secs(1);
+        let first = locked(&b, &key(1), ttl).await;
+        assert_eq!(b.in_flight_count(), 1);
+        tokio::time::advance(ttl).await;
+        assert_eq!(b.in_flight_count(), 0, "lapsed at its TTL");
+        assert!(!b.extend(&first, ttl).await.unwrap(), "a lapsed lock");
+        let second = locked(&b, &key(1), ttl).await;
+        assert_eq!(
+            b.complete(first, record(), ttl).await.unwrap(),
+            Completion::Lost
+        );
+        assert_eq!(
+            b.complete(second, record(), ttl).await.unwrap(),
+            Completion::Saved
+        );
+        assert!(replayed(&b, &key(1)).await);
+        tokio::time::advance(ttl).await;
+        assert!(!replayed(&b, &key(1)).await, "expired at its TTL");
+    }
+
+    #[tokio::test]
+    async fn forget_drops_a_record_and_its_bytes_but_not_a_lock() {
+        let b = MemoryBackend::builder().max_entries(10).build();
+        let k = key(1);
+        assert!(!b.forget(&k));
+        stored(&b, &k, Duration::from_mins(1)).await;
+        assert_eq!(bytes_of(&b, &k), record().size() as u64);
+        assert!(b.forget(&k));
+        assert_eq!(bytes_of(&b, &k), 0);
+        assert!(!b.forget(&k), "already gone");
+        let held = locked(&b, &k, Duration::from_mins(1)).await;
+        assert!(!b.forget(&k));
+        assert!(matches!(
+            b.begin(&k, &fp(), Duration::from_mins(1)).await.unwrap(),
+            Begin::Busy { .. }
+        ));
+        b.abandon(held);
+        locked(&b, &k, Duration::from_mins(1)).await;
+    }
+
+    /// A full shard whose oldest record is young looks through all its
+    /// records for expired ones, at most once a second.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_shard_sweeps_out_of_order_expiries_once_a_second() {
+        let b = MemoryBackend::builder().max_entries(3).build();
+        stored(&b, &key(1), Duration::from_hours(2)).await;
+        stored(&b, &key(2), Duration::from_millis(500)).await;
+        stored(&b, &key(3), Duration::from_secs(1)).await;
+        let (k4, f) = (key(4), fp());
+        let new = || b.begin(&k4, &f, Duration::from_mins(1));
+        assert!(refused(new().await), "full, and the sweep found nothing");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(refused(new().await), "swept less than a second ago");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(matches!(new().await.unwrap(), Begin::Acquired(_)));
+        // Key 2 expired half a second ago, key 3 just now: both swept.
+        assert_eq!(b.stored_count(), 1);
+        assert_eq!(bytes_of(&b, &key(1)), record().size() as u64);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_sweep_frees_lapsed_locks_and_keeps_live_ones() {
+        let b = MemoryBackend::builder().max_entries(3).build();
+        stored(&b, &key(1), Duration::from_hours(2)).await;
+        let _live = locked(&b, &key(2), Duration::from_secs(10)).await;
+        let _lapsing = locked(&b, &key(3), Duration::from_secs(1)).await;
+        let (k4, f) = (key(4), fp());
+        let new = || b.begin(&k4, &f, Duration::from_secs(10));
+        assert!(refused(new().await), "full: a record and two live locks");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(matches!(new().await.unwrap(), Begin::Acquired(_)));
+        assert!(matches!(
+            b.begin(&key(2), &fp(), Duration::from_secs(10))
+                .await
+                .unwrap(),
+            Begin::Busy { .. }
+        ));
+        assert_eq!(b.in_flight_count(), 2);
+    }
+
+    /// Held locks count toward the entry bound; at exactly the bound a
+    /// shard keeps every record, even evictable ones.
+    #[tokio::test]
+    async fn a_shard_at_its_entry_bound_keeps_every_record() {
+        let b = MemoryBackend::builder()
+            .max_entries(5)
+            .min_retention(Duration::ZERO)
+            .build();
+        stored(&b, &key(1), Duration::from_hours(1)).await;
+        let mut held = Vec::new();
+        for n in 2..=4 {
+            held.push(locked(&b, &key(n), Duration::from_mins(1)).await);
+        }
+        stored(&b, &key(5), Duration::from_hours(1)).await;
+        assert_eq!(
+            b.stored_count(),
+            2,
+            "two records and three locks: at the bound"
+        );
+        assert!(replayed(&b, &key(1)).await);
+        assert!(replayed(&b, &key(5)).await);
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_evicts_the_oldest_only_once_passed() {
+        let size = record().size() as u64;
+        for (max_bytes, kept) in [(3 * size, 3), (3 * size - 1, 2)] {
+            let b = MemoryBackend::builder()
+                .max_bytes(max_bytes)
+                .min_retention(Duration::ZERO)
+                .build();
+            for n in 1..=3 {
+                stored(&b, &key(n), Duration::from_hours(1)).await;
+            }
+            assert_eq!(b.stored_count(), kept, "max_bytes {max_bytes}");
+            assert_eq!(bytes_of(&b, &key(1)), kept * size);
+            assert_eq!(replayed(&b, &key(1)).await, kept == 3);
+        }
+        // A record of exactly a shard's share is kept whole.
+        let b = MemoryBackend::builder().max_bytes(size).build();
+        stored(&b, &key(1), Duration::from_hours(1)).await;
     }
 }

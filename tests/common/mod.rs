@@ -317,8 +317,14 @@ pub async fn example_instances_share_one_record(example: &str, env: (&str, &str)
 pub struct Flaky {
     pub inner: MemoryBackend,
     pub fail_begin: Arc<AtomicBool>,
+    /// The error `begin` answers with instead (a poisoned record, say).
+    pub begin_error: Arc<std::sync::Mutex<Option<BackendErrorKind>>>,
     pub fail_complete: Arc<AtomicBool>,
     pub fail_extend: Arc<AtomicBool>,
+    /// `extend` keeps the lock but reports it lost.
+    pub report_lost: Arc<AtomicBool>,
+    /// How many times `complete` was called.
+    pub completes: Arc<AtomicUsize>,
 }
 
 pub fn outage() -> BackendError {
@@ -337,6 +343,9 @@ impl Backend for Flaky {
         if self.fail_begin.load(Ordering::SeqCst) {
             return Err(outage());
         }
+        if let Some(kind) = *self.begin_error.lock().unwrap() {
+            return Err(BackendError::new(kind, "injected"));
+        }
         self.inner.begin(key, fp, ttl).await
     }
 
@@ -346,6 +355,7 @@ impl Backend for Flaky {
         record: Record,
         ttl: std::time::Duration,
     ) -> Result<Completion, BackendError> {
+        self.completes.fetch_add(1, Ordering::SeqCst);
         if self.fail_complete.load(Ordering::SeqCst) {
             self.inner.release(lock).await?;
             return Err(outage());
@@ -365,7 +375,8 @@ impl Backend for Flaky {
         if self.fail_extend.load(Ordering::SeqCst) {
             return Err(outage());
         }
-        self.inner.extend(lock, ttl).await
+        let kept = self.inner.extend(lock, ttl).await?;
+        Ok(kept && !self.report_lost.load(Ordering::SeqCst))
     }
 }
 
