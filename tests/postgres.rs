@@ -86,19 +86,7 @@ async fn two_instances_run_a_hundred_duplicates_once() {
         instances.push(IdempotencyLayer::new(backend).layer(handler.clone()));
     }
     let key = format!("\"{}\"", unique("hot"));
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..100 {
-        let mut svc = instances[i % 2].clone();
-        let key = key.clone();
-        tasks.spawn(async move { send(&mut svc, post("/payments", Some(&key), "{}")).await });
-    }
-    for a in tasks.join_all().await {
-        match a.status {
-            StatusCode::CREATED => assert_eq!(a.body, "payment 1"),
-            StatusCode::CONFLICT => assert_eq!(a.problem_type(), "request-in-flight"),
-            other => panic!("unexpected {other}: {:?}", a.body),
-        }
-    }
+    common::hundred_at_once(&instances, &key).await;
     assert_eq!(
         runs.get(),
         1,
@@ -1244,4 +1232,82 @@ async fn transaction_panic_rolls_back_and_frees_the_key() {
     };
     assert_eq!(retry.status, StatusCode::CREATED, "{:?}", retry.body);
     assert_eq!(payment_rows(&admin, &table).await, 1);
+}
+
+/// The axum extractors (feature `axum`): a handler takes the request's
+/// transaction as `RequestTransaction`, and its write commits with the
+/// record; without a key, the required extractor answers the layer's
+/// "missing key" problem and `Option<RequestTransaction>` is `None`.
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn axum_handlers_extract_the_request_transaction() {
+    use axum::Router;
+    use axum::routing::post as route_post;
+
+    let backend = backend_in(PostgresMode::Transaction).await;
+    let admin = admin().await;
+    let name = unique("tx-axum");
+    let table = payments_table(&admin, &name).await;
+    let insert = format!("INSERT INTO {table} (note) VALUES ('x') RETURNING id");
+    let app = Router::new()
+        .route(
+            "/payments",
+            route_post(move |tx: RequestTransaction| async move {
+                let client = tx.client().await.map_err(|e| e.to_string())?;
+                let row = client
+                    .query_one(&insert, &[])
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>((
+                    StatusCode::CREATED,
+                    format!("payment {}", row.get::<_, i64>(0)),
+                ))
+            }),
+        )
+        .route(
+            "/maybe",
+            route_post(|tx: Option<RequestTransaction>| async move {
+                if tx.is_some() { "with" } else { "without" }
+            }),
+        )
+        .layer(IdempotencyLayer::new(backend));
+    let mut svc = app.into_service();
+    let key = unique("tx-axum");
+    let created = send(&mut svc, post("/payments", Some(&key), "{}")).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    let replayed = send(&mut svc, post("/payments", Some(&key), "{}")).await;
+    assert!(replayed.replayed());
+    assert_eq!(replayed.body, created.body);
+    assert_eq!(payment_rows(&admin, &table).await, 1);
+
+    let unkeyed = send(&mut svc, post("/payments", None, "{}")).await;
+    assert_eq!(unkeyed.status, StatusCode::BAD_REQUEST);
+    assert_eq!(unkeyed.problem_type(), "missing-key");
+    assert_eq!(payment_rows(&admin, &table).await, 1);
+    assert_eq!(
+        send(&mut svc, post("/maybe", None, "{}")).await.body,
+        "without"
+    );
+    assert_eq!(
+        send(&mut svc, post("/maybe", Some(&unique("tx-maybe")), "{}"))
+            .await
+            .body,
+        "with"
+    );
+
+    // A keyed request to a backend in another mode has no transaction to
+    // lend: a server error, logged, not a silent write outside it.
+    let mut lease_app = Router::new()
+        .route(
+            "/payments",
+            route_post(|_tx: RequestTransaction| async { "unreachable" }),
+        )
+        .layer(IdempotencyLayer::new(backend_in(PostgresMode::Lease).await))
+        .into_service();
+    let refused = send(
+        &mut lease_app,
+        post("/payments", Some(&unique("lease-tx")), "{}"),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR);
 }

@@ -11,8 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use common::{Runs, post, send, slow_payment};
-use http::StatusCode;
+use common::{Runs, slow_payment};
 use postgres_support::{database_url, pool_for};
 use tower::Layer;
 use tower_idempotency::{BackendErrorKind, IdempotencyLayer, PostgresBackend, PostgresMode};
@@ -168,19 +167,7 @@ async fn hundred_duplicates_run_once(bouncer: &PgBouncer, mode: PostgresMode) {
         Instant::now()
     )
     .replace(' ', "");
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..100 {
-        let mut svc = instances[i % 2].clone();
-        let key = key.clone();
-        tasks.spawn(async move { send(&mut svc, post("/payments", Some(&key), "{}")).await });
-    }
-    for a in tasks.join_all().await {
-        match a.status {
-            StatusCode::CREATED => assert_eq!(a.body, "payment 1"),
-            StatusCode::CONFLICT => assert_eq!(a.problem_type(), "request-in-flight"),
-            other => panic!("{mode}: unexpected {other}: {:?}", a.body),
-        }
-    }
+    common::hundred_at_once(&instances, &key).await;
     assert_eq!(runs.get(), 1, "{mode}: the handler must run once");
 }
 

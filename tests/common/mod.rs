@@ -132,6 +132,32 @@ where
     Answer::read(res).await
 }
 
+/// A hundred requests with one key at once, spread over `instances` (each a
+/// layer over [`slow_payment`]): each answer is the one payment or a `409`.
+pub async fn hundred_at_once<S, B>(instances: &[S], key: &str)
+where
+    S: Service<Req, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body + Send,
+    B::Data: Send,
+    B::Error: std::fmt::Debug,
+{
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..100 {
+        let mut svc = instances[i % instances.len()].clone();
+        let key = key.to_owned();
+        tasks.spawn(async move { send(&mut svc, post("/payments", Some(&key), "{}")).await });
+    }
+    for a in tasks.join_all().await {
+        match a.status {
+            StatusCode::CREATED => assert_eq!(a.body, "payment 1"),
+            StatusCode::CONFLICT => assert_eq!(a.problem_type(), "request-in-flight"),
+            other => panic!("unexpected {other}: {:?}", a.body),
+        }
+    }
+}
+
 /// One request on a fresh HTTP/1.1 connection to `addr`.
 pub async fn request(
     addr: std::net::SocketAddr,

@@ -288,7 +288,6 @@ mod extractor {
 
     use super::RequestTransaction;
     use crate::IdempotencyKey;
-    use crate::problem::{self, ProblemKind};
 
     /// The rejection of the [`RequestTransaction`] extractor. Without an
     /// `Idempotency-Key` it answers `400` with the layer's "missing key"
@@ -321,12 +320,7 @@ mod extractor {
                 *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
                 return response;
             }
-            problem::response(
-                ProblemKind::MissingKey,
-                "this endpoint needs an Idempotency-Key header",
-                None,
-            )
-            .map(axum_core::body::Body::from)
+            crate::MissingIdempotencyKey.into_response()
         }
     }
 
