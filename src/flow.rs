@@ -323,20 +323,19 @@ where
         }
     };
     let status = parts.status;
-    // An atomic backend commits the handler's effects only with a record:
+    // A "not kept" marker, or a release if so configured. An atomic backend
+    // always marks: it commits the handler's effects only with a record, and
     // releasing would roll back a response the client is about to get.
-    let unstorable = |response, why| match config.unstorable {
-        _ if atomic => Produced::Store {
-            record: Record::not_kept(status, fingerprint),
-            ttl,
-            response,
-        },
-        Unstorable::Mark => Produced::Store {
-            record: Record::not_kept(status, fingerprint),
-            ttl,
-            response,
-        },
-        Unstorable::Release => Produced::Release { response, why },
+    let unstorable = |response, why| {
+        if matches!(config.unstorable, Unstorable::Release) && !atomic {
+            Produced::Release { response, why }
+        } else {
+            Produced::Store {
+                record: Record::not_kept(status, fingerprint),
+                ttl,
+                response,
+            }
+        }
     };
     if is_event_stream(&parts.headers) {
         return unstorable(Some(stream(parts, body)), "an event stream is not stored");
