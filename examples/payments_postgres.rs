@@ -127,22 +127,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         insert: format!("INSERT INTO {table} (amount, currency) VALUES ($1, $2) RETURNING id"),
         list: format!("SELECT id, amount, currency FROM {table} ORDER BY id"),
         handler_runs: AtomicU64::new(0),
-        delay: Duration::from_millis(match std::env::var("PAYMENT_DELAY_MS") {
-            Ok(v) => v.parse()?,
-            Err(_) => 0,
-        }),
+        delay: payments_app::payment_delay()?,
     });
     let routes = Router::new()
         .route("/payments", post(create_payment).get(list_payments))
         .route("/stats", get(stats))
         .with_state(state);
-    let app = if std::env::var("IDEMPOTENCY").is_ok_and(|v| v == "off") {
-        routes
-    } else {
-        routes.layer(layer)
-    };
-    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
-    payments_app::listen(app, &addr).await
+    payments_app::serve_routes(routes, |routes| routes.layer(layer)).await
 }
 
 /// Transaction mode's payments: rows of a table.

@@ -81,30 +81,41 @@ pub async fn serve<B: Backend>(
 pub async fn serve_with(
     protect: impl FnOnce(Router) -> Router,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
-    let delay_ms: u64 = match std::env::var("PAYMENT_DELAY_MS") {
-        Ok(v) => v.parse()?,
-        Err(_) => 0,
-    };
     let state = Arc::new(Payments {
-        delay: Duration::from_millis(delay_ms),
+        delay: payment_delay()?,
         ..Payments::default()
     });
     let routes = Router::new()
         .route("/payments", post(create_payment).get(list_payments))
         .route("/stats", get(stats))
         .with_state(state);
+    serve_routes(routes, protect).await
+}
+
+/// How long a payment takes: `PAYMENT_DELAY_MS` (default none).
+pub fn payment_delay() -> Result<Duration, Box<dyn std::error::Error>> {
+    Ok(Duration::from_millis(
+        match std::env::var("PAYMENT_DELAY_MS") {
+            Ok(v) => v.parse()?,
+            Err(_) => 0,
+        },
+    ))
+}
+
+/// Serves `routes` on `$ADDR` (default `127.0.0.1:3000`) with `protect`
+/// wrapped around them unless `IDEMPOTENCY=off`, printing
+/// `listening on <addr>` once bound.
+pub async fn serve_routes(
+    routes: Router,
+    protect: impl FnOnce(Router) -> Router,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let app = if std::env::var("IDEMPOTENCY").is_ok_and(|v| v == "off") {
         routes
     } else {
         protect(routes)
     };
-    listen(app, &addr).await
-}
-
-/// Serves `app` on `addr`, printing `listening on <addr>` once bound.
-pub async fn listen(app: Router, addr: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
     axum::serve(listener, app).await?;
     Ok(())

@@ -523,8 +523,7 @@ impl PostgresBackend {
         params: &[Param<'_>],
     ) -> Result<tokio_postgres::Row, tokio_postgres::Error> {
         if self.prepared {
-            let types: Vec<_> = params.iter().map(|(_, t)| t.clone()).collect();
-            let statement = conn.prepare_typed_cached(sql, &types).await?;
+            let statement = prepare(conn, sql, params).await?;
             let values: Vec<_> = params.iter().map(|(v, _)| *v).collect();
             conn.query_one(&statement, &values).await
         } else {
@@ -543,8 +542,7 @@ impl PostgresBackend {
         params: &[Param<'_>],
     ) -> Result<(), tokio_postgres::Error> {
         if self.prepared {
-            let types: Vec<_> = params.iter().map(|(_, t)| t.clone()).collect();
-            conn.prepare_typed_cached(sql, &types).await?;
+            prepare(conn, sql, params).await?;
         }
         Ok(())
     }
@@ -557,8 +555,7 @@ impl PostgresBackend {
         params: &[Param<'_>],
     ) -> Result<u64, tokio_postgres::Error> {
         if self.prepared {
-            let types: Vec<_> = params.iter().map(|(_, t)| t.clone()).collect();
-            let statement = conn.prepare_typed_cached(sql, &types).await?;
+            let statement = prepare(conn, sql, params).await?;
             let values: Vec<_> = params.iter().map(|(v, _)| *v).collect();
             conn.execute(&statement, &values).await
         } else {
@@ -566,6 +563,16 @@ impl PostgresBackend {
         }
     }
 }
+/// `sql` prepared with the types of `params`, cached per connection.
+async fn prepare(
+    conn: &Object,
+    sql: &str,
+    params: &[Param<'_>],
+) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+    let types: Vec<_> = params.iter().map(|(_, t)| t.clone()).collect();
+    conn.prepare_typed_cached(sql, &types).await
+}
+
 impl Backend for PostgresBackend {
     type Lock = PostgresLock;
 
