@@ -7,10 +7,17 @@
 //! ```
 //!
 //! Environment: `ADDR` (default `127.0.0.1:3001`).
+//!
+//! It shuts down gracefully on `SIGTERM` or Ctrl-C: connected clients get
+//! their answers (`hyper_util`'s `GracefulShutdown`), then the layer's
+//! [`ShutdownHandle`](tower_idempotency::ShutdownHandle) finishes the
+//! handlers whose clients left and stores their responses.
 
 use std::convert::Infallible;
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -18,6 +25,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tower::ServiceBuilder;
 use tower_idempotency::{IdempotencyBody, IdempotencyLayer, MemoryBackend};
@@ -41,22 +49,47 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok::<_, Infallible>(res)
         }
     });
-    let service = ServiceBuilder::new()
-        .layer(IdempotencyLayer::new(MemoryBackend::new()))
-        .service(handler);
+    let layer = IdempotencyLayer::new(MemoryBackend::new());
+    let shutdown = layer.shutdown_handle();
+    let service = ServiceBuilder::new().layer(layer).service(handler);
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
+    let graceful = GracefulShutdown::new();
+    let mut signal = pin!(terminated());
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = tokio::select! {
+            accepted = listener.accept() => accepted?.0,
+            () = &mut signal => break,
+        };
         let service = TowerToHyperService::new(service.clone());
+        let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            if let Err(error) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
+            if let Err(error) = connection.await {
                 eprintln!("connection error: {error}");
             }
         });
     }
+    drop(listener);
+    graceful.shutdown().await;
+    let report = shutdown.shutdown(Duration::from_secs(10)).await;
+    println!("shut down: {report:?}");
+    Ok(())
+}
+
+/// Resolves on `SIGTERM` or Ctrl-C.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

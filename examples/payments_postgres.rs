@@ -96,7 +96,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         loop {
             every.tick().await;
             if let Err(error) = purger.purge_expired(1000).await {
-                eprintln!("purging expired idempotency records failed: {error}");
+                tracing::warn!(%error, "purging expired idempotency records failed");
             }
         }
     });
@@ -133,7 +133,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/payments", post(create_payment).get(list_payments))
         .route("/stats", get(stats))
         .with_state(state);
-    payments_app::serve_routes(routes, |routes| routes.layer(layer)).await
+    let shutdown = layer.shutdown_handle();
+    payments_app::serve_routes(routes, |routes| routes.layer(layer), Some(shutdown)).await
 }
 
 /// Transaction mode's payments: rows of a table.

@@ -332,12 +332,14 @@ pub(crate) enum TeeEnd {
 }
 
 /// Follows a [`Tee`] to the end of its body, collecting the copies; reads
-/// the rest itself when the client hands it over. It ends as soon as the
-/// body passes `limit`: the response cannot be stored, so the key is settled
-/// (marked) at once instead of staying locked while the rest streams.
+/// the rest itself when the client hands it over, for at most `drain`. It
+/// ends as soon as the body passes `limit`: the response cannot be stored,
+/// so the key is settled (marked) at once instead of staying locked while
+/// the rest streams.
 pub(crate) async fn follow_tee<B: Body>(
     events: &mut UnboundedReceiver<TeeEvent<B>>,
     limit: usize,
+    drain: std::time::Duration,
 ) -> TeeEnd {
     let mut chunks = Chunks::default();
     let mut total = 0usize;
@@ -358,7 +360,17 @@ pub(crate) async fn follow_tee<B: Body>(
             TeeEvent::Failed => return TeeEnd::Failed,
             TeeEvent::Abandoned(mut rest) => {
                 let room = limit.saturating_sub(total);
-                return match collect_limited(rest.as_mut(), room).await {
+                let Ok(rest) =
+                    tokio::time::timeout(drain, collect_limited(rest.as_mut(), room)).await
+                else {
+                    // An idle stream (a long poll, a watch) whose client left:
+                    // the rest is dropped, not waited for while the key stays
+                    // locked.
+                    return TeeEnd::Unstorable(
+                        "the rest of the body did not end within the drain timeout after its client left",
+                    );
+                };
+                return match rest {
                     Collected::Complete {
                         trailers: Some(_), ..
                     } => TeeEnd::Unstorable("response has trailers"),

@@ -8,6 +8,7 @@ use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderName, Method, StatusCode, response};
 
 use crate::key::Scope;
+use crate::shutdown::ShutdownHandle;
 
 /// The longest TTL the layer and every backend accept: 366 days.
 ///
@@ -145,6 +146,11 @@ pub(crate) struct Config {
     pub(crate) on_disconnect: OnDisconnect,
     pub(crate) unstorable: Unstorable,
     pub(crate) unavailable_retry_after: Duration,
+    /// How long the rest of a streamed body is read after its client left;
+    /// `None`: the lock TTL.
+    pub(crate) drain_timeout: Option<Duration>,
+    /// Shared by every clone of the config: one shutdown per layer.
+    pub(crate) shutdown: ShutdownHandle,
 }
 
 impl Default for Config {
@@ -168,6 +174,8 @@ impl Default for Config {
             on_disconnect: OnDisconnect::Complete,
             unstorable: Unstorable::Mark,
             unavailable_retry_after: Duration::from_secs(1),
+            drain_timeout: None,
+            shutdown: ShutdownHandle::default(),
         };
         config.derive_fingerprint_headers();
         config
@@ -181,6 +189,11 @@ impl Config {
 
     pub(crate) fn set_lock_ttl(&mut self, lock_ttl: Duration) {
         self.lock_ttl = clamp_ttl(lock_ttl).max(MIN_LOCK_TTL);
+    }
+
+    /// How long the rest of a streamed body is read after its client left.
+    pub(crate) fn drain_timeout(&self) -> Duration {
+        self.drain_timeout.unwrap_or(self.lock_ttl)
     }
 
     /// How often the heartbeat extends a held lock.
@@ -227,6 +240,7 @@ impl fmt::Debug for Config {
             .field("fail_open", &self.fail_open)
             .field("on_disconnect", &self.on_disconnect)
             .field("unstorable", &self.unstorable)
+            .field("drain_timeout", &self.drain_timeout())
             .finish_non_exhaustive()
     }
 }

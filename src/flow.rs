@@ -19,6 +19,7 @@ use crate::headers::{declared_length, is_event_stream, known_length, problem, re
 use crate::lock::{Cancellation, Delivery, LockGuard, run_detached};
 use crate::observe;
 use crate::problem::ProblemKind;
+use crate::shutdown::Ticket;
 use crate::{BoxError, Fingerprint, IdempotencyKey, Record, StorageKey};
 
 type Answer<ResBody, E> = Result<Response<IdempotencyBody<ResBody>>, E>;
@@ -42,6 +43,9 @@ where
     ResBody::Data: Send,
     ResBody::Error: Send,
 {
+    if config.shutdown.is_shutting_down() {
+        return Ok(shutting_down(&config));
+    }
     let (mut parts, body) = req.into_parts();
     let (data, trailers) = match buffer_request(&parts.headers, body, config.max_request_body).await
     {
@@ -102,6 +106,11 @@ where
     ResBody::Data: Send,
     ResBody::Error: Send,
 {
+    // Counted from here until the key is settled: a graceful shutdown
+    // waits for it.
+    let Some(ticket) = config.shutdown.enter() else {
+        return Ok(shutting_down(&config));
+    };
     let begun = observe::backend(
         "begin",
         backend.begin(&storage_key, &fingerprint, config.lock_ttl),
@@ -145,17 +154,21 @@ where
     let guard = LockGuard::new(backend, lock);
     // `run_detached` keeps the work in this request's span.
     let on_disconnect = config.on_disconnect;
+    let shutdown = config.shutdown.clone();
     let running = run_detached(on_disconnect, move |delivery, cancellation| {
-        execute(
+        shutdown.track(execute(
             inner,
             config,
             req,
             fingerprint,
-            guard,
-            atomic,
+            Held {
+                guard,
+                ticket,
+                atomic,
+            },
             delivery,
             cancellation,
-        )
+        ))
     });
     match running.await {
         Some(answer) => answer,
@@ -186,20 +199,25 @@ enum Produced<ResBody: Body, E> {
     },
 }
 
+/// What a request holds while its handler runs.
+struct Held<B: Backend> {
+    guard: LockGuard<B>,
+    /// Counts the request for a graceful shutdown, which may cut it off.
+    ticket: Ticket,
+    /// The backend commits the handler's effects with the record
+    /// (PostgreSQL's transaction mode), so a response whose record was not
+    /// committed is replaced by a `503`: its effects were rolled back.
+    atomic: bool,
+}
+
 /// Runs the handler under the lock (with the heartbeat), then stores or
 /// releases and delivers the response to the client, if it is still there.
-///
-/// `atomic`: the backend commits the handler's effects with the record
-/// (PostgreSQL's transaction mode), so a response whose record was not
-/// committed is replaced by a `503`: its effects were rolled back.
-#[allow(clippy::too_many_arguments)]
 async fn execute<S, B, ReqBody, ResBody>(
     mut inner: S,
     config: Arc<Config>,
     req: Request<IdempotencyBody<ReqBody>>,
     fingerprint: Fingerprint,
-    mut guard: LockGuard<B>,
-    atomic: bool,
+    held: Held<B>,
     mut delivery: Delivery<Answer<ResBody, S::Error>>,
     cancellation: Cancellation,
 ) where
@@ -208,6 +226,11 @@ async fn execute<S, B, ReqBody, ResBody>(
     ReqBody: Body,
     ResBody: Body + Send + 'static,
 {
+    let Held {
+        mut guard,
+        ticket,
+        atomic,
+    } = held;
     let (produced, lost) = {
         let work = pin!(produce(
             &mut inner,
@@ -218,7 +241,12 @@ async fn execute<S, B, ReqBody, ResBody>(
             &mut delivery
         ));
         let work = pin!(cancellation.unless_cancelled(work));
+        let work = pin!(ticket.unless_cut_off(work));
         guard.keep_while(work, &config).await
+    };
+    let Some(produced) = produced else {
+        interrupted(&mut guard, &config, fingerprint, atomic, &mut delivery).await;
+        return;
     };
     let Some(produced) = produced else {
         observe::store("not_stored");
@@ -283,6 +311,54 @@ async fn execute<S, B, ReqBody, ResBody>(
             }
         }
     }
+}
+
+/// Settles the key of a handler that a graceful shutdown cut off: released
+/// when the backend rolls its effects back, otherwise an "interrupted"
+/// record, so that a retry does not run a handler that may have done its
+/// work. The client, if still there, gets the same answer.
+async fn interrupted<B: Backend, ResBody: Body, E>(
+    guard: &mut LockGuard<B>,
+    config: &Config,
+    fingerprint: Fingerprint,
+    atomic: bool,
+    delivery: &mut Delivery<Answer<ResBody, E>>,
+) {
+    if atomic {
+        observe::store("not_stored");
+        tracing::warn!(
+            "handler cut off by shutdown; its transaction rolls back and the key is released"
+        );
+        guard.release("interrupted by shutdown").await;
+        delivery.send(Ok(problem(
+            ProblemKind::ShuttingDown,
+            "this instance shut down before the request finished; nothing was committed; retry with the same Idempotency-Key",
+            Some(config.unavailable_retry_after),
+        )));
+        return;
+    }
+    tracing::warn!(
+        "handler cut off by shutdown; storing an interrupted record so a retry does not run it again"
+    );
+    let answer = crate::problem::response(
+        ProblemKind::Interrupted,
+        "the request was cut off by a shutdown while it was processed; its outcome is unknown and it will not run again with this key",
+        None,
+    );
+    let (parts, body) = answer.into_parts();
+    let record = Record::from_parts(&parts, body.clone(), fingerprint);
+    match guard.complete(record, config.ttl).await {
+        Ok(Completion::Saved | Completion::NotKept) => observe::store("interrupted"),
+        Ok(_) => {
+            observe::store("lock_lost");
+            tracing::warn!("lock lost before the interrupted record was stored");
+        }
+        Err(error) => {
+            observe::store("failed");
+            tracing::warn!(%error, "storing the interrupted record failed");
+        }
+    }
+    delivery.send(Ok(full(parts, body, None)));
 }
 
 /// Calls the handler and decides what its response becomes: buffered and
@@ -356,7 +432,7 @@ where
         let settled = delivery.settled();
         let body = IdempotencyBody::tee(body, events, settled, limit, hand_over);
         delivery.send(Ok(Response::from_parts(parts, body)));
-        return match follow_tee(&mut copies, limit).await {
+        return match follow_tee(&mut copies, limit, config.drain_timeout()).await {
             TeeEnd::Complete(data) => Produced::Store {
                 record: Record::new(status, headers, data, fingerprint),
                 ttl,
@@ -460,6 +536,15 @@ where
             })
         }
     }
+}
+
+fn shutting_down<B: Body>(config: &Config) -> Response<IdempotencyBody<B>> {
+    observe::request("shutting_down");
+    problem(
+        ProblemKind::ShuttingDown,
+        "this instance is shutting down; the request was not processed; retry with the same Idempotency-Key",
+        Some(config.unavailable_retry_after),
+    )
 }
 
 fn too_large<B: Body>(limit: usize) -> Response<IdempotencyBody<B>> {

@@ -9,6 +9,7 @@ use tower::Layer;
 use crate::config::{Config, OnDisconnect, Unstorable};
 use crate::key::Scope;
 use crate::service::IdempotencyService;
+use crate::shutdown::ShutdownHandle;
 
 /// Makes requests that carry an `Idempotency-Key` run exactly once.
 ///
@@ -226,6 +227,41 @@ impl<B> IdempotencyLayer<B> {
     /// outage.
     pub fn fail_open(self) -> Self {
         self.with(|c| c.fail_open = true)
+    }
+
+    /// How long the rest of a streamed response (one without a known
+    /// length) is still read and stored after its client stopped reading
+    /// (default: the [`lock_ttl`](Self::lock_ttl)). A response that does not
+    /// end by then — a long poll, an NDJSON watch that only ends when its
+    /// client goes away — is not stored: it is settled like a response too
+    /// large to store (a "response not kept" marker, see
+    /// [`unstorable`](Self::unstorable)), and the handler's body is dropped.
+    /// Without a bound such a stream would hold its key, and every retry
+    /// would be answered `409`, for as long as the upstream stays open.
+    pub fn drain_timeout(self, timeout: Duration) -> Self {
+        self.with(|c| c.drain_timeout = Some(timeout))
+    }
+
+    /// A handle that shuts this layer down gracefully: new keyed requests
+    /// are refused, and what runs is finished or settled before the process
+    /// exits. Every service the layer makes (before or after this call)
+    /// shares it. See [`ShutdownHandle`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let layer = IdempotencyLayer::new(MemoryBackend::new());
+    /// let shutdown = layer.shutdown_handle();
+    /// // … serve with `layer` until SIGTERM, then:
+    /// let report = shutdown.shutdown(Duration::from_secs(20)).await;
+    /// assert!(report.is_clean());
+    /// # }
+    /// ```
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.config.shutdown.clone()
     }
 
     /// The backend this layer stores into.

@@ -399,6 +399,7 @@ mod observe;
 pub mod problem;
 mod record;
 mod service;
+pub mod shutdown;
 
 #[cfg(feature = "memory")]
 pub use backend::memory::{MemoryBackend, MemoryBackendBuilder, MemoryLock};
@@ -426,3 +427,4 @@ pub use layer::IdempotencyLayer;
 pub use observe::describe as describe_metrics;
 pub use record::{CodecError, Record, RecordCodec};
 pub use service::IdempotencyService;
+pub use shutdown::{ShutdownHandle, ShutdownReport};

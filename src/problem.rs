@@ -69,6 +69,34 @@
 //! `503 Service Unavailable` with `Retry-After`: the idempotency store could
 //! not be reached, so the request was not run (the layer fails closed unless
 //! [`fail_open`](crate::IdempotencyLayer::fail_open) is set).
+//!
+//! # Shutting down
+//! `503 Service Unavailable` with `Retry-After`: this instance is shutting
+//! down (see [`ShutdownHandle`](crate::ShutdownHandle)) and took no new
+//! request; the handler did not run. Retry with the same key: another
+//! instance serves it. The same problem answers a request whose handler was
+//! cut off by the shutdown on a backend that rolls the handler's effects
+//! back (PostgreSQL's transaction mode): nothing was committed.
+//!
+//! # Interrupted
+//! `500 Internal Server Error`: the handler was still running when its
+//! instance shut down and its grace period ended, so it was cut off at an
+//! `.await`. How far it got is unknown — its side effects may or may not
+//! have happened — so this answer is stored for the key and a retry gets it
+//! (with `Idempotent-Replayed: true`) instead of running the handler a
+//! second time. Check the operation's outcome by other means (look the
+//! payment up, say) before sending a new key.
+//!
+//! # Transaction aborted
+//! `500 Internal Server Error`: the handler wrote through the request's
+//! transaction (PostgreSQL's transaction mode), one of its statements
+//! failed, and the handler carried on and answered with a success. The
+//! failed statement aborted the transaction, so none of its writes were
+//! committed and the success is not true; nothing was stored and the key is
+//! free. A retry fails the same way until the handler is fixed: wrap
+//! statements that may fail in a `SAVEPOINT` and roll back to it. (A handler
+//! that answers such a failure with a `4xx` of its own gets that `4xx`
+//! through, not stored.)
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -116,6 +144,12 @@ pub enum ProblemKind {
     /// See [Response not kept](self#response-not-kept). Its status is the
     /// original response's; [`status`](Self::status) gives `200 OK` for it.
     ResponseNotKept,
+    /// See [Shutting down](self#shutting-down).
+    ShuttingDown,
+    /// See [Interrupted](self#interrupted).
+    Interrupted,
+    /// See [Transaction aborted](self#transaction-aborted).
+    TransactionAborted,
 }
 
 impl ProblemKind {
@@ -130,10 +164,12 @@ impl ProblemKind {
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight => StatusCode::CONFLICT,
-            Self::BackendUnavailable | Self::StoredResponseIncompatible => {
+            Self::BackendUnavailable | Self::StoredResponseIncompatible | Self::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::StoredResponseUnreadable => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::StoredResponseUnreadable | Self::Interrupted | Self::TransactionAborted => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             Self::ResponseNotKept => StatusCode::OK,
         }
     }
@@ -152,6 +188,9 @@ impl ProblemKind {
             Self::ResponseNotKept => "response-not-kept",
             Self::StoredResponseUnreadable => "stored-response-unreadable",
             Self::StoredResponseIncompatible => "stored-response-incompatible",
+            Self::ShuttingDown => "shutting-down",
+            Self::Interrupted => "interrupted",
+            Self::TransactionAborted => "transaction-aborted",
         }
     }
 
@@ -180,6 +219,9 @@ impl ProblemKind {
             Self::StoredResponseIncompatible => {
                 "Request processed; its stored response cannot be read here"
             }
+            Self::ShuttingDown => "Service shutting down",
+            Self::Interrupted => "Request interrupted; its outcome is unknown",
+            Self::TransactionAborted => "The request's transaction failed; nothing was committed",
         }
     }
 }
@@ -265,16 +307,10 @@ mod tests {
         assert_eq!(json_string("\u{1f} \u{7f}é/"), "\"\\u001f \u{7f}é/\"");
     }
 
-    /// Each kind's status, `type` (its heading in the module docs) and title,
-    /// as the document carries them.
-    #[test]
-    fn every_kind_answers_its_own_document() {
-        use ProblemKind::{
-            BackendUnavailable, BodyTooLarge, FingerprintMismatch, InFlight, InvalidKey,
-            MissingKey, RequestBodyError, ResponseNotKept, StoredResponseIncompatible,
-            StoredResponseUnreadable, UnidentifiedCaller,
-        };
-        let cases = [
+    /// Each kind: status, `type` fragment (its heading in the module docs), title.
+    const CASES: [(ProblemKind, u16, &str, &str); 14] = {
+        use ProblemKind::*;
+        [
             (
                 MissingKey,
                 400,
@@ -341,7 +377,27 @@ mod tests {
                 "response-not-kept",
                 "Request processed; its response was not kept",
             ),
-        ];
+            (ShuttingDown, 503, "shutting-down", "Service shutting down"),
+            (
+                Interrupted,
+                500,
+                "interrupted",
+                "Request interrupted; its outcome is unknown",
+            ),
+            (
+                TransactionAborted,
+                500,
+                "transaction-aborted",
+                "The request's transaction failed; nothing was committed",
+            ),
+        ]
+    };
+
+    /// Each kind's status, `type` (its heading in the module docs) and title,
+    /// as the document carries them.
+    #[test]
+    fn every_kind_answers_its_own_document() {
+        let cases = CASES;
         for (kind, status, slug, title) in cases {
             assert_eq!(kind.status(), status, "{kind:?}");
             assert_eq!(kind.type_uri(), format!("{TYPE_BASE}{slug}"));

@@ -132,13 +132,15 @@ where
                 // one driven to readiness, and leave a clone behind.
                 let clone = self.inner.clone();
                 let inner = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::guarded(Box::pin(flow::run(
+                // Tracked: a backend call cut off by a dropped request
+                // cleans up in a task that a graceful shutdown waits for.
+                ResponseFuture::guarded(Box::pin(self.config.shutdown.track(flow::run(
                     inner,
                     self.backend.clone(),
                     Arc::clone(&self.config),
                     req,
                     key,
-                )))
+                ))))
             }
             Ok(None) if !self.config.required => {
                 observe::request("no_key");

@@ -10,7 +10,7 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{Backend, IdempotencyLayer};
+use tower_idempotency::{Backend, IdempotencyLayer, ShutdownHandle};
 
 #[derive(Deserialize)]
 struct NewPayment {
@@ -68,28 +68,39 @@ async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
 /// Serves the payments API on `$ADDR` (default `127.0.0.1:3000`) behind
 /// `layer`, printing `listening on <addr>` once bound. `PAYMENT_DELAY_MS`
 /// slows the handler down; `IDEMPOTENCY=off` serves without the layer (the
-/// baseline of the load benchmarks).
+/// baseline of the load benchmarks). On `SIGTERM` or Ctrl-C it shuts down
+/// gracefully (see [`serve_routes`]).
 #[allow(dead_code, reason = "the peers of the load benchmark use `serve_with`")]
 pub async fn serve<B: Backend>(
     layer: IdempotencyLayer<B>,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    serve_with(|routes| routes.layer(layer)).await
+    let shutdown = layer.shutdown_handle();
+    serve_routes(
+        payment_routes()?,
+        |routes| routes.layer(layer),
+        Some(shutdown),
+    )
+    .await
 }
 
 /// Serves the payments API with `protect` wrapped around its routes (unless
 /// `IDEMPOTENCY=off`), as [`serve`] does with this crate's layer.
+#[allow(dead_code, reason = "the examples use `serve`")]
 pub async fn serve_with(
     protect: impl FnOnce(Router) -> Router,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    serve_routes(payment_routes()?, protect, None).await
+}
+
+fn payment_routes() -> Result<Router, Box<dyn std::error::Error>> {
     let state = Arc::new(Payments {
         delay: payment_delay()?,
         ..Payments::default()
     });
-    let routes = Router::new()
+    Ok(Router::new()
         .route("/payments", post(create_payment).get(list_payments))
         .route("/stats", get(stats))
-        .with_state(state);
-    serve_routes(routes, protect).await
+        .with_state(state))
 }
 
 /// How long a payment takes: `PAYMENT_DELAY_MS` (default none).
@@ -104,12 +115,26 @@ pub fn payment_delay() -> Result<Duration, Box<dyn std::error::Error>> {
 
 /// Serves `routes` on `$ADDR` (default `127.0.0.1:3000`) with `protect`
 /// wrapped around them unless `IDEMPOTENCY=off`, printing
-/// `listening on <addr>` once bound.
+/// `listening on <addr>` once bound. Logs go to standard error through
+/// `tracing-subscriber` (`RUST_LOG`, default `info`).
+///
+/// On `SIGTERM` or Ctrl-C it stops accepting connections and lets the
+/// requests of connected clients finish (axum's graceful shutdown), while
+/// `shutdown` refuses new keyed requests and waits for the keyed work —
+/// connected or not: handlers whose clients left, their stores — for up to
+/// `SHUTDOWN_GRACE_SECS` (default 10) before it cuts off what still runs.
+/// The process then exits by itself.
 pub async fn serve_routes(
     routes: Router,
     protect: impl FnOnce(Router) -> Router,
+    shutdown: Option<ShutdownHandle>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    init_logging();
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
+    let grace = Duration::from_secs(match std::env::var("SHUTDOWN_GRACE_SECS") {
+        Ok(v) => v.parse()?,
+        Err(_) => 10,
+    });
     let app = if std::env::var("IDEMPOTENCY").is_ok_and(|v| v == "off") {
         routes
     } else {
@@ -117,6 +142,63 @@ pub async fn serve_routes(
     };
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(listener, app).await?;
+    // The layer's shutdown starts with the signal, beside axum's: its grace
+    // period bounds the keyed requests of connected clients too.
+    let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
+    let idempotency = tokio::spawn(async move {
+        terminated().await;
+        let _ = signalled.send(true);
+        match shutdown {
+            Some(shutdown) => Some(shutdown.shutdown(grace).await),
+            None => None,
+        }
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = on_signal.wait_for(|signalled| *signalled).await;
+        })
+        .await?;
+    if let Some(report) = idempotency.await? {
+        tracing::info!(?report, "idempotency work finished");
+    }
+    println!("shut down");
     Ok(())
+}
+
+/// Resolves on `SIGTERM` (a deploy, `kill`) or Ctrl-C.
+async fn terminated() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}
+
+/// `RUST_LOG` (default `info`) to standard error: the layer's warnings (a
+/// refused Redis eviction policy, a lost lock, a failed store) show up
+/// where the operator looks.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
 }

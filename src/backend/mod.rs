@@ -234,16 +234,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// release it — the handler panicked, or the runtime is shutting down.
     ///
     /// It must not block. The default spawns [`Backend::release`] on the
-    /// current Tokio runtime; outside a runtime the lock is left to expire.
+    /// current Tokio runtime, as a task that a graceful shutdown
+    /// ([`ShutdownHandle`](crate::ShutdownHandle)) waits for; outside a
+    /// runtime the lock is left to expire.
     fn abandon(&self, lock: Self::Lock) {
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let backend = self.clone();
-            handle.spawn(async move {
-                if let Err(error) = backend.release(lock).await {
-                    tracing::warn!(%error, "releasing an abandoned idempotency lock failed");
-                }
-            });
-        }
+        let backend = self.clone();
+        crate::shutdown::spawn(async move {
+            if let Err(error) = backend.release(lock).await {
+                tracing::warn!(%error, "releasing an abandoned idempotency lock failed");
+            }
+        });
     }
 }
 

@@ -717,11 +717,9 @@ impl Drop for Unsettled<'_> {
         let Some((backend, lock_key, token)) = self.lock.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // no runtime: the lock expires by its TTL
-        };
         let (backend, lock_key, token) = (backend.clone(), lock_key.to_owned(), token.to_owned());
-        runtime.spawn(async move {
+        // Without a runtime the lock expires by its TTL.
+        crate::shutdown::spawn(async move {
             if let Err(error) = backend.release_token(&lock_key, &token).await {
                 tracing::warn!(%error, "releasing an unsettled Redis lock failed; it expires by its TTL");
             }

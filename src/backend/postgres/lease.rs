@@ -211,12 +211,10 @@ impl Drop for Unsettled<'_> {
         let Some((key, token)) = self.lease.take() else {
             return;
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return; // no runtime: the lease lapses by its TTL
-        };
         let backend = self.backend.clone();
         let conn = self.conn.take();
-        runtime.spawn(async move {
+        // Without a runtime the lease lapses by its TTL.
+        crate::shutdown::spawn(async move {
             let deleted = match conn {
                 Some(conn) => {
                     backend

@@ -1,0 +1,433 @@
+//! Graceful shutdown: what the layer has started is finished (or settled)
+//! before the process exits.
+//!
+//! A rolling deploy stops an instance with `SIGTERM`. Without this, the
+//! work the layer runs on its own — a handler whose client left (see
+//! [`OnDisconnect::Complete`](crate::OnDisconnect::Complete)), the store of
+//! a streamed response, a release sent in the background — is dropped at
+//! an arbitrary `.await` when `main` returns: between the charge and the
+//! store, say. The key's lock then stays for `lock_ttl`, and the retry on
+//! the next instance runs the handler a second time.
+//!
+//! [`ShutdownHandle::shutdown`] closes that hole: it refuses new keyed
+//! requests (`503`, [shutting down](crate::problem#shutting-down)), waits —
+//! up to a grace period — for every keyed request in flight, connected or
+//! detached, and for the stores and releases sent in the background, then
+//! cuts off the handlers still running and settles their keys.
+
+use std::cell::RefCell;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::sync::Notify;
+
+/// Stops a layer's keyed work gracefully; made by
+/// [`IdempotencyLayer::shutdown_handle`](crate::IdempotencyLayer::shutdown_handle).
+///
+/// Three lines in an axum server: take the handle before serving, serve with
+/// graceful shutdown (connected clients get their answers), then let the
+/// handle finish what runs on its own.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use axum::{Router, routing::post};
+/// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let layer = IdempotencyLayer::new(MemoryBackend::new());
+/// let shutdown = layer.shutdown_handle(); // 1
+/// let app: Router = Router::new().route("/payments", post(|| async { "created" })).layer(layer);
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+/// axum::serve(listener, app)
+///     .with_graceful_shutdown(async { tokio::signal::ctrl_c().await.ok(); }) // 2
+///     .await?;
+/// shutdown.shutdown(Duration::from_secs(20)).await; // 3
+/// # Ok(())
+/// # }
+/// ```
+///
+/// A hyper server does the same around `hyper_util`'s `GracefulShutdown`
+/// (see `examples/hyper.rs`): take the handle, `graceful.shutdown().await`
+/// on the signal, then `shutdown.shutdown(grace).await`.
+///
+/// # What it does
+///
+/// 1. From the call on, keyed requests are answered `503` with
+///    `Retry-After` ([shutting down](crate::problem#shutting-down)) before
+///    anything is looked up or run: the client retries on another instance.
+///    Requests the layer does not guard pass as before.
+/// 2. It waits up to `grace` for every keyed request in flight — handlers
+///    still running, connected or not, responses being stored, streamed
+///    bodies being copied — and for the backend calls the layer or a
+///    backend sent in the background (releases, late stores).
+/// 3. Handlers still running then are cut off at their next `.await`, and
+///    their keys settled:
+///    - on a backend that commits the handler's effects with the record
+///      (PostgreSQL's transaction mode), the key is **released**: the
+///      transaction rolls back, so nothing happened and a retry may run;
+///    - on every other backend an **[interrupted](crate::problem#interrupted)
+///      record** is stored: the layer cannot know how far the handler got —
+///      the charge may have happened — so a retry is answered `500` with
+///      that problem instead of running the handler a second time. Choose
+///      `grace` long enough that this is rare (longer than your slowest
+///      handler, shorter than the orchestrator's kill timeout).
+///
+///    It waits up to `grace` once more for those settlements.
+///
+/// The handle is cheap to clone; every clone, and every service made by
+/// the layer (and its clones), shares one state. Calling `shutdown` again
+/// waits again.
+#[derive(Clone, Default)]
+#[must_use]
+pub struct ShutdownHandle {
+    state: Arc<State>,
+}
+
+impl fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShutdownHandle")
+            .field("closed", &self.state.closed.load(Ordering::SeqCst))
+            .field("requests", &self.state.requests.load(Ordering::SeqCst))
+            .field("background", &self.state.background.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+/// What [`ShutdownHandle::shutdown`] found when it returned.
+///
+/// ```
+/// # async fn run(shutdown: tower_idempotency::ShutdownHandle) {
+/// use std::time::Duration;
+///
+/// let report = shutdown.shutdown(Duration::from_secs(20)).await;
+/// if !report.is_clean() {
+///     eprintln!("shutdown: {report:?}");
+/// }
+/// # }
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Handlers still running at the end of the grace period, cut off and
+    /// settled (released, or an interrupted record stored).
+    pub interrupted: usize,
+    /// Keyed requests still not finished when `shutdown` returned (their
+    /// settlement did not finish within the second grace period either).
+    pub unfinished: usize,
+    /// Background backend calls (releases, late stores) still running when
+    /// `shutdown` returned: their keys lapse after `lock_ttl`.
+    pub abandoned: usize,
+}
+
+impl ShutdownReport {
+    /// Whether everything finished within the grace period.
+    #[must_use]
+    pub const fn is_clean(&self) -> bool {
+        self.interrupted == 0 && self.unfinished == 0 && self.abandoned == 0
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// No new keyed request is taken.
+    closed: AtomicBool,
+    /// Running handlers are cut off.
+    cut: AtomicBool,
+    /// Keyed requests from the lookup to the store or release.
+    requests: AtomicUsize,
+    /// Backend calls spawned in the background.
+    background: AtomicUsize,
+    /// Handlers cut off so far.
+    interrupted: AtomicUsize,
+    /// Woken when a count reaches zero, and when handlers are cut off.
+    changed: Notify,
+}
+
+impl State {
+    fn decrement(&self, count: &AtomicUsize) {
+        if count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Waits until `done` holds, rechecked whenever a count changes.
+    async fn until(&self, done: impl Fn(&Self) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            let mut changed = std::pin::pin!(changed);
+            changed.as_mut().enable();
+            if done(self) {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+impl ShutdownHandle {
+    /// Refuses new keyed requests, waits up to `grace` for the keyed work
+    /// in flight, then cuts off the handlers still running, settles their
+    /// keys and waits up to `grace` for that. See [What it does](#what-it-does).
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        let state = &*self.state;
+        state.closed.store(true, Ordering::SeqCst);
+        let all_done = |s: &State| {
+            s.requests.load(Ordering::SeqCst) == 0 && s.background.load(Ordering::SeqCst) == 0
+        };
+        let finished = tokio::time::timeout(grace, state.until(all_done))
+            .await
+            .is_ok();
+        if !finished {
+            let running = state.requests.load(Ordering::SeqCst);
+            if running > 0 {
+                tracing::warn!(
+                    running,
+                    "shutdown grace period over: cutting off keyed requests still running"
+                );
+                state.cut.store(true, Ordering::SeqCst);
+                state.changed.notify_waiters();
+            }
+            let settled = |s: &State| s.requests.load(Ordering::SeqCst) == 0;
+            let _ = tokio::time::timeout(grace, state.until(settled)).await;
+        }
+        let report = ShutdownReport {
+            interrupted: state.interrupted.load(Ordering::SeqCst),
+            unfinished: state.requests.load(Ordering::SeqCst),
+            abandoned: state.background.load(Ordering::SeqCst),
+        };
+        if report.unfinished > 0 || report.abandoned > 0 {
+            tracing::warn!(
+                unfinished = report.unfinished,
+                abandoned = report.abandoned,
+                "shutdown returns with idempotency work unfinished; those keys lapse after lock_ttl"
+            );
+        } else {
+            tracing::info!(
+                interrupted = report.interrupted,
+                "idempotency layer shut down"
+            );
+        }
+        report
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called: new keyed requests
+    /// are refused.
+    #[must_use]
+    pub fn is_shutting_down(&self) -> bool {
+        self.state.closed.load(Ordering::SeqCst)
+    }
+
+    /// Makes the background tasks spawned with [`spawn`] while `work` is
+    /// polled or dropped count for this shutdown.
+    pub(crate) fn track<F: Future>(&self, work: F) -> Tracked<F> {
+        Tracked {
+            work: Some(work),
+            state: Arc::clone(&self.state),
+        }
+    }
+
+    /// A ticket for a keyed request, or `None` once shutting down.
+    pub(crate) fn enter(&self) -> Option<Ticket> {
+        let state = &self.state;
+        // Counted before the check: `shutdown` sets `closed` before it reads
+        // the count, so one of the two sees the other.
+        state.requests.fetch_add(1, Ordering::SeqCst);
+        let ticket = Ticket(Arc::clone(state));
+        if state.closed.load(Ordering::SeqCst) {
+            return None; // the ticket's drop takes the count back
+        }
+        Some(ticket)
+    }
+}
+
+/// A keyed request in flight, counted until dropped.
+pub(crate) struct Ticket(Arc<State>);
+
+impl Ticket {
+    /// Runs `work` unless the handlers are cut off first (the grace period
+    /// ended); `None` when cut off. The cut is looked at first.
+    pub(crate) async fn unless_cut_off<F: Future>(&self, work: Pin<&mut F>) -> Option<F::Output> {
+        let state = &*self.0;
+        let cut = state.until(|s| s.cut.load(Ordering::SeqCst));
+        tokio::select! {
+            biased;
+            () = cut => {
+                state.interrupted.fetch_add(1, Ordering::SeqCst);
+                None
+            }
+            output = work => Some(output),
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.decrement(&self.0.requests);
+    }
+}
+
+thread_local! {
+    /// The shutdown state of the request being polled on this thread.
+    static CURRENT: RefCell<Option<Arc<State>>> = const { RefCell::new(None) };
+}
+
+pin_project! {
+    /// A future that makes its shutdown state current while it is polled
+    /// or dropped, so that [`spawn`] inside it is tracked.
+    pub(crate) struct Tracked<F> {
+        #[pin]
+        work: Option<F>,
+        state: Arc<State>,
+    }
+
+    impl<F> PinnedDrop for Tracked<F> {
+        fn drop(this: Pin<&mut Self>) {
+            // Drop glue run here (a lock guard abandoning its lock, a
+            // backend call cleaning up) spawns tracked tasks too.
+            let this = this.project();
+            let _current = Current::enter(this.state);
+            let mut work = this.work;
+            work.set(None);
+        }
+    }
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let _current = Current::enter(this.state);
+        match this.work.as_pin_mut() {
+            Some(work) => work.poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// Makes a shutdown state current on this thread until dropped.
+struct Current(Option<Arc<State>>);
+
+impl Current {
+    fn enter(state: &Arc<State>) -> Self {
+        Self(CURRENT.with(|c| c.replace(Some(Arc::clone(state)))))
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        let previous = self.0.take();
+        CURRENT.with(|c| *c.borrow_mut() = previous);
+    }
+}
+
+/// Spawns `task` on the current Tokio runtime, counted as background work
+/// of the layer whose request is being polled (or dropped) on this thread,
+/// so that a graceful shutdown waits for it. Outside a runtime nothing is
+/// spawned and `false` is returned.
+pub(crate) fn spawn<F>(task: F) -> bool
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return false;
+    };
+    let state = CURRENT.with(|c| c.borrow().clone());
+    match state {
+        Some(state) => {
+            state.background.fetch_add(1, Ordering::SeqCst);
+            let counted = Background(state);
+            runtime.spawn(async move {
+                task.await;
+                drop(counted);
+            });
+        }
+        None => {
+            runtime.spawn(task);
+        }
+    }
+    true
+}
+
+/// A background task, counted until it ends (or the runtime drops it).
+struct Background(Arc<State>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.0.decrement(&self.0.background);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_tickets_and_background_tasks() {
+        let handle = ShutdownHandle::default();
+        let ticket = handle.enter().expect("open");
+        let tracked = handle.track(async {
+            assert!(spawn(async {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }));
+        });
+        tracked.await;
+        let started = tokio::time::Instant::now();
+        let release = async {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            drop(ticket);
+        };
+        let (report, ()) = tokio::join!(handle.shutdown(Duration::from_secs(10)), release);
+        assert!(report.is_clean(), "{report:?}");
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+        assert!(handle.enter().is_none(), "closed for new requests");
+        assert!(handle.is_shutting_down());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handlers_past_the_grace_period_are_cut_off() {
+        let handle = ShutdownHandle::default();
+        let ticket = handle.enter().expect("open");
+        let request = async move {
+            let work = std::pin::pin!(std::future::pending::<()>());
+            let cut = ticket.unless_cut_off(work).await;
+            assert!(cut.is_none());
+            // Settling takes a moment.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let started = tokio::time::Instant::now();
+        let (report, ()) = tokio::join!(handle.shutdown(Duration::from_secs(5)), request);
+        assert_eq!(report.interrupted, 1);
+        assert_eq!(report.unfinished, 0);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(5) + Duration::from_millis(10)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_never_settles_is_reported() {
+        let handle = ShutdownHandle::default();
+        let ticket = handle.enter().expect("open");
+        let report = handle.shutdown(Duration::from_secs(1)).await;
+        assert_eq!(report.unfinished, 1);
+        assert!(!report.is_clean());
+        drop(ticket);
+        assert!(handle.shutdown(Duration::from_secs(1)).await.is_clean());
+    }
+
+    #[tokio::test]
+    async fn untracked_spawns_are_not_counted() {
+        let handle = ShutdownHandle::default();
+        assert!(spawn(std::future::pending()));
+        let report = handle.shutdown(Duration::from_millis(1)).await;
+        assert!(report.is_clean(), "{report:?}");
+    }
+}
