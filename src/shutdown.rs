@@ -423,6 +423,34 @@ mod tests {
         assert!(handle.shutdown(Duration::from_secs(1)).await.is_clean());
     }
 
+    /// Spawns a two-second task when dropped, as a backend call cleans up.
+    struct SpawnsOnDrop;
+
+    impl Drop for SpawnsOnDrop {
+        fn drop(&mut self) {
+            assert!(spawn(tokio::time::sleep(Duration::from_secs(2))));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_a_request_dropped_between_polls_spawns_is_tracked() {
+        let handle = ShutdownHandle::default();
+        let guard = SpawnsOnDrop;
+        let mut request = Box::pin(handle.track(async move {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+        }));
+        std::future::poll_fn(|cx| {
+            assert!(request.as_mut().poll(cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        drop(request); // the client leaves
+        let started = tokio::time::Instant::now();
+        assert!(handle.shutdown(Duration::from_secs(10)).await.is_clean());
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
     #[tokio::test]
     async fn untracked_spawns_are_not_counted() {
         let handle = ShutdownHandle::default();
