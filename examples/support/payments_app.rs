@@ -161,7 +161,7 @@ pub async fn serve_routes(
     if let Some(report) = idempotency.await? {
         tracing::info!(?report, "idempotency work finished");
     }
-    println!("shut down");
+    tracing::info!("shut down");
     Ok(())
 }
 

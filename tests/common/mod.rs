@@ -210,6 +210,7 @@ pub async fn spawn_example(
     );
     let mut child = tokio::process::Command::new(&bin)
         .env("ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)

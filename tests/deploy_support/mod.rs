@@ -1,0 +1,156 @@
+//! A rolling deploy against the example servers: `SIGTERM` to one instance
+//! while payments run on it, connected and detached.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::io::AsyncWriteExt;
+
+use crate::common::{request, spawn_example};
+
+const BODY: &str = r#"{"amount":5,"currency":"EUR"}"#;
+
+fn unique(what: &str) -> String {
+    format!(
+        "{what}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}
+
+fn headers(key: &str) -> [(&str, &str); 2] {
+    [
+        ("idempotency-key", key),
+        ("content-type", "application/json"),
+    ]
+}
+
+/// Sends `SIGTERM` to a child process.
+pub fn terminate(child: &tokio::process::Child) {
+    let pid = child.id().expect("the process is running");
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Waits (bounded) for the example to exit by itself; returns whether it
+/// exited successfully (not killed by the signal).
+pub async fn exits_by_itself(child: &mut tokio::process::Child, within: Duration) -> bool {
+    let status = tokio::time::timeout(within, child.wait())
+        .await
+        .expect("the example exits by itself after SIGTERM")
+        .unwrap();
+    status.success()
+}
+
+async fn handler_runs(addr: std::net::SocketAddr) -> String {
+    let stats = request(addr, "GET", "/stats", &[], "").await;
+    String::from_utf8_lossy(&stats.body).into_owned()
+}
+
+/// Waits until the example at `addr` reports `runs` handler runs.
+async fn until_runs(addr: std::net::SocketAddr, runs: u32) {
+    let want = format!(r#"{{"handler_runs":{runs}}}"#);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while handler_runs(addr).await != want {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the handlers never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts a keyed payment and leaves it running: the socket is kept until
+/// the returned stream is dropped.
+async fn start_payment(addr: std::net::SocketAddr, key: &str) -> tokio::net::TcpStream {
+    let raw = format!(
+        "POST /payments HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(raw.as_bytes()).await.unwrap();
+    socket
+}
+
+/// Two instances of `example` on one store (`env`). Instance A runs two slow
+/// payments — one whose client stays connected, one whose client left — and
+/// gets `SIGTERM` while both run. The connected client gets its `201`, A
+/// exits by itself, and retries of both keys on instance B replay the
+/// payments A made: B never runs the handler.
+pub async fn sigterm_mid_payment_loses_nothing(example: &str, env: &[(&str, &str)]) {
+    let mut env_a = env.to_vec();
+    env_a.push(("PAYMENT_DELAY_MS", "1500"));
+    let (mut a, addr_a) = spawn_example(example, &env_a).await;
+    let (_b, addr_b) = spawn_example(example, env).await;
+    let (connected_key, detached_key) = (unique("deploy-connected"), unique("deploy-detached"));
+
+    let connected = tokio::spawn({
+        let key = connected_key.clone();
+        async move { request(addr_a, "POST", "/payments", &headers(&key), BODY).await }
+    });
+    let detached = start_payment(addr_a, &detached_key).await;
+    until_runs(addr_a, 2).await;
+    drop(detached); // its client gives up
+    terminate(&a);
+
+    let answer = connected
+        .await
+        .expect("the connected client gets an answer, not a reset");
+    assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.body);
+    assert!(
+        exits_by_itself(&mut a, Duration::from_secs(20)).await,
+        "exit status 0 after a graceful shutdown"
+    );
+
+    let retry = request(addr_b, "POST", "/payments", &headers(&connected_key), BODY).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed());
+    assert_eq!(retry.body, answer.body, "the same payment");
+    let retry = request(addr_b, "POST", "/payments", &headers(&detached_key), BODY).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "the detached payment was stored before A exited: {:?}",
+        retry.body
+    );
+    assert!(retry.replayed());
+    assert_eq!(
+        handler_runs(addr_b).await,
+        r#"{"handler_runs":0}"#,
+        "B never ran a payment"
+    );
+}
+
+/// A payment slower than the shutdown's grace period: it is cut off, an
+/// "interrupted" answer is stored, and its retry on instance B gets that
+/// answer instead of running the payment a second time.
+pub async fn a_payment_past_the_grace_period_is_not_run_again(example: &str, env: &[(&str, &str)]) {
+    let mut env_a = env.to_vec();
+    env_a.extend([("PAYMENT_DELAY_MS", "60000"), ("SHUTDOWN_GRACE_SECS", "1")]);
+    let (mut a, addr_a) = spawn_example(example, &env_a).await;
+    let (_b, addr_b) = spawn_example(example, env).await;
+    let key = unique("deploy-cut");
+    let socket = start_payment(addr_a, &key).await;
+    until_runs(addr_a, 1).await;
+    drop(socket);
+    terminate(&a);
+    assert!(exits_by_itself(&mut a, Duration::from_secs(20)).await);
+
+    let retry = request(addr_b, "POST", "/payments", &headers(&key), BODY).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{:?}",
+        retry.body
+    );
+    assert_eq!(retry.problem_type(), "interrupted");
+    assert!(retry.replayed());
+    assert_eq!(handler_runs(addr_b).await, r#"{"handler_runs":0}"#);
+}

@@ -1,0 +1,61 @@
+//! A rolling deploy on Redis and PostgreSQL: `SIGTERM` to one of two example
+//! instances mid-payment loses nothing and runs nothing twice. Each example
+//! runs as its own process against the shared servers.
+
+mod common;
+mod deploy_support;
+mod postgres_support;
+mod redis_support;
+
+use deploy_support::{
+    a_payment_past_the_grace_period_is_not_run_again, sigterm_mid_payment_loses_nothing,
+};
+
+fn redis_env() -> Vec<(&'static str, String)> {
+    vec![
+        ("REDIS_URL", redis_support::redis_url()),
+        ("REDIS_PREFIX", redis_support::unique_prefix()),
+    ]
+}
+
+fn borrowed<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+#[tokio::test]
+async fn redis_sigterm_mid_payment_loses_nothing() {
+    let env = redis_env();
+    sigterm_mid_payment_loses_nothing("payments_redis", &borrowed(&env)).await;
+}
+
+#[tokio::test]
+async fn redis_a_payment_past_the_grace_period_is_not_run_again() {
+    let env = redis_env();
+    a_payment_past_the_grace_period_is_not_run_again("payments_redis", &borrowed(&env)).await;
+}
+
+#[tokio::test]
+async fn postgres_sigterm_mid_payment_loses_nothing() {
+    let url = postgres_support::database_url();
+    sigterm_mid_payment_loses_nothing("payments_postgres", &[("DATABASE_URL", &url)]).await;
+}
+
+#[tokio::test]
+async fn postgres_transaction_mode_sigterm_mid_payment_loses_nothing() {
+    let url = postgres_support::database_url();
+    sigterm_mid_payment_loses_nothing(
+        "payments_postgres",
+        &[("DATABASE_URL", &url), ("PG_MODE", "transaction")],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_a_payment_past_the_grace_period_is_not_run_again() {
+    let url = postgres_support::database_url();
+    a_payment_past_the_grace_period_is_not_run_again(
+        "payments_postgres",
+        &[("DATABASE_URL", &url)],
+    )
+    .await;
+}
