@@ -97,7 +97,7 @@ async fn handlers_past_the_grace_period_are_cut_off_and_never_run_again() {
     let runs = Runs::default();
     let layer = IdempotencyLayer::new(backend.clone());
     let shutdown = layer.shutdown_handle();
-    let svc = layer.layer(slow_payment(runs.clone(), Duration::from_secs(600)));
+    let svc = layer.layer(slow_payment(runs.clone(), Duration::from_mins(10)));
     start_and_leave(&svc, "detached", Duration::from_secs(1)).await;
     let connected = tokio::spawn({
         let mut svc = svc.clone();
@@ -171,7 +171,7 @@ async fn on_an_atomic_backend_a_cut_off_handler_is_released() {
     let runs = Runs::default();
     let layer = IdempotencyLayer::new(backend.clone());
     let shutdown = layer.shutdown_handle();
-    let svc = layer.layer(slow_payment(runs.clone(), Duration::from_secs(600)));
+    let svc = layer.layer(slow_payment(runs.clone(), Duration::from_mins(10)));
     let connected = tokio::spawn({
         let mut svc = svc.clone();
         async move { send(&mut svc, post("/pay", Some("rolled-back"), "{}")).await }
@@ -233,7 +233,7 @@ impl Backend for SlowRelease {
 #[tokio::test(start_paused = true)]
 async fn shutdown_waits_for_the_release_of_an_abandoned_lock() {
     let backend = SlowRelease::default();
-    let layer = IdempotencyLayer::new(backend.clone()).lock_ttl(Duration::from_secs(600));
+    let layer = IdempotencyLayer::new(backend.clone()).lock_ttl(Duration::from_mins(10));
     let shutdown = layer.shutdown_handle();
     let panics = tower::service_fn(|_req: InnerReq| async {
         tokio::time::sleep(Duration::from_millis(10)).await;
