@@ -279,7 +279,8 @@ async fn execute<S, B, ReqBody, ResBody>(
             ttl,
             response,
         } => {
-            let kept = record.kept;
+            let (kept, status) = (record.kept, record.status);
+            let mut aborted = false;
             let committed = match guard.complete(record, ttl).await {
                 Ok(Completion::Saved) if kept => {
                     observe::store("stored");
@@ -290,6 +291,11 @@ async fn execute<S, B, ReqBody, ResBody>(
                     observe::store("not_kept");
                     tracing::debug!("response not storable; marker stored");
                     true
+                }
+                Ok(Completion::Aborted) => {
+                    observe::store("aborted");
+                    aborted = true;
+                    false
                 }
                 Ok(_) => {
                     observe::store("lock_lost");
@@ -303,7 +309,13 @@ async fn execute<S, B, ReqBody, ResBody>(
                 }
             };
             if let Some(response) = response {
-                delivery.send(Ok(if atomic && !committed {
+                delivery.send(Ok(if aborted && !status.is_client_error() {
+                    problem(
+                        ProblemKind::TransactionAborted,
+                        "a statement of the request's transaction failed, so none of its writes were committed; the request was not completed",
+                        None,
+                    )
+                } else if atomic && !committed && !aborted {
                     not_committed()
                 } else {
                     response

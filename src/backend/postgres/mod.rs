@@ -143,6 +143,41 @@
 //! clone kept for ever keeps the connection (set the server's
 //! `idle_in_transaction_session_timeout` as a backstop).
 //!
+//! **A failed statement aborts the transaction.** PostgreSQL refuses every
+//! later statement of a transaction in which one failed (`25P02`) and rolls
+//! it back at `COMMIT`. A handler that catches such an error — a unique
+//! violation it answers with `409`, say — and carries on has lost its
+//! writes: the layer recognises the aborted transaction
+//! ([`Completion::Aborted`]), stores nothing, frees the key and logs a
+//! warning; a `4xx` answer reaches the client as the handler made it, and
+//! anything else is replaced by `500`
+//! ([transaction aborted](crate::problem#transaction-aborted)) — never a
+//! success for writes that were rolled back, and never "retry with the same
+//! key" for a request that fails the same way every time. To recover inside
+//! the transaction, put a `SAVEPOINT` around the statement that may fail:
+//!
+//! ```no_run
+//! use tokio_postgres::error::SqlState;
+//! use tower_idempotency::RequestTransaction;
+//!
+//! # async fn charge(tx: RequestTransaction) -> Result<u16, Box<dyn std::error::Error>> {
+//! let client = tx.client().await?;
+//! client.batch_execute("SAVEPOINT new_order").await?;
+//! match client.execute("INSERT INTO orders (ref) VALUES ($1)", &[&"r-1"]).await {
+//!     Ok(_) => {
+//!         client.batch_execute("RELEASE SAVEPOINT new_order").await?;
+//!         Ok(201)
+//!     }
+//!     Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+//!         // The transaction goes on; this 409 is stored and replayed.
+//!         client.batch_execute("ROLLBACK TO SAVEPOINT new_order").await?;
+//!         Ok(409)
+//!     }
+//!     Err(e) => Err(e.into()),
+//! }
+//! # }
+//! ```
+//!
 //! Responses are buffered before they are committed (a response without a
 //! length is not streamed while it is stored, as in the other modes): the
 //! client sees nothing that could still be rolled back. Responses that

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use deadpool_postgres::{ClientWrapper, Object};
 use tokio::sync::{Mutex, OwnedMappedMutexGuard, OwnedMutexGuard};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
 use super::{
@@ -227,9 +228,17 @@ impl PostgresBackend {
         ];
         // Prepared first, if statements are prepared: a statement still
         // being prepared would let the COMMIT below overtake it.
-        self.prepare_ahead(conn, &self.sql.complete_xact_call, &params)
+        if let Err(error) = self
+            .prepare_ahead(conn, &self.sql.complete_xact_call, &params)
             .await
-            .map_err(map_error)?;
+        {
+            if !is_aborted(&error) {
+                return Err(map_error(error));
+            }
+            conn.batch_execute("ROLLBACK").await.map_err(map_error)?;
+            slot.into_pool();
+            return Ok(handler_aborted());
+        }
         // One round trip. If the write fails, the transaction is aborted and
         // the COMMIT rolls it back: handler writes and record together.
         let (written, committed) = tokio::join!(
@@ -245,6 +254,12 @@ impl PostgresBackend {
                 // Rolled back cleanly: a live row held the key.
                 slot.into_pool();
                 Ok(Completion::Lost)
+            }
+            (Err(error), Ok(())) if is_aborted(&error) => {
+                // The handler's transaction was aborted before the write:
+                // the COMMIT rolled it back. Not a failure to retry.
+                slot.into_pool();
+                Ok(handler_aborted())
             }
             (Err(error), Ok(())) => {
                 // The COMMIT rolled back; the session is idle and clean.
@@ -267,6 +282,21 @@ impl PostgresBackend {
         slot.into_pool();
         Ok(())
     }
+}
+
+/// Whether a statement was refused because the transaction is aborted: a
+/// statement of the handler failed (`25P02`).
+fn is_aborted(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION)
+}
+
+fn handler_aborted() -> Completion {
+    tracing::warn!(
+        "a statement of the request's transaction failed and the handler carried on: nothing \
+         was committed or stored, and the key is free; wrap statements that may fail in a \
+         SAVEPOINT and roll back to it"
+    );
+    Completion::Aborted
 }
 
 fn rolled_back(error: &BackendError) -> BackendError {
