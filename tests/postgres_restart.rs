@@ -175,3 +175,64 @@ async fn lease_outlives_a_server_restart_mid_handler() {
     assert_eq!(retry.body, "run 1");
     assert_eq!(runs.get(), 1);
 }
+
+/// Lease mode: the server stops while the handler runs and is started
+/// again within the lock TTL. The handler's `complete` cannot reach it, so
+/// the client still gets its response and the store is tried again in the
+/// background, fenced by the lease's token: once the server is back the
+/// record lands, and the retry replays instead of waiting for the lease to
+/// lapse and running the handler a second time.
+#[tokio::test]
+async fn a_store_that_failed_during_an_outage_lands_when_the_server_is_back() {
+    let _server = SERVER.lock().await;
+    let backend = PostgresBackend::builder(pool_for(&database_url(), 8))
+        .table(TABLE)
+        .mode(PostgresMode::Lease)
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    backend.migrate().await.unwrap();
+    let runs = Runs::default();
+    let (handler, gate) = gated(runs.clone());
+    let svc = IdempotencyLayer::new(backend)
+        .lock_ttl(Duration::from_mins(1))
+        .layer(handler);
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let key = format!("late-{nonce}");
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(&key), "x")));
+    gate.started.await.unwrap();
+    let restart = Restart;
+    pg_ctl("stop");
+    gate.finish.send(()).unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(
+        first.status(),
+        StatusCode::OK,
+        "the client gets its response although it could not be stored yet"
+    );
+    pg_ctl("start");
+    drop(restart);
+
+    // Well within the minute the lease would hold the key.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let retry = loop {
+        let retry = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+        match retry.status {
+            StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the record never landed: {}",
+                    retry.status
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            _ => break retry,
+        }
+    };
+    assert!(retry.replayed(), "{}: {:?}", retry.status, retry.body);
+    assert_eq!(retry.body, "run 1");
+    assert_eq!(runs.get(), 1, "the handler ran once");
+}

@@ -14,6 +14,8 @@
 //! The crate's own conformance suite (`tests/conformance/`) checks those
 //! semantics and runs unchanged against every backend.
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod late;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub mod memory;

@@ -100,6 +100,9 @@ use redis::{
     Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, ServerErrorKind, ToRedisArgs, Value,
 };
 
+use tokio::time::Instant;
+
+use super::late::{self, Lapse};
 use super::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 use crate::{Fingerprint, Record, RecordCodec, StorageKey};
 
@@ -309,6 +312,7 @@ pub struct RedisLock {
     record_key: String,
     lock_key: String,
     token: String,
+    lapse: Lapse,
 }
 
 /// Builds a [`RedisBackend`].
@@ -644,7 +648,18 @@ impl RedisBackend {
     /// then `EVALSHA` would cost a round trip more and fail again if another
     /// flush came in between.)
     async fn invoke(&self, lua: &Lua, call: Call) -> Result<Value, BackendError> {
-        let (mut conn, generation) = self.connection().await?;
+        let (conn, generation) = self.connection().await?;
+        self.invoke_on(conn, generation, lua, call).await
+    }
+
+    /// [`invoke`](Self::invoke) on a connection taken before.
+    async fn invoke_on(
+        &self,
+        mut conn: Conn,
+        generation: u64,
+        lua: &Lua,
+        call: Call,
+    ) -> Result<Value, BackendError> {
         let run = async {
             match call
                 .command("EVALSHA", &lua.sha)
@@ -681,10 +696,69 @@ impl RedisBackend {
 }
 
 impl RedisBackend {
-    /// Compare-and-delete of the lock `lock_key` held by `token`.
-    async fn release_token(&self, lock_key: &str, token: &str) -> Result<(), BackendError> {
+    /// Compare-and-delete of the lock `lock_key` held by `token`, on `conn`
+    /// when given (after the command it must follow), else on the shared
+    /// connection.
+    async fn release_token(
+        &self,
+        lock_key: &str,
+        token: &str,
+        conn: Option<(Conn, u64)>,
+    ) -> Result<(), BackendError> {
         let call = Call::new(&[lock_key]).arg(token);
-        self.invoke(&self.inner.release, call).await.map(drop)
+        let (conn, generation) = match conn {
+            Some(held) => held,
+            None => self.connection().await?,
+        };
+        self.invoke_on(conn, generation, &self.inner.release, call)
+            .await
+            .map(drop)
+    }
+
+    /// The complete script: `Ok(true)` stored, `Ok(false)` the lock is not
+    /// this token's (nothing written).
+    async fn complete_script(
+        &self,
+        record_key: &str,
+        lock_key: &str,
+        token: &str,
+        blob: &[u8],
+        ttl: Duration,
+    ) -> Result<bool, BackendError> {
+        let call = Call::new(&[record_key, lock_key])
+            .arg(token)
+            .arg(blob)
+            .arg(millis(ttl));
+        let reply = self.invoke(&self.inner.complete, call).await?;
+        as_flag(&reply, "complete")
+    }
+
+    /// Tries the complete script again in the background until the lock
+    /// would lapse (see [`late`](super::late)).
+    fn complete_late(&self, lock: RedisLock, blob: Vec<u8>, ttl: Duration, completion: Completion) {
+        let deadline = lock.lapse.at();
+        let lock = Arc::new(lock);
+        let blob: Arc<[u8]> = blob.into();
+        let (backend, releaser, held) = (self.clone(), self.clone(), Arc::clone(&lock));
+        late::complete_late(
+            deadline,
+            move || {
+                let (backend, lock, blob) = (backend.clone(), Arc::clone(&lock), Arc::clone(&blob));
+                Box::pin(async move {
+                    let stored = backend
+                        .complete_script(&lock.record_key, &lock.lock_key, &lock.token, &blob, ttl)
+                        .await?;
+                    Ok(if stored { completion } else { Completion::Lost })
+                })
+            },
+            move || {
+                Box::pin(async move {
+                    releaser
+                        .release_token(&held.lock_key, &held.token, None)
+                        .await
+                })
+            },
+        );
     }
 }
 
@@ -695,15 +769,27 @@ impl RedisBackend {
 /// run — it releases the token from a task of its own, so the key is free in
 /// milliseconds instead of after the lock's TTL. Releasing by token never
 /// touches another holder's lock.
+///
+/// The release goes on the connection the script was sent on, when known:
+/// Redis runs one connection's commands in order, so it cannot overtake a
+/// slow script (which would then take a lock nobody holds).
 struct Unsettled<'a> {
     lock: Option<(&'a RedisBackend, &'a str, &'a str)>,
+    conn: Option<(Conn, u64)>,
 }
 
 impl<'a> Unsettled<'a> {
     const fn new(backend: &'a RedisBackend, lock_key: &'a str, token: &'a str) -> Self {
         Self {
             lock: Some((backend, lock_key, token)),
+            conn: None,
         }
+    }
+
+    /// The script goes on `conn`: so does the release.
+    fn on(mut self, conn: Conn, generation: u64) -> Self {
+        self.conn = Some((conn, generation));
+        self
     }
 
     /// The reply was read: nothing to clean up.
@@ -718,9 +804,18 @@ impl Drop for Unsettled<'_> {
             return;
         };
         let (backend, lock_key, token) = (backend.clone(), lock_key.to_owned(), token.to_owned());
+        let conn = self.conn.take();
         // Without a runtime the lock expires by its TTL.
         crate::shutdown::spawn(async move {
-            if let Err(error) = backend.release_token(&lock_key, &token).await {
+            let mut released = backend.release_token(&lock_key, &token, conn).await;
+            if let Err(error) = &released
+                && error.kind() != BackendErrorKind::Timeout
+            {
+                // That connection is broken: what it carried has run or
+                // never will, so a fresh connection cannot overtake it.
+                released = backend.release_token(&lock_key, &token, None).await;
+            }
+            if let Err(error) = released {
                 tracing::warn!(%error, "releasing an unsettled Redis lock failed; it expires by its TTL");
             }
         });
@@ -903,8 +998,12 @@ impl Backend for RedisBackend {
             .arg(millis(lock_ttl));
         // From here until the reply is read, the lock may exist in Redis
         // with this token and no `RedisLock` to release it.
-        let unsettled = Unsettled::new(self, &lock_key, &token);
-        let reply = self.invoke(&self.inner.begin, call).await?;
+        let (conn, generation) = self.connection().await?;
+        let unsettled = Unsettled::new(self, &lock_key, &token).on(conn.clone(), generation);
+        let sent = Instant::now();
+        let reply = self
+            .invoke_on(conn, generation, &self.inner.begin, call)
+            .await?;
         unsettled.settled();
         let Value::Array(items) = reply else {
             return Err(unexpected("begin"));
@@ -914,6 +1013,7 @@ impl Backend for RedisBackend {
                 record_key,
                 lock_key,
                 token,
+                lapse: Lapse::after(sent, lock_ttl),
             })),
             [Value::Int(1), Value::BulkString(blob)] => {
                 Ok(Begin::Completed(self.inner.codec.decode(blob)?))
@@ -946,28 +1046,16 @@ impl Backend for RedisBackend {
             }
             other => (other, Completion::Saved),
         };
-        let saved = match blob {
-            Ok(blob) => {
-                let call = Call::new(&[&lock.record_key, &lock.lock_key])
-                    .arg(&lock.token)
-                    .arg(blob)
-                    .arg(millis(ttl));
-                self.invoke(&self.inner.complete, call).await
-            }
-            Err(error) => Err(BackendError::new(
-                BackendErrorKind::Other,
-                "the response cannot be encoded within the backend's max_record_size",
-            )
-            .with_source(error)),
-        };
-        let reply = match saved {
-            Ok(reply) => reply,
+        let blob = match blob {
+            Ok(blob) => blob,
             Err(error) => {
-                // Nothing stored (e.g. OOM refused the record): free the key
-                // for a retry; a DEL is still allowed. If that fails too,
-                // `unsettled` tries once more in the background.
+                let error = BackendError::new(
+                    BackendErrorKind::Other,
+                    "the response cannot be encoded within the backend's max_record_size",
+                )
+                .with_source(error);
                 if self
-                    .release_token(&lock.lock_key, &lock.token)
+                    .release_token(&lock.lock_key, &lock.token, None)
                     .await
                     .is_ok()
                 {
@@ -976,17 +1064,41 @@ impl Backend for RedisBackend {
                 return Err(error);
             }
         };
-        unsettled.settled();
-        if as_flag(&reply, "complete")? {
-            Ok(completion)
-        } else {
-            Ok(Completion::Lost)
+        let saved = self
+            .complete_script(&lock.record_key, &lock.lock_key, &lock.token, &blob, ttl)
+            .await;
+        match saved {
+            Ok(stored) => {
+                unsettled.settled();
+                Ok(if stored { completion } else { Completion::Lost })
+            }
+            Err(error) if late::is_transient(&error) => {
+                // Redis may come back while the lock lives (a restart with
+                // persistence, a failover): the token still fences the write.
+                unsettled.settled();
+                self.complete_late(lock, blob, ttl, completion);
+                Err(error)
+            }
+            Err(error) => {
+                // Refused (e.g. OOM): free the key for a retry; a DEL is
+                // still allowed. If that fails too, `unsettled` tries once
+                // more in the background.
+                if self
+                    .release_token(&lock.lock_key, &lock.token, None)
+                    .await
+                    .is_ok()
+                {
+                    unsettled.settled();
+                }
+                Err(error)
+            }
         }
     }
 
     async fn release(&self, lock: RedisLock) -> Result<(), BackendError> {
         let unsettled = Unsettled::new(self, &lock.lock_key, &lock.token);
-        self.release_token(&lock.lock_key, &lock.token).await?;
+        self.release_token(&lock.lock_key, &lock.token, None)
+            .await?;
         unsettled.settled();
         Ok(())
     }
@@ -995,7 +1107,12 @@ impl Backend for RedisBackend {
         let call = Call::new(&[&lock.lock_key])
             .arg(&lock.token)
             .arg(millis(lock_ttl));
+        let sent = Instant::now();
         let reply = self.invoke(&self.inner.extend, call).await?;
-        as_flag(&reply, "extend")
+        let kept = as_flag(&reply, "extend")?;
+        if kept {
+            lock.lapse.extended(sent, lock_ttl);
+        }
+        Ok(kept)
     }
 }

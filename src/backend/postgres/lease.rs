@@ -3,14 +3,18 @@
 //! so they work through transaction-mode poolers, unless prepared
 //! statements are chosen.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Object;
+use tokio::time::Instant;
 use tokio_postgres::types::Type;
 
+use super::super::late::{self, Lapse};
+use super::lock::Busy;
 use super::{
     BackendError, BackendErrorKind, Begin, Completion, Held, Param, PostgresBackend, PostgresLock,
-    encode, lock_id, map_error, ttl_ms,
+    detach, encode, lock_id, map_error, ttl_ms,
 };
 use crate::{Fingerprint, Record, StorageKey};
 
@@ -39,6 +43,7 @@ impl PostgresBackend {
             (&token_bytes, Type::BYTEA),
             (&lease_ms, Type::INT8),
         ];
+        let sent = Instant::now();
         let row = self
             .query_one(conn, &self.sql.begin_lease_call, &params)
             .await
@@ -52,7 +57,10 @@ impl PostgresBackend {
             None => Ok(Begin::Acquired(PostgresLock {
                 key: *key,
                 lock_id: id,
-                held: Held::Lease { token },
+                held: Held::Lease {
+                    token,
+                    lapse: Lapse::after(sent, lock_ttl),
+                },
             })),
         }
     }
@@ -63,15 +71,29 @@ impl PostgresBackend {
         record: Record,
         ttl: Duration,
     ) -> Result<Completion, BackendError> {
-        let Held::Lease { token } = lock.held else {
+        let Held::Lease { token, lapse } = &lock.held else {
             return Err(not_a_lease());
         };
         let (blob, completion) = encode(&self.codec, &record)?;
+        let ttl_ms = ttl_ms(ttl);
+        let late = |blob| LateRecord {
+            fingerprint: record.fingerprint,
+            blob,
+            ttl_ms,
+            completion,
+        };
+        let conn = match self.connection().await {
+            Ok(conn) => conn,
+            Err(error) if late::is_transient(&error) => {
+                self.lease_complete_late(lock.key, *token, lapse.at(), late(blob));
+                return Err(error);
+            }
+            Err(error) => return Err(error),
+        };
         // Dropped before the reply: the lease is released rather than left
         // to lapse (the update, if it ran, cleared the token first).
-        let unsettled = Unsettled::new(self, lock.key, token, self.connection().await?);
+        let unsettled = Unsettled::new(self, lock.key, *token, conn);
         let conn = unsettled.conn()?;
-        let ttl_ms = ttl_ms(ttl);
         let key = &lock.key.as_bytes()[..];
         let fingerprint = &record.fingerprint.as_bytes()[..];
         let token_bytes = &token[..];
@@ -83,9 +105,12 @@ impl PostgresBackend {
             (&ttl_ms, Type::INT8),
         ];
         let updated = self
-            .execute(conn, &self.sql.complete_lease, &params)
-            .await
-            .map_err(map_error);
+            .bounded("complete", async {
+                self.execute(conn, &self.sql.complete_lease, &params)
+                    .await
+                    .map_err(map_error)
+            })
+            .await;
         match updated {
             Ok(updated) => {
                 unsettled.settled();
@@ -97,24 +122,82 @@ impl PostgresBackend {
                     Completion::Lost
                 })
             }
+            Err(error) if late::is_transient(&error) => {
+                // The server may come back while the lease lives. The
+                // statement may still run on this connection: it is closed,
+                // and the token fences the two writes against each other.
+                unsettled.abandon();
+                self.lease_complete_late(lock.key, *token, lapse.at(), late(blob));
+                Err(error)
+            }
+            // Refused: the lease is deleted on the same connection.
             Err(error) => Err(error),
         }
     }
 
+    /// Tries the completion again in the background until the lease would
+    /// lapse (see [`late`](super::super::late)), with a statement that
+    /// stores as long as the token is unchanged.
+    fn lease_complete_late(
+        &self,
+        key: StorageKey,
+        token: [u8; 16],
+        deadline: tokio::time::Instant,
+        record: LateRecord,
+    ) {
+        let record = Arc::new(record);
+        let (backend, releaser) = (self.clone(), self.clone());
+        late::complete_late(
+            deadline,
+            move || {
+                let (backend, record) = (backend.clone(), Arc::clone(&record));
+                Box::pin(async move {
+                    let conn = Busy::new(backend.connection().await?);
+                    let key = &key.as_bytes()[..];
+                    let token = &token[..];
+                    let fingerprint = &record.fingerprint.as_bytes()[..];
+                    let params: [Param<'_>; 5] = [
+                        (&key, Type::BYTEA),
+                        (&token, Type::BYTEA),
+                        (&fingerprint, Type::BYTEA),
+                        (&record.blob, Type::BYTEA),
+                        (&record.ttl_ms, Type::INT8),
+                    ];
+                    let updated = backend
+                        .bounded("complete", async {
+                            backend
+                                .execute(conn.get()?, &backend.sql.complete_lease_late, &params)
+                                .await
+                                .map_err(map_error)
+                        })
+                        .await?;
+                    conn.done();
+                    Ok(if updated == 1 {
+                        record.completion
+                    } else {
+                        Completion::Lost
+                    })
+                })
+            },
+            move || Box::pin(async move { releaser.delete_lease(&key, &token).await }),
+        );
+    }
+
     pub(super) async fn lease_release(&self, lock: PostgresLock) -> Result<(), BackendError> {
-        let Held::Lease { token } = lock.held else {
+        let Held::Lease { token, .. } = &lock.held else {
             return Err(not_a_lease());
         };
-        self.delete_lease(&lock.key, &token).await
+        self.delete_lease(&lock.key, token).await
     }
 
     pub(super) async fn lease_extend(
         &self,
         key: &StorageKey,
         token: &[u8; 16],
+        lapse: &Lapse,
         lock_ttl: Duration,
     ) -> Result<bool, BackendError> {
-        let conn = self.connection().await?;
+        let conn = Busy::new(self.connection().await?);
         let lease_ms = ttl_ms(lock_ttl).max(1);
         let key = &key.as_bytes()[..];
         let token = &token[..];
@@ -123,18 +206,25 @@ impl PostgresBackend {
             (&token, Type::BYTEA),
             (&lease_ms, Type::INT8),
         ];
+        let sent = Instant::now();
         let updated = self
-            .execute(&conn, &self.sql.extend_lease, &params)
+            .execute(conn.get()?, &self.sql.extend_lease, &params)
             .await
             .map_err(map_error)?;
+        conn.done();
+        if updated == 1 {
+            lapse.extended(sent, lock_ttl);
+        }
         Ok(updated == 1)
     }
 
     /// Deletes the lease `token` holds, if it is still there. Never touches
     /// a record or another token's lease.
     async fn delete_lease(&self, key: &StorageKey, token: &[u8; 16]) -> Result<(), BackendError> {
-        self.delete_lease_on(&self.connection().await?, key, token)
-            .await
+        let conn = Busy::new(self.connection().await?);
+        self.delete_lease_on(conn.get()?, key, token).await?;
+        conn.done();
+        Ok(())
     }
 
     async fn delete_lease_on(
@@ -151,6 +241,14 @@ impl PostgresBackend {
             .map_err(map_error)?;
         Ok(())
     }
+}
+
+/// What a late completion writes.
+struct LateRecord {
+    fingerprint: Fingerprint,
+    blob: Vec<u8>,
+    ttl_ms: i64,
+    completion: Completion,
 }
 
 fn new_token() -> Result<[u8; 16], BackendError> {
@@ -204,6 +302,15 @@ impl<'a> Unsettled<'a> {
     fn settled(mut self) {
         self.lease = None;
     }
+
+    /// Nothing to clean up here (a late completion takes over), but the
+    /// statement may still run: the connection is closed, not pooled.
+    fn abandon(mut self) {
+        self.lease = None;
+        if let Some(conn) = self.conn.take() {
+            detach(conn);
+        }
+    }
 }
 
 impl Drop for Unsettled<'_> {
@@ -212,14 +319,21 @@ impl Drop for Unsettled<'_> {
             return;
         };
         let backend = self.backend.clone();
-        let conn = self.conn.take();
+        let conn = self.conn.take().map(Busy::new);
         // Without a runtime the lease lapses by its TTL.
         crate::shutdown::spawn(async move {
             let deleted = match conn {
                 Some(conn) => {
-                    backend
-                        .bounded("release", backend.delete_lease_on(&conn, &key, &token))
-                        .await
+                    let deleted = backend
+                        .bounded("release", async {
+                            backend.delete_lease_on(conn.get()?, &key, &token).await
+                        })
+                        .await;
+                    // Still waiting on the server after a timeout: closed.
+                    if deleted.is_ok() {
+                        conn.done();
+                    }
+                    deleted
                 }
                 None => {
                     backend

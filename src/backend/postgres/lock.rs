@@ -6,7 +6,8 @@ use std::fmt;
 
 use deadpool_postgres::Object;
 
-use super::{PostgresMode, RequestTransaction};
+use super::super::late::Lapse;
+use super::{BackendError, BackendErrorKind, PostgresMode, RequestTransaction};
 use crate::StorageKey;
 
 /// Proof of holding a key in a [`PostgresBackend`](super::PostgresBackend): a lease token, or the
@@ -42,6 +43,7 @@ pub struct PostgresLock {
 pub(super) enum Held {
     Lease {
         token: [u8; 16],
+        lapse: Lapse,
     },
     Session {
         /// Boxed: a pooled connection is large, and a lease lock is not.
@@ -92,6 +94,37 @@ impl Drop for PostgresLock {
 /// instead of returning it to the pool.
 pub(super) fn detach(conn: Object) {
     drop(Object::take(conn));
+}
+
+/// A pooled connection with a statement that may still run on the server:
+/// dropped before [`done`](Self::done) (a timeout, a dropped future), it is
+/// closed rather than pooled, so that no other request queues behind that
+/// statement on it.
+pub(super) struct Busy(Option<Object>);
+
+impl Busy {
+    pub(super) const fn new(conn: Object) -> Self {
+        Self(Some(conn))
+    }
+
+    pub(super) fn get(&self) -> Result<&Object, BackendError> {
+        self.0
+            .as_ref()
+            .ok_or_else(|| BackendError::new(BackendErrorKind::Other, "no connection"))
+    }
+
+    /// The statement finished: the connection goes back to the pool.
+    pub(super) fn done(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            detach(conn);
+        }
+    }
 }
 
 pub(super) fn lock_id(key: &StorageKey) -> i64 {

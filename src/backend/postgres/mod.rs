@@ -634,10 +634,9 @@ impl Backend for PostgresBackend {
         ttl: Duration,
     ) -> Result<Completion, BackendError> {
         match lock.held {
-            Held::Lease { .. } => {
-                self.bounded("complete", self.lease_complete(lock, record, ttl))
-                    .await
-            }
+            // Bounds its statement itself: a timeout there is an outage to
+            // come back from, not only an error.
+            Held::Lease { .. } => self.lease_complete(lock, record, ttl).await,
             Held::Session { .. } => {
                 self.bounded("complete", self.session_complete(lock, record, ttl))
                     .await
@@ -659,9 +658,12 @@ impl Backend for PostgresBackend {
 
     async fn extend(&self, lock: &PostgresLock, lock_ttl: Duration) -> Result<bool, BackendError> {
         match &lock.held {
-            Held::Lease { token } => {
-                self.bounded("extend", self.lease_extend(&lock.key, token, lock_ttl))
-                    .await
+            Held::Lease { token, lapse } => {
+                self.bounded(
+                    "extend",
+                    self.lease_extend(&lock.key, token, lapse, lock_ttl),
+                )
+                .await
             }
             // Advisory locks do not expire: alive while the session is.
             Held::Session { conn, .. } => Ok(conn.as_ref().is_some_and(|c| !c.is_closed())),

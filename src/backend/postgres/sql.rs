@@ -37,6 +37,7 @@ pub(super) struct Sql {
     pub(super) complete_session_call: String,
     pub(super) complete_xact_call: String,
     pub(super) complete_lease: String,
+    pub(super) complete_lease_late: String,
     pub(super) release_lease: String,
     pub(super) extend_lease: String,
     pub(super) forget: String,
@@ -99,6 +100,14 @@ impl Sql {
                  expires_at = now() + $5::bigint * interval '1 millisecond' \
                  WHERE key = $1 AND lock_token = $2 AND record IS NULL \
                  AND expires_at > clock_timestamp()"
+            ),
+            // After an outage: an unchanged token proves nobody took the key
+            // over (a takeover replaces it, a purge deletes the row), so a
+            // lease that lapsed meanwhile may still be completed.
+            complete_lease_late: format!(
+                "UPDATE {table} SET fingerprint = $3, record = $4, lock_token = NULL, \
+                 expires_at = now() + $5::bigint * interval '1 millisecond' \
+                 WHERE key = $1 AND lock_token = $2 AND record IS NULL"
             ),
             release_lease: format!(
                 "DELETE FROM {table} WHERE key = $1 AND lock_token = $2 AND record IS NULL"
