@@ -1,6 +1,7 @@
-//! Transaction mode: a handler whose own statement failed inside the
-//! request's transaction (PostgreSQL aborts it, `25P02`) and who caught the
-//! error. Its `4xx` reaches the client, a success is never delivered for
+//! Edges of the PostgreSQL backend. A lease-mode connection whose statement
+//! timed out is closed, not pooled. And transaction mode: a handler whose
+//! own statement failed inside the request's transaction (PostgreSQL aborts
+//! it, `25P02`) and who caught the error. Its `4xx` reaches the client, a success is never delivered for
 //! writes that were rolled back, nothing is stored, the key is free, and no
 //! answer says "retry with the same key". With a `SAVEPOINT` the handler
 //! recovers and its answer is stored as usual.
@@ -202,4 +203,73 @@ async fn a_failure_rolled_back_to_a_savepoint_is_stored_as_usual() {
             "{statements}: the first write committed"
         );
     }
+}
+
+/// Lease mode: a statement that times out (here a release waiting for a row
+/// another session holds) may still run on the server. Its connection is
+/// closed, not pooled: a pool of one serves the next request at once
+/// instead of queueing it behind the stuck statement.
+#[tokio::test]
+async fn a_connection_whose_statement_timed_out_is_not_pooled() {
+    use std::time::Duration;
+    use tower_idempotency::{Backend, Begin, Fingerprint, StorageKey};
+
+    let backend = PostgresBackend::builder(postgres_support::pool_for(
+        &postgres_support::database_url(),
+        1,
+    ))
+    .table(postgres_support::TABLE)
+    .timeout(Duration::from_millis(500))
+    .build()
+    .unwrap();
+    backend.migrate().await.unwrap();
+    let fp = Fingerprint::from_bytes([3; 32]);
+    let held = StorageKey::derive(
+        &tower_idempotency::ScopeValue::anonymous(),
+        &unique_key("held"),
+    );
+    let other = StorageKey::derive(
+        &tower_idempotency::ScopeValue::anonymous(),
+        &unique_key("other"),
+    );
+    let Begin::Acquired(lock) = backend
+        .begin(&held, &fp, Duration::from_mins(1))
+        .await
+        .unwrap()
+    else {
+        panic!("a fresh key");
+    };
+    // Another session holds the lease's row: the release's DELETE waits.
+    let blocker = admin().await;
+    blocker.batch_execute("BEGIN").await.unwrap();
+    blocker
+        .execute(
+            &format!(
+                "SELECT 1 FROM {} WHERE key = $1 FOR UPDATE",
+                postgres_support::TABLE
+            ),
+            &[&&held.as_bytes()[..]],
+        )
+        .await
+        .unwrap();
+    let error = backend.release(lock).await.unwrap_err();
+    assert_eq!(error.kind(), tower_idempotency::BackendErrorKind::Timeout);
+
+    let started = std::time::Instant::now();
+    let begun = backend.begin(&other, &fp, Duration::from_mins(1)).await;
+    assert!(
+        matches!(begun, Ok(Begin::Acquired(_))),
+        "the next request was served ({:?} after {:?})",
+        begun.map(|_| ()),
+        started.elapsed()
+    );
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+}
+
+fn unique_key(name: &str) -> tower_idempotency::IdempotencyKey {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("idempotency-key", unique(name).parse().unwrap());
+    tower_idempotency::IdempotencyKey::from_headers(&headers)
+        .unwrap()
+        .unwrap()
 }
