@@ -179,6 +179,8 @@
 //! | body over the limit | `413` | no |
 //! | backend down (default: fail closed) | `503` + `Retry-After` | no |
 //! | backend down with [`fail_open`](IdempotencyLayer::fail_open) | handler's | yes, unprotected |
+//! | instance [shutting down](ShutdownHandle) | `503` + `Retry-After` ([shutting down](problem#shutting-down)) | no |
+//! | retry of a handler cut off at the end of a shutdown's grace period | `500` ([interrupted](problem#interrupted)), stored | no |
 //!
 //! Answers the layer makes itself are `application/problem+json` (RFC 9457)
 //! with a stable `type`; see [`problem`].
@@ -290,8 +292,22 @@
 //!   `503` — retry with the same key. A response that is not meant to be
 //!   stored (`5xx`, `429`, [`Persist::Never`], a body that failed) rolls the
 //!   writes back and still reaches the client as the handler made it.
+//! - **A deploy does not make a second run.** With a [`ShutdownHandle`],
+//!   a graceful shutdown refuses new keyed requests, finishes and stores the
+//!   handlers still running (connected or detached) within its grace
+//!   period, and waits for the releases and late stores sent in the
+//!   background. A handler still running at the end is cut off and its key
+//!   settled for good with an [interrupted](problem#interrupted) answer —
+//!   its outcome is unknown, so it never runs again — or, on a backend that
+//!   rolls its effects back (PostgreSQL's transaction mode), released.
+//! - **A backend that comes back in time loses nothing.** A `complete` that
+//!   could not reach Redis or PostgreSQL (lease mode) — stopped, restarted,
+//!   unreachable — is tried again in the background, fenced by the lock's
+//!   token, until the lock would lapse: the client got its response, and
+//!   its retry replays once the record lands (`409` until then).
 //! - **No stuck keys.** A handler panic or an inner `Err` releases the key
-//!   and stores nothing; a crashed process's key is free after `lock_ttl`
+//!   and stores nothing; a streamed response whose client left is read for
+//!   at most [`drain_timeout`](IdempotencyLayer::drain_timeout); a crashed process's key is free after `lock_ttl`
 //!   (10 s by default), and the `409`s in between say so in `Retry-After`.
 //!   With a remote backend a release the layer could not wait for is sent in
 //!   the background; if that fails too, the lock expires after `lock_ttl`.
@@ -299,9 +315,10 @@
 //!   key); blank credentials are absent, and an explicit scope that cannot
 //!   identify the caller is refused rather than shared.
 //! - **At least once, beyond that.** If the store fails *after* the handler
-//!   ran (`complete` errors, or the response body itself fails part-way),
-//!   the client still gets its response (or the body's error), but a retry
-//!   runs the handler again. If the process crashes mid-handler, the key is
+//!   ran and cannot be made up in time (the backend stays away longer than
+//!   `lock_ttl`, refuses the write, or the response body itself fails
+//!   part-way), the client still gets its response (or the body's error),
+//!   but a retry runs the handler again. If the process crashes mid-handler, the key is
 //!   free after `lock_ttl` and a retry runs again: make the side effect itself
 //!   idempotent too where that matters (e.g. pass the key to your payment
 //!   provider; handlers can read it as an [`IdempotencyKey`] extension).
@@ -351,7 +368,7 @@
 //! | Name | Type | Labels | Meaning |
 //! |---|---|---|---|
 //! | `idempotency_requests_total` | counter | `outcome` | one per request the layer looked at (below) |
-//! | `idempotency_stores_total` | counter | `result` | what became of a response produced under the lock: `stored`, `not_kept` (a "response not kept" marker stored in its place), `not_stored` (`5xx`, `429`, [`Persist::Never`], handler error, a failed body, a cancelled handler; the key released), `lock_lost`, `failed` (the backend refused or failed the save) |
+//! | `idempotency_stores_total` | counter | `result` | what became of a response produced under the lock: `stored`, `not_kept` (a "response not kept" marker stored in its place), `not_stored` (`5xx`, `429`, [`Persist::Never`], handler error, a failed body, a cancelled handler; the key released), `lock_lost`, `failed` (the backend refused or failed the save), `interrupted` (cut off by a shutdown; an interrupted answer stored), `aborted` (the handler's own transaction failed; nothing stored), `stored_late`, `late_lost` and `late_gave_up` (a store retried after an outage: landed, found the lock gone, gave up) |
 //! | `idempotency_backend_duration_seconds` | histogram | `operation` | time of each backend call: `begin`, `complete`, `release`, `extend` |
 //! | `idempotency_backend_errors_total` | counter | `operation`, `kind` | failed backend calls by [`BackendErrorKind`]: `unavailable`, `timeout`, `rejected`, `corrupt`, `incompatible`, `misconfigured`, `other` |
 //!
@@ -360,12 +377,21 @@
 //! `missing_key`, `invalid_key` and `unidentified_caller` (`400`),
 //! `stored_unreadable` (`500`), `stored_incompatible` (`503`),
 //! `body_too_large` (`413`),
-//! `body_error` (`400`), `backend_unavailable` (`503`), `fail_open` (the
-//! handler ran unprotected). Labels take only these fixed values: keys and
+//! `body_error` (`400`), `backend_unavailable` (`503`), `shutting_down`
+//! (`503`), `fail_open` (the handler ran unprotected). Labels take only these fixed values: keys and
 //! callers never become label values, so cardinality stays bounded.
 //!
 //! [`metrics`]: https://docs.rs/metrics
 //! [`describe_metrics`]: https://docs.rs/tower-idempotency/latest/tower_idempotency/fn.describe_metrics.html
+//!
+//! # Graceful shutdown
+//!
+//! A rolling deploy is the most common way for a process to stop while it
+//! runs handlers. Take a [`ShutdownHandle`] from the layer before serving
+//! and call [`shutdown`](ShutdownHandle::shutdown) after your server's own
+//! graceful shutdown (or at the same signal, so one grace period bounds
+//! both); see [`shutdown`] for what it does and the lines an axum or hyper
+//! server adds.
 //!
 //! # Runtime
 //!

@@ -75,7 +75,11 @@
 //! script; if the future is dropped (client gone, timeout layer) or times out
 //! before the reply is read, the token's lock is released by
 //! compare-and-delete from a task of its own, so the key is free within
-//! milliseconds rather than after the lock TTL. `complete` and `release` do
+//! milliseconds rather than after the lock TTL. That release goes on the
+//! connection the `begin` went out on: Redis runs one connection's commands
+//! in order, so it cannot overtake a `begin` stalled on the way and leave
+//! the lock to a token nobody holds (a fresh connection is used only once
+//! that one is broken, when what it carried has run or never will). `complete` and `release` do
 //! the same until their reply is read; releasing by token never touches
 //! another request's lock, and a save that did happen has already removed
 //! the lock.
@@ -87,6 +91,14 @@
 //! wrong-type values and corrupt records become a [`BackendError`] with a
 //! [`kind`](BackendError::kind); the layer answers `503`. A corrupt record is
 //! never replayed.
+//!
+//! A `complete` that cannot reach Redis (down, restarting, timed out) is
+//! tried again from a task of its own — backing off up to once a second —
+//! until the lock would lapse: the complete script checks the token, so it
+//! stores only while the lock is still this request's. A Redis that comes
+//! back with the lock (persistence, a replica promoted in time) gets the
+//! record and the retry replays; one that lost the lock gets nothing
+//! written. A refused store (`OOM`) releases the lock at once.
 
 use std::fmt;
 use std::sync::Arc;

@@ -84,7 +84,16 @@
 //! [`prepared_statements`](PostgresBackendBuilder::prepared_statements),
 //! where sessions are real. A `begin` or `complete` dropped before its reply
 //! was read deletes its lease from a task of its own, on the same
-//! connection, after the statement it follows.
+//! connection, after the statement it follows. A connection whose statement
+//! timed out is closed rather than pooled, so no request queues behind a
+//! statement still waiting on the server.
+//!
+//! A `complete` that cannot reach the server (stopped, restarting, timed
+//! out) is tried again from a task of its own until the lease would lapse,
+//! with a statement fenced by the token alone: an unchanged token proves
+//! that nobody took the key over (a takeover writes a new token, a purge
+//! deletes the row), so the record is stored even if the lease lapsed
+//! meanwhile, and the retry replays. A lease taken over is never written.
 //!
 //! **Advisory mode.** The lock is `pg_try_advisory_lock(id)` on a pooled
 //! connection that stays checked out for the request. `complete` sends the
