@@ -8,7 +8,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -99,61 +98,79 @@ async fn two_instances_run_a_hundred_duplicates_once() {
     }
 }
 
-/// The holder stores and unlocks while other requests spin on `begin`. A
-/// `begin` whose lookup ran in a snapshot taken before the holder's commit,
-/// but whose lock came after the holder's unlock, would acquire the key and
-/// run the handler a second time; it must see the record instead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A `begin` looks for a record, takes the key, and looks again: a record
+/// the holder committed after the first look (when the key was not yet
+/// taken, so that look found nothing live) must be seen by the second and
+/// replayed, never acquired. Here the holder's write — an expired row
+/// turned into a live record — waits uncommitted until the `begin` has
+/// looked once, taken the key and reached that row; then it commits.
+/// Every mode: advisory and transaction begins take an advisory lock before
+/// their second look; a lease begin meets the row with its upsert.
+#[tokio::test]
 async fn begin_sees_the_record_committed_just_before_its_lock() {
-    let backend = backend().await;
+    let admin = admin().await;
+    let writer = postgres_support::admin().await;
+    // A table of its own: its begin functions are this test's alone.
+    let table = format!("idem_recheck_{}", std::process::id());
     let fp = conformance::fingerprint(1);
-    for round in 0..150 {
+    let blob = tower_idempotency::RecordCodec::new()
+        .encode(&conformance::record(fp, b"committed"))
+        .unwrap();
+    for mode in [
+        PostgresMode::Lease,
+        PostgresMode::Advisory,
+        PostgresMode::Transaction,
+    ] {
+        let app = unique(&format!("recheck-{mode}"));
+        let backend = postgres_support::backend_on_table(&table, mode, &app).await;
         let key = conformance::fresh_key();
-        let Begin::Acquired(lock) = backend
-            .begin(&key, &fp, Duration::from_secs(30))
-            .await
-            .unwrap()
-        else {
-            panic!("fresh key");
-        };
-        let spinning = Arc::new(AtomicBool::new(false));
-        let mut spinners = tokio::task::JoinSet::new();
-        for _ in 0..2 {
-            let (backend, spinning) = (backend.clone(), spinning.clone());
-            spinners.spawn(async move {
-                loop {
-                    spinning.store(true, Ordering::SeqCst);
-                    match backend
-                        .begin(&key, &fp, Duration::from_secs(30))
-                        .await
-                        .unwrap()
-                    {
-                        Begin::Busy { .. } => {}
-                        Begin::Completed(_) => return true,
-                        Begin::Acquired(lock) => {
-                            backend.release(lock).await.unwrap();
-                            return false;
-                        }
-                        _ => unreachable!(),
-                    }
-                }
-            });
-        }
-        while !spinning.load(Ordering::SeqCst) {
-            tokio::task::yield_now().await;
-        }
-        let saved = backend
-            .complete(lock, conformance::record(fp, b"{}"), Duration::from_mins(5))
+        let key_bytes = &key.as_bytes()[..];
+        admin
+            .execute(
+                &format!(
+                    "INSERT INTO {table} (key, fingerprint, record, expires_at) \
+                     VALUES ($1, '\\x00', '\\x00', now() - interval '1 hour')"
+                ),
+                &[&key_bytes],
+            )
             .await
             .unwrap();
-        assert_eq!(saved, Completion::Saved);
-        for seen in spinners.join_all().await {
-            assert!(
-                seen,
-                "round {round}: a begin took the key although its record was committed"
-            );
+        // The holder's complete, caught between its write and its commit.
+        writer.batch_execute("BEGIN").await.unwrap();
+        writer
+            .execute(
+                &format!(
+                    "UPDATE {table} SET fingerprint = $2, record = $3, lock_token = NULL, \
+                     expires_at = now() + interval '1 hour' WHERE key = $1"
+                ),
+                &[&key_bytes, &&fp.as_bytes()[..], &blob],
+            )
+            .await
+            .unwrap();
+        let begin = {
+            let backend = backend.clone();
+            tokio::spawn(async move { backend.begin(&key, &fp, Duration::from_secs(30)).await })
+        };
+        // Its first look found nothing live; it now waits for the row.
+        postgres_support::wait_until_blocked(&admin, &app).await;
+        writer.batch_execute("COMMIT").await.unwrap();
+        match begin.await.unwrap().unwrap() {
+            Begin::Completed(record) => assert_eq!(record.body, "committed", "{mode}"),
+            Begin::Acquired(lock) => {
+                backend.release(lock).await.unwrap();
+                panic!("{mode}: a begin took the key although its record was committed");
+            }
+            other => panic!("{mode}: {other:?}"),
         }
     }
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE {table}; DROP FUNCTION {table}_begin; DROP FUNCTION {table}_begin_xact; \
+             DROP FUNCTION {table}_lease; DROP FUNCTION {table}_complete_session; \
+             DROP FUNCTION {table}_complete_xact"
+        ))
+        .await
+        .unwrap();
 }
 
 /// Drops the response future at its n-th suspension point.

@@ -143,3 +143,46 @@ pub async fn wait_unlocked(admin: &tokio_postgres::Client, id: i64) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Whether a session whose `application_name` is `app` is waiting for a
+/// lock another session holds (a row, a transaction).
+pub async fn waits_for_a_lock(admin: &tokio_postgres::Client, app: &str) -> bool {
+    let waiting: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock'",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    waiting > 0
+}
+
+/// Waits (up to 10 s) until a session of `app` waits for a lock: its
+/// statement has reached the row another session holds.
+pub async fn wait_until_blocked(admin: &tokio_postgres::Client, app: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !waits_for_a_lock(admin, app).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no session of {app} waits for a lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// A backend in `mode` on `table` (migrated), whose sessions carry
+/// `application_name = app`, with a timeout long enough that only the test
+/// ends its calls.
+pub async fn backend_on_table(table: &str, mode: PostgresMode, app: &str) -> PostgresBackend {
+    let url = format!("{}?application_name={app}", database_url());
+    let backend = PostgresBackend::builder(pool_for(&url, 2))
+        .table(table)
+        .mode(mode)
+        .timeout(std::time::Duration::from_mins(1))
+        .build()
+        .unwrap();
+    backend.migrate().await.unwrap();
+    backend
+}
