@@ -110,6 +110,7 @@ async fn two_instances_run_a_hundred_duplicates_once() {
 async fn begin_sees_the_record_committed_just_before_its_lock() {
     let admin = admin().await;
     let writer = postgres_support::admin().await;
+    let writer_pid = postgres_support::pid_of(&writer).await;
     // A table of its own: its begin functions are this test's alone.
     let table = format!("idem_recheck_{}", std::process::id());
     let fp = conformance::fingerprint(1);
@@ -152,7 +153,7 @@ async fn begin_sees_the_record_committed_just_before_its_lock() {
             tokio::spawn(async move { backend.begin(&key, &fp, Duration::from_secs(30)).await })
         };
         // Its first look found nothing live; it now waits for the row.
-        postgres_support::wait_until_blocked(&admin, &app).await;
+        postgres_support::wait_until_finished_or_blocked_by(&admin, &app, writer_pid, &begin).await;
         writer.batch_execute("COMMIT").await.unwrap();
         match begin.await.unwrap().unwrap() {
             Begin::Completed(record) => assert_eq!(record.body, "committed", "{mode}"),
@@ -1097,9 +1098,11 @@ async fn transaction_persist_never_rolls_back() {
 /// again on the row it reaches.
 #[tokio::test]
 async fn purge_never_deletes_a_row_taken_over_while_it_runs() {
-    let backend = backend().await;
+    let app = unique("purge-race");
+    let backend = backend_named(PostgresMode::Lease, &app, 1).await;
     let admin = admin().await;
     let writer = postgres_support::admin().await;
+    let writer_pid = postgres_support::pid_of(&writer).await;
     let key = conformance::fresh_key();
     admin
         .execute(
@@ -1123,7 +1126,9 @@ async fn purge_never_deletes_a_row_taken_over_while_it_runs() {
         .await
         .unwrap();
     let purge = tokio::spawn(async move { backend.purge_expired(1000).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The purge has met the row while the writer holds it: it skipped the
+    // row and finished, or it waits for the writer.
+    postgres_support::wait_until_finished_or_blocked_by(&admin, &app, writer_pid, &purge).await;
     writer.batch_execute("COMMIT").await.unwrap();
     purge.await.unwrap().unwrap();
     let rows: i64 = admin
@@ -1143,9 +1148,12 @@ async fn purge_never_deletes_a_row_taken_over_while_it_runs() {
 #[tokio::test]
 async fn a_lease_extension_in_flight_keeps_other_modes_out() {
     let lease = backend().await;
+    let admin = admin().await;
     let writer = postgres_support::admin().await;
+    let writer_pid = postgres_support::pid_of(&writer).await;
     for mode in [PostgresMode::Advisory, PostgresMode::Transaction] {
-        let other = backend_in(mode).await;
+        let app = unique(&format!("extension-{mode}"));
+        let other = backend_named(mode, &app, 2).await;
         let key = conformance::fresh_key();
         let fp = conformance::fingerprint(5);
         let Begin::Acquired(held) = lease
@@ -1172,7 +1180,9 @@ async fn a_lease_extension_in_flight_keeps_other_modes_out() {
             let other = other.clone();
             tokio::spawn(async move { other.begin(&key, &fp, Duration::from_secs(5)).await })
         };
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The begin has taken the key and waits for the row (or, wrongly,
+        // answered without waiting).
+        postgres_support::wait_until_finished_or_blocked_by(&admin, &app, writer_pid, &begin).await;
         writer.batch_execute("COMMIT").await.unwrap();
         match begin.await.unwrap().unwrap() {
             Begin::Busy { .. } => {}
