@@ -886,6 +886,145 @@ async fn transaction_killed_mid_handler_rolls_back_payment_and_record() {
     assert_eq!(runs.get(), 2);
 }
 
+/// A backend that reports each `extend` that found its lock lost: the
+/// heartbeat's verdict, which the test waits for.
+#[derive(Clone)]
+struct ReportsLoss {
+    inner: PostgresBackend,
+    lost: Arc<tokio::sync::Notify>,
+}
+
+impl Backend for ReportsLoss {
+    type Lock = tower_idempotency::PostgresLock;
+
+    async fn begin(
+        &self,
+        key: &StorageKey,
+        fp: &tower_idempotency::Fingerprint,
+        ttl: Duration,
+    ) -> Result<Begin<Self::Lock>, tower_idempotency::BackendError> {
+        self.inner.begin(key, fp, ttl).await
+    }
+
+    async fn complete(
+        &self,
+        lock: Self::Lock,
+        record: tower_idempotency::Record,
+        ttl: Duration,
+    ) -> Result<Completion, tower_idempotency::BackendError> {
+        self.inner.complete(lock, record, ttl).await
+    }
+
+    async fn release(&self, lock: Self::Lock) -> Result<(), tower_idempotency::BackendError> {
+        self.inner.release(lock).await
+    }
+
+    async fn extend(
+        &self,
+        lock: &Self::Lock,
+        ttl: Duration,
+    ) -> Result<bool, tower_idempotency::BackendError> {
+        let kept = self.inner.extend(lock, ttl).await;
+        if matches!(kept, Ok(false)) {
+            self.lost.notify_one();
+        }
+        kept
+    }
+
+    fn abandon(&self, lock: Self::Lock) {
+        self.inner.abandon(lock);
+    }
+
+    fn prepare_request(&self, lock: &Self::Lock, extensions: &mut http::Extensions) {
+        self.inner.prepare_request(lock, extensions);
+    }
+
+    fn commits_handler_effects(&self) -> bool {
+        self.inner.commits_handler_effects()
+    }
+}
+
+/// Transaction mode: the request's connection is killed while the handler
+/// runs, and the heartbeat — not the final commit — is what notices. The
+/// handler's writes went with the connection, so its 201 becomes a 503;
+/// the retry runs again.
+#[tokio::test]
+async fn transaction_lost_to_the_heartbeat_answers_503_not_the_handler_s_201() {
+    let admin = admin().await;
+    let lost = Arc::new(tokio::sync::Notify::new());
+    let backend = ReportsLoss {
+        inner: backend_in(PostgresMode::Transaction).await,
+        lost: lost.clone(),
+    };
+    let runs = Runs::default();
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
+    let first_call = Arc::new(std::sync::Mutex::new(Some(pid_tx)));
+    let handler = {
+        let runs = runs.clone();
+        tower::service_fn(move |req: common::InnerReq| {
+            let n = runs.bump();
+            let first = first_call.lock().unwrap().take();
+            let lost = lost.clone();
+            async move {
+                if let Some(pid_tx) = first {
+                    let tx = req
+                        .extensions()
+                        .get::<RequestTransaction>()
+                        .cloned()
+                        .expect("transaction mode lends the transaction");
+                    let pid: i32 = tx
+                        .client()
+                        .await
+                        .unwrap()
+                        .query_one("SELECT pg_backend_pid()", &[])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    pid_tx.send(pid).unwrap();
+                    // Answer only once the heartbeat found the connection
+                    // gone.
+                    lost.notified().await;
+                }
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .body(Full::new(Bytes::from(format!("run {n}"))))
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    // A heartbeat every 100 ms.
+    let svc = IdempotencyLayer::new(backend)
+        .lock_ttl(Duration::from_millis(300))
+        .layer(handler);
+    let key = unique("tx-heartbeat");
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(&key), "x")));
+    let pid = pid_rx.await.unwrap();
+    postgres_support::terminate(&admin, &[pid]).await;
+    let first = tokio::time::timeout(Duration::from_secs(30), first)
+        .await
+        .expect("the heartbeat never reported the lost connection")
+        .unwrap()
+        .unwrap();
+    let first = common::Answer::read(first).await;
+    assert_eq!(
+        first.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the handler's answer for rolled-back writes: {:?}",
+        first.body
+    );
+    let retry = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{:?}", retry.body);
+    assert_eq!(retry.body, "run 2");
+    assert!(
+        send(&mut svc.clone(), post("/p", Some(&key), "x"))
+            .await
+            .replayed()
+    );
+    assert_eq!(runs.get(), 2);
+}
+
 /// Transaction mode: a handler that answers 500 after writing rolls its
 /// write back; the retry runs on a clean slate.
 #[tokio::test]
