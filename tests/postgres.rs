@@ -599,6 +599,120 @@ async fn lease_survives_its_sessions_being_terminated_mid_handler() {
     assert_eq!(runs.get(), 1);
 }
 
+/// Waits (up to 5 s) until `begin` acquires `key`, then releases it: the key
+/// is free again long before its lease's 60 s TTL.
+async fn freed_within_seconds(backend: &PostgresBackend, key: &StorageKey) {
+    let fp = conformance::fingerprint(6);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match backend
+            .begin(key, &fp, Duration::from_mins(1))
+            .await
+            .unwrap()
+        {
+            Begin::Acquired(lock) => return backend.release(lock).await.unwrap(),
+            Begin::Busy { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key is still held: the lease was left to its 60 s TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Lease mode: a `begin` dropped after its statement reached the server
+/// (the client left, an outer timeout) deletes the lease that statement
+/// writes — on the same connection, after it — so the key is free within
+/// seconds, not after the lock TTL. The statement is held up by another
+/// session's uncommitted insert of the key, so it writes its lease only
+/// after the `begin` was dropped.
+#[tokio::test]
+async fn a_dropped_lease_begin_leaves_no_lease_behind() {
+    let admin = admin().await;
+    let writer = postgres_support::admin().await;
+    let writer_pid = postgres_support::pid_of(&writer).await;
+    let app = unique("dropped-begin");
+    let backend = postgres_support::backend_on_table(TABLE, PostgresMode::Lease, &app).await;
+    let key = conformance::fresh_key();
+    writer.batch_execute("BEGIN").await.unwrap();
+    writer
+        .execute(
+            &format!(
+                "INSERT INTO {TABLE} (key, fingerprint, expires_at) \
+                 VALUES ($1, '\\x00', now() - interval '1 hour')"
+            ),
+            &[&&key.as_bytes()[..]],
+        )
+        .await
+        .unwrap();
+    let fp = conformance::fingerprint(6);
+    let mut begin = Box::pin(backend.begin(&key, &fp, Duration::from_mins(1)));
+    tokio::select! {
+        answered = &mut begin => panic!("the begin answered past a held row: {answered:?}"),
+        () = postgres_support::wait_until_blocked_by(&admin, &app, writer_pid) => {}
+    }
+    drop(begin);
+    // The insert goes away: the dropped begin's statement writes its lease.
+    writer.batch_execute("ROLLBACK").await.unwrap();
+    freed_within_seconds(&backend, &key).await;
+}
+
+/// Lease mode: a `complete` whose statement fails (here it is cancelled
+/// while it waits for a row another session holds) deletes its lease on the
+/// same connection: the key is free within seconds, not after the lock TTL.
+#[tokio::test]
+async fn a_failed_lease_complete_leaves_no_lease_behind() {
+    let admin = admin().await;
+    let writer = postgres_support::admin().await;
+    let writer_pid = postgres_support::pid_of(&writer).await;
+    let app = unique("failed-complete");
+    let backend = postgres_support::backend_on_table(TABLE, PostgresMode::Lease, &app).await;
+    let key = conformance::fresh_key();
+    let fp = conformance::fingerprint(6);
+    let Begin::Acquired(lock) = backend
+        .begin(&key, &fp, Duration::from_mins(1))
+        .await
+        .unwrap()
+    else {
+        panic!("fresh key");
+    };
+    writer.batch_execute("BEGIN").await.unwrap();
+    writer
+        .execute(
+            &format!("SELECT 1 FROM {TABLE} WHERE key = $1 FOR UPDATE"),
+            &[&&key.as_bytes()[..]],
+        )
+        .await
+        .unwrap();
+    let mut complete =
+        Box::pin(backend.complete(lock, conformance::record(fp, b"{}"), Duration::from_mins(5)));
+    tokio::select! {
+        answered = &mut complete => panic!("the complete answered past a held row: {answered:?}"),
+        () = postgres_support::wait_until_blocked_by(&admin, &app, writer_pid) => {}
+    }
+    admin
+        .execute(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND $2 = ANY(pg_blocking_pids(pid))",
+            &[&app, &writer_pid],
+        )
+        .await
+        .unwrap();
+    let error = complete.await.unwrap_err();
+    let code = std::error::Error::source(&error)
+        .and_then(|e| e.downcast_ref::<tokio_postgres::Error>())
+        .and_then(tokio_postgres::Error::code);
+    assert_eq!(
+        code,
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{error:?}"
+    );
+    writer.batch_execute("ROLLBACK").await.unwrap();
+    freed_within_seconds(&backend, &key).await;
+}
+
 /// Every mode: a holder whose lock was lost (its lease lapsed, its session
 /// was killed) never overwrites the record of the request that took over.
 #[tokio::test]
