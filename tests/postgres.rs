@@ -1479,6 +1479,13 @@ async fn transaction_committed_by_the_handler_stores_nothing() {
     assert_eq!(record_rows(&admin, &storage_key(&key)).await, 0);
 }
 
+/// Lease mode: a handler that panics; the default `Backend::abandon`
+/// deletes the lease in the background, and the retry runs within seconds.
+#[tokio::test]
+async fn lease_panicked_handler_frees_the_key_within_seconds() {
+    common::a_panicked_handler_frees_the_key(backend().await, &unique("lease-panic")).await;
+}
+
 /// Transaction mode: a handler that panics after writing leaves no row and
 /// no record, and the key is free for the retry at once.
 #[tokio::test]
