@@ -8,7 +8,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -99,61 +98,80 @@ async fn two_instances_run_a_hundred_duplicates_once() {
     }
 }
 
-/// The holder stores and unlocks while other requests spin on `begin`. A
-/// `begin` whose lookup ran in a snapshot taken before the holder's commit,
-/// but whose lock came after the holder's unlock, would acquire the key and
-/// run the handler a second time; it must see the record instead.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// A `begin` looks for a record, takes the key, and looks again: a record
+/// the holder committed after the first look (when the key was not yet
+/// taken, so that look found nothing live) must be seen by the second and
+/// replayed, never acquired. Here the holder's write — an expired row
+/// turned into a live record — waits uncommitted until the `begin` has
+/// looked once, taken the key and reached that row; then it commits.
+/// Every mode: advisory and transaction begins take an advisory lock before
+/// their second look; a lease begin meets the row with its upsert.
+#[tokio::test]
 async fn begin_sees_the_record_committed_just_before_its_lock() {
-    let backend = backend().await;
+    let admin = admin().await;
+    let writer = postgres_support::admin().await;
+    let writer_pid = postgres_support::pid_of(&writer).await;
+    // A table of its own: its begin functions are this test's alone.
+    let table = format!("idem_recheck_{}", std::process::id());
     let fp = conformance::fingerprint(1);
-    for round in 0..150 {
+    let blob = tower_idempotency::RecordCodec::new()
+        .encode(&conformance::record(fp, b"committed"))
+        .unwrap();
+    for mode in [
+        PostgresMode::Lease,
+        PostgresMode::Advisory,
+        PostgresMode::Transaction,
+    ] {
+        let app = unique(&format!("recheck-{mode}"));
+        let backend = postgres_support::backend_on_table(&table, mode, &app).await;
         let key = conformance::fresh_key();
-        let Begin::Acquired(lock) = backend
-            .begin(&key, &fp, Duration::from_secs(30))
-            .await
-            .unwrap()
-        else {
-            panic!("fresh key");
-        };
-        let spinning = Arc::new(AtomicBool::new(false));
-        let mut spinners = tokio::task::JoinSet::new();
-        for _ in 0..2 {
-            let (backend, spinning) = (backend.clone(), spinning.clone());
-            spinners.spawn(async move {
-                loop {
-                    spinning.store(true, Ordering::SeqCst);
-                    match backend
-                        .begin(&key, &fp, Duration::from_secs(30))
-                        .await
-                        .unwrap()
-                    {
-                        Begin::Busy { .. } => {}
-                        Begin::Completed(_) => return true,
-                        Begin::Acquired(lock) => {
-                            backend.release(lock).await.unwrap();
-                            return false;
-                        }
-                        _ => unreachable!(),
-                    }
-                }
-            });
-        }
-        while !spinning.load(Ordering::SeqCst) {
-            tokio::task::yield_now().await;
-        }
-        let saved = backend
-            .complete(lock, conformance::record(fp, b"{}"), Duration::from_mins(5))
+        let key_bytes = &key.as_bytes()[..];
+        admin
+            .execute(
+                &format!(
+                    "INSERT INTO {table} (key, fingerprint, record, expires_at) \
+                     VALUES ($1, '\\x00', '\\x00', now() - interval '1 hour')"
+                ),
+                &[&key_bytes],
+            )
             .await
             .unwrap();
-        assert_eq!(saved, Completion::Saved);
-        for seen in spinners.join_all().await {
-            assert!(
-                seen,
-                "round {round}: a begin took the key although its record was committed"
-            );
+        // The holder's complete, caught between its write and its commit.
+        writer.batch_execute("BEGIN").await.unwrap();
+        writer
+            .execute(
+                &format!(
+                    "UPDATE {table} SET fingerprint = $2, record = $3, lock_token = NULL, \
+                     expires_at = now() + interval '1 hour' WHERE key = $1"
+                ),
+                &[&key_bytes, &&fp.as_bytes()[..], &blob],
+            )
+            .await
+            .unwrap();
+        let begin = {
+            let backend = backend.clone();
+            tokio::spawn(async move { backend.begin(&key, &fp, Duration::from_secs(30)).await })
+        };
+        // Its first look found nothing live; it now waits for the row.
+        postgres_support::wait_until_finished_or_blocked_by(&admin, &app, writer_pid, &begin).await;
+        writer.batch_execute("COMMIT").await.unwrap();
+        match begin.await.unwrap().unwrap() {
+            Begin::Completed(record) => assert_eq!(record.body, "committed", "{mode}"),
+            Begin::Acquired(lock) => {
+                backend.release(lock).await.unwrap();
+                panic!("{mode}: a begin took the key although its record was committed");
+            }
+            other => panic!("{mode}: {other:?}"),
         }
     }
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE {table}; DROP FUNCTION {table}_begin; DROP FUNCTION {table}_begin_xact; \
+             DROP FUNCTION {table}_lease; DROP FUNCTION {table}_complete_session; \
+             DROP FUNCTION {table}_complete_xact"
+        ))
+        .await
+        .unwrap();
 }
 
 /// Drops the response future at its n-th suspension point.
@@ -581,6 +599,120 @@ async fn lease_survives_its_sessions_being_terminated_mid_handler() {
     assert_eq!(runs.get(), 1);
 }
 
+/// Waits (up to 5 s) until `begin` acquires `key`, then releases it: the key
+/// is free again long before its lease's 60 s TTL.
+async fn freed_within_seconds(backend: &PostgresBackend, key: &StorageKey) {
+    let fp = conformance::fingerprint(6);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match backend
+            .begin(key, &fp, Duration::from_mins(1))
+            .await
+            .unwrap()
+        {
+            Begin::Acquired(lock) => return backend.release(lock).await.unwrap(),
+            Begin::Busy { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key is still held: the lease was left to its 60 s TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Lease mode: a `begin` dropped after its statement reached the server
+/// (the client left, an outer timeout) deletes the lease that statement
+/// writes — on the same connection, after it — so the key is free within
+/// seconds, not after the lock TTL. The statement is held up by another
+/// session's uncommitted insert of the key, so it writes its lease only
+/// after the `begin` was dropped.
+#[tokio::test]
+async fn a_dropped_lease_begin_leaves_no_lease_behind() {
+    let admin = admin().await;
+    let writer = postgres_support::admin().await;
+    let writer_pid = postgres_support::pid_of(&writer).await;
+    let app = unique("dropped-begin");
+    let backend = postgres_support::backend_on_table(TABLE, PostgresMode::Lease, &app).await;
+    let key = conformance::fresh_key();
+    writer.batch_execute("BEGIN").await.unwrap();
+    writer
+        .execute(
+            &format!(
+                "INSERT INTO {TABLE} (key, fingerprint, expires_at) \
+                 VALUES ($1, '\\x00', now() - interval '1 hour')"
+            ),
+            &[&&key.as_bytes()[..]],
+        )
+        .await
+        .unwrap();
+    let fp = conformance::fingerprint(6);
+    let mut begin = Box::pin(backend.begin(&key, &fp, Duration::from_mins(1)));
+    tokio::select! {
+        answered = &mut begin => panic!("the begin answered past a held row: {answered:?}"),
+        () = postgres_support::wait_until_blocked_by(&admin, &app, writer_pid) => {}
+    }
+    drop(begin);
+    // The insert goes away: the dropped begin's statement writes its lease.
+    writer.batch_execute("ROLLBACK").await.unwrap();
+    freed_within_seconds(&backend, &key).await;
+}
+
+/// Lease mode: a `complete` whose statement fails (here it is cancelled
+/// while it waits for a row another session holds) deletes its lease on the
+/// same connection: the key is free within seconds, not after the lock TTL.
+#[tokio::test]
+async fn a_failed_lease_complete_leaves_no_lease_behind() {
+    let admin = admin().await;
+    let writer = postgres_support::admin().await;
+    let writer_pid = postgres_support::pid_of(&writer).await;
+    let app = unique("failed-complete");
+    let backend = postgres_support::backend_on_table(TABLE, PostgresMode::Lease, &app).await;
+    let key = conformance::fresh_key();
+    let fp = conformance::fingerprint(6);
+    let Begin::Acquired(lock) = backend
+        .begin(&key, &fp, Duration::from_mins(1))
+        .await
+        .unwrap()
+    else {
+        panic!("fresh key");
+    };
+    writer.batch_execute("BEGIN").await.unwrap();
+    writer
+        .execute(
+            &format!("SELECT 1 FROM {TABLE} WHERE key = $1 FOR UPDATE"),
+            &[&&key.as_bytes()[..]],
+        )
+        .await
+        .unwrap();
+    let mut complete =
+        Box::pin(backend.complete(lock, conformance::record(fp, b"{}"), Duration::from_mins(5)));
+    tokio::select! {
+        answered = &mut complete => panic!("the complete answered past a held row: {answered:?}"),
+        () = postgres_support::wait_until_blocked_by(&admin, &app, writer_pid) => {}
+    }
+    admin
+        .execute(
+            "SELECT pg_cancel_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND $2 = ANY(pg_blocking_pids(pid))",
+            &[&app, &writer_pid],
+        )
+        .await
+        .unwrap();
+    let error = complete.await.unwrap_err();
+    let code = std::error::Error::source(&error)
+        .and_then(|e| e.downcast_ref::<tokio_postgres::Error>())
+        .and_then(tokio_postgres::Error::code);
+    assert_eq!(
+        code,
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{error:?}"
+    );
+    writer.batch_execute("ROLLBACK").await.unwrap();
+    freed_within_seconds(&backend, &key).await;
+}
+
 /// Every mode: a holder whose lock was lost (its lease lapsed, its session
 /// was killed) never overwrites the record of the request that took over.
 #[tokio::test]
@@ -868,6 +1000,145 @@ async fn transaction_killed_mid_handler_rolls_back_payment_and_record() {
     assert_eq!(runs.get(), 2);
 }
 
+/// A backend that reports each `extend` that found its lock lost: the
+/// heartbeat's verdict, which the test waits for.
+#[derive(Clone)]
+struct ReportsLoss {
+    inner: PostgresBackend,
+    lost: Arc<tokio::sync::Notify>,
+}
+
+impl Backend for ReportsLoss {
+    type Lock = tower_idempotency::PostgresLock;
+
+    async fn begin(
+        &self,
+        key: &StorageKey,
+        fp: &tower_idempotency::Fingerprint,
+        ttl: Duration,
+    ) -> Result<Begin<Self::Lock>, tower_idempotency::BackendError> {
+        self.inner.begin(key, fp, ttl).await
+    }
+
+    async fn complete(
+        &self,
+        lock: Self::Lock,
+        record: tower_idempotency::Record,
+        ttl: Duration,
+    ) -> Result<Completion, tower_idempotency::BackendError> {
+        self.inner.complete(lock, record, ttl).await
+    }
+
+    async fn release(&self, lock: Self::Lock) -> Result<(), tower_idempotency::BackendError> {
+        self.inner.release(lock).await
+    }
+
+    async fn extend(
+        &self,
+        lock: &Self::Lock,
+        ttl: Duration,
+    ) -> Result<bool, tower_idempotency::BackendError> {
+        let kept = self.inner.extend(lock, ttl).await;
+        if matches!(kept, Ok(false)) {
+            self.lost.notify_one();
+        }
+        kept
+    }
+
+    fn abandon(&self, lock: Self::Lock) {
+        self.inner.abandon(lock);
+    }
+
+    fn prepare_request(&self, lock: &Self::Lock, extensions: &mut http::Extensions) {
+        self.inner.prepare_request(lock, extensions);
+    }
+
+    fn commits_handler_effects(&self) -> bool {
+        self.inner.commits_handler_effects()
+    }
+}
+
+/// Transaction mode: the request's connection is killed while the handler
+/// runs, and the heartbeat — not the final commit — is what notices. The
+/// handler's writes went with the connection, so its 201 becomes a 503;
+/// the retry runs again.
+#[tokio::test]
+async fn transaction_lost_to_the_heartbeat_answers_503_not_the_handler_s_201() {
+    let admin = admin().await;
+    let lost = Arc::new(tokio::sync::Notify::new());
+    let backend = ReportsLoss {
+        inner: backend_in(PostgresMode::Transaction).await,
+        lost: lost.clone(),
+    };
+    let runs = Runs::default();
+    let (pid_tx, pid_rx) = tokio::sync::oneshot::channel::<i32>();
+    let first_call = Arc::new(std::sync::Mutex::new(Some(pid_tx)));
+    let handler = {
+        let runs = runs.clone();
+        tower::service_fn(move |req: common::InnerReq| {
+            let n = runs.bump();
+            let first = first_call.lock().unwrap().take();
+            let lost = lost.clone();
+            async move {
+                if let Some(pid_tx) = first {
+                    let tx = req
+                        .extensions()
+                        .get::<RequestTransaction>()
+                        .cloned()
+                        .expect("transaction mode lends the transaction");
+                    let pid: i32 = tx
+                        .client()
+                        .await
+                        .unwrap()
+                        .query_one("SELECT pg_backend_pid()", &[])
+                        .await
+                        .unwrap()
+                        .get(0);
+                    pid_tx.send(pid).unwrap();
+                    // Answer only once the heartbeat found the connection
+                    // gone.
+                    lost.notified().await;
+                }
+                Ok::<_, Infallible>(
+                    Response::builder()
+                        .status(StatusCode::CREATED)
+                        .body(Full::new(Bytes::from(format!("run {n}"))))
+                        .unwrap(),
+                )
+            }
+        })
+    };
+    // A heartbeat every 100 ms.
+    let svc = IdempotencyLayer::new(backend)
+        .lock_ttl(Duration::from_millis(300))
+        .layer(handler);
+    let key = unique("tx-heartbeat");
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(&key), "x")));
+    let pid = pid_rx.await.unwrap();
+    postgres_support::terminate(&admin, &[pid]).await;
+    let first = tokio::time::timeout(Duration::from_secs(30), first)
+        .await
+        .expect("the heartbeat never reported the lost connection")
+        .unwrap()
+        .unwrap();
+    let first = common::Answer::read(first).await;
+    assert_eq!(
+        first.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the handler's answer for rolled-back writes: {:?}",
+        first.body
+    );
+    let retry = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{:?}", retry.body);
+    assert_eq!(retry.body, "run 2");
+    assert!(
+        send(&mut svc.clone(), post("/p", Some(&key), "x"))
+            .await
+            .replayed()
+    );
+    assert_eq!(runs.get(), 2);
+}
+
 /// Transaction mode: a handler that answers 500 after writing rolls its
 /// write back; the retry runs on a clean slate.
 #[tokio::test]
@@ -1080,9 +1351,11 @@ async fn transaction_persist_never_rolls_back() {
 /// again on the row it reaches.
 #[tokio::test]
 async fn purge_never_deletes_a_row_taken_over_while_it_runs() {
-    let backend = backend().await;
+    let app = unique("purge-race");
+    let backend = backend_named(PostgresMode::Lease, &app, 1).await;
     let admin = admin().await;
     let writer = postgres_support::admin().await;
+    let writer_pid = postgres_support::pid_of(&writer).await;
     let key = conformance::fresh_key();
     admin
         .execute(
@@ -1106,7 +1379,9 @@ async fn purge_never_deletes_a_row_taken_over_while_it_runs() {
         .await
         .unwrap();
     let purge = tokio::spawn(async move { backend.purge_expired(1000).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The purge has met the row while the writer holds it: it skipped the
+    // row and finished, or it waits for the writer.
+    postgres_support::wait_until_finished_or_blocked_by(&admin, &app, writer_pid, &purge).await;
     writer.batch_execute("COMMIT").await.unwrap();
     purge.await.unwrap().unwrap();
     let rows: i64 = admin
@@ -1126,9 +1401,12 @@ async fn purge_never_deletes_a_row_taken_over_while_it_runs() {
 #[tokio::test]
 async fn a_lease_extension_in_flight_keeps_other_modes_out() {
     let lease = backend().await;
+    let admin = admin().await;
     let writer = postgres_support::admin().await;
+    let writer_pid = postgres_support::pid_of(&writer).await;
     for mode in [PostgresMode::Advisory, PostgresMode::Transaction] {
-        let other = backend_in(mode).await;
+        let app = unique(&format!("extension-{mode}"));
+        let other = backend_named(mode, &app, 2).await;
         let key = conformance::fresh_key();
         let fp = conformance::fingerprint(5);
         let Begin::Acquired(held) = lease
@@ -1155,7 +1433,9 @@ async fn a_lease_extension_in_flight_keeps_other_modes_out() {
             let other = other.clone();
             tokio::spawn(async move { other.begin(&key, &fp, Duration::from_secs(5)).await })
         };
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // The begin has taken the key and waits for the row (or, wrongly,
+        // answered without waiting).
+        postgres_support::wait_until_finished_or_blocked_by(&admin, &app, writer_pid, &begin).await;
         writer.batch_execute("COMMIT").await.unwrap();
         match begin.await.unwrap().unwrap() {
             Begin::Busy { .. } => {}
@@ -1197,6 +1477,13 @@ async fn transaction_committed_by_the_handler_stores_nothing() {
     let answer = send(&mut svc, post("/p", Some(&key), "x")).await;
     assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(record_rows(&admin, &storage_key(&key)).await, 0);
+}
+
+/// Lease mode: a handler that panics; the default `Backend::abandon`
+/// deletes the lease in the background, and the retry runs within seconds.
+#[tokio::test]
+async fn lease_panicked_handler_frees_the_key_within_seconds() {
+    common::a_panicked_handler_frees_the_key(backend().await, &unique("lease-panic")).await;
 }
 
 /// Transaction mode: a handler that panics after writing leaves no row and

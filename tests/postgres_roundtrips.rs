@@ -1,6 +1,8 @@
 //! What each PostgreSQL mode costs per request, counted rather than timed:
-//! round trips and statements on the wire (a proxy that reads the
-//! PostgreSQL frontend protocol between the pool and the server), WAL bytes
+//! round trips, statements and `Parse` messages on the wire (a proxy that
+//! reads the PostgreSQL frontend protocol between the pool and the server:
+//! a prepared statement is parsed once per connection, under a name; an
+//! unnamed one with every use), WAL bytes
 //! (`pg_current_wal_insert_lsn`) and write transactions (transaction ids
 //! assigned: each is a WAL flush that its commit waits for, with the default
 //! `synchronous_commit = on`).
@@ -25,6 +27,11 @@ const COUNTED: u64 = 50;
 struct Cost {
     fresh: (u64, u64),
     replay: (u64, u64),
+    /// `Parse` messages (named, unnamed): in the two warm-up requests, then
+    /// in the counted fresh request and in its replay.
+    warm_parses: (u64, u64),
+    fresh_parses: (u64, u64),
+    replay_parses: (u64, u64),
     wal_bytes: f64,
     writes: f64,
 }
@@ -73,14 +80,18 @@ async fn cost(mode: PostgresMode, prepared: bool, admin: &tokio_postgres::Client
     )
     .await;
 
+    let warm_parses = wire.parses();
+
     let key = format!("counted-{mode}-{nonce}");
     let before = wire.snapshot();
     let fresh = send(&mut svc, post("/p", Some(&key), "x")).await;
     assert!(!fresh.replayed());
     let after_fresh = wire.snapshot();
+    let fresh_parses = wire.parses();
     let replay = send(&mut svc, post("/p", Some(&key), "x")).await;
     assert!(replay.replayed());
     let after_replay = wire.snapshot();
+    let replay_parses = wire.parses();
 
     let (bytes_before, syncs_before) = wal(admin).await;
     for i in 0..COUNTED {
@@ -99,6 +110,15 @@ async fn cost(mode: PostgresMode, prepared: bool, admin: &tokio_postgres::Client
         replay: (
             after_replay.0 - after_fresh.0,
             after_replay.1 - after_fresh.1,
+        ),
+        warm_parses,
+        fresh_parses: (
+            fresh_parses.0 - warm_parses.0,
+            fresh_parses.1 - warm_parses.1,
+        ),
+        replay_parses: (
+            replay_parses.0 - fresh_parses.0,
+            replay_parses.1 - fresh_parses.1,
         ),
         wal_bytes: per(bytes_before, bytes_after),
         writes: per(syncs_before, syncs_after),
@@ -123,6 +143,15 @@ async fn what_each_mode_costs_per_request() {
         (PostgresMode::Transaction, false, (2, 4), (2, 3), 1.0),
         (PostgresMode::Transaction, true, (2, 4), (2, 3), 1.0),
     ] {
+        // Prepared statements (advisory mode always prepares) are parsed
+        // by the warm-up only; unnamed ones with every use: begin and
+        // complete (BEGIN, COMMIT and ROLLBACK are simple queries).
+        let named = prepared || mode == PostgresMode::Advisory;
+        let parses = if named {
+            ((0, 0), (0, 0))
+        } else {
+            ((0, 2), (0, 1))
+        };
         let cost = cost(mode, prepared, &admin).await;
         let mode = if prepared {
             format!("{mode}, prepared statements")
@@ -135,6 +164,20 @@ async fn what_each_mode_costs_per_request() {
         );
         assert_eq!(cost.fresh, fresh, "{mode}: fresh request");
         assert_eq!(cost.replay, replay, "{mode}: replay");
+        assert_eq!(
+            (cost.fresh_parses, cost.replay_parses),
+            parses,
+            "{mode}: Parse messages (named, unnamed) of a fresh request and a replay"
+        );
+        if named {
+            assert!(
+                cost.warm_parses.0 > 0 && cost.warm_parses.1 == 0,
+                "{mode}: the warm-up prepares named statements, and only those: {:?}",
+                cost.warm_parses
+            );
+        } else {
+            assert_eq!(cost.warm_parses.0, 0, "{mode}: no statement is named");
+        }
         // Other tests do not run beside this binary; the server's own
         // background work may take the odd transaction id.
         assert!(

@@ -466,3 +466,10 @@ async fn a_record_too_large_for_the_codec_leaves_a_marker() {
     assert_eq!(retry.problem_type(), "response-not-kept");
     assert_eq!(runs.get(), 1);
 }
+
+/// A handler that panics: the default `Backend::abandon` releases the Redis
+/// lock in the background, and the retry runs within seconds.
+#[tokio::test]
+async fn a_panicked_handler_frees_the_key_within_seconds() {
+    common::a_panicked_handler_frees_the_key(backend().await, "panicked").await;
+}

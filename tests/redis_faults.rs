@@ -367,36 +367,38 @@ async fn a_dropped_begin_leaves_no_lock_behind() {
     backend.release(lock).await.unwrap();
 
     let key = StorageKey::from_bytes([8; 32]);
-    replies.store(true, Ordering::SeqCst);
-    let begin = backend.begin(&key, &fp, Duration::from_secs(30));
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), begin)
-            .await
-            .is_err(),
-        "the reply is held back"
-    );
-    // The script ran: the lock is there, and nobody holds its token.
     let lock_key = format!("idem:{{{}}}:lock", key.to_hex());
     let mut admin = admin(&server.url()).await;
-    // Well within the lock's 30 s TTL.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let freed = loop {
-        let exists: i64 = redis::cmd("EXISTS")
-            .arg(&lock_key)
-            .query_async(&mut admin)
-            .await
-            .unwrap();
-        if exists == 0 {
-            break Instant::now();
+    replies.store(true, Ordering::SeqCst);
+    let mut begin = Box::pin(backend.begin(&key, &fp, Duration::from_secs(30)));
+    // The script ran and took the lock; its reply is held back.
+    let taken = async {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if lock_exists(&mut admin, &lock_key).await {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the begin never took the lock");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    };
+    tokio::select! {
+        answered = &mut begin => panic!("the reply is held back, yet begin answered {answered:?}"),
+        () = taken => {}
+    }
+    // Nobody will read the reply: the lock's holder is gone.
+    drop(begin);
+    let dropped = Instant::now();
+    // Released by its token at once: far within the lock's 30 s TTL.
+    while lock_exists(&mut admin, &lock_key).await {
         assert!(
-            Instant::now() < deadline,
-            "the dropped begin's lock is still there"
+            dropped.elapsed() < Duration::from_secs(2),
+            "the dropped begin's lock is still there after {:?}",
+            dropped.elapsed()
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    }
     replies.store(false, Ordering::SeqCst);
-    let _ = freed;
     let Begin::Acquired(lock) = direct
         .begin(&key, &fp, Duration::from_secs(30))
         .await
@@ -405,6 +407,15 @@ async fn a_dropped_begin_leaves_no_lock_behind() {
         panic!("the key must be free");
     };
     direct.release(lock).await.unwrap();
+}
+
+async fn lock_exists(admin: &mut redis::aio::MultiplexedConnection, lock_key: &str) -> bool {
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(lock_key)
+        .query_async(admin)
+        .await
+        .unwrap();
+    exists == 1
 }
 
 /// Redis with an evicting memory policy may drop a lock (a duplicate runs

@@ -28,6 +28,23 @@ pub struct Counts {
     pub panics: usize,
 }
 
+/// Prints a scenario's counts under `name`.
+pub fn report(name: &str, counts: Counts) {
+    println!(
+        "{name}: {} requests, {} handler runs, {} keys run more than once, {} panics",
+        counts.requests, counts.handler_runs, counts.duplicates, counts.panics
+    );
+}
+
+/// A key prefix no other test or run uses.
+pub fn tag(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
 /// The side effects, per key: each run appends the body it answered.
 #[derive(Clone, Default)]
 struct Ledger(Arc<Mutex<HashMap<String, Vec<Bytes>>>>);

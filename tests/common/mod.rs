@@ -462,3 +462,46 @@ pub async fn example_survives_a_client_that_gives_up(example: &str, env: &[(&str
     let stats = request(addr, "GET", "/stats", &[], "").await;
     assert_eq!(stats.body, r#"{"handler_runs":1}"#, "charged once");
 }
+
+/// A handler that panics on its first call, under a 60 s lock TTL: the
+/// layer abandons the lock to the backend, which releases it from a task of
+/// its own, so a retry runs the handler again within seconds — not a `409`
+/// until the lock expires.
+pub async fn a_panicked_handler_frees_the_key<B: Backend>(backend: B, key: &str) {
+    use std::time::{Duration, Instant};
+    use tower::Layer;
+
+    let runs = Runs::default();
+    let handler = {
+        let runs = runs.clone();
+        tower::service_fn(move |_req: InnerReq| {
+            let n = runs.bump();
+            async move {
+                assert!(n > 1, "the first call panics");
+                let mut res = Response::new(Full::new(Bytes::from(format!("run {n}"))));
+                *res.status_mut() = StatusCode::CREATED;
+                Ok::<_, Infallible>(res)
+            }
+        })
+    };
+    let svc = tower_idempotency::IdempotencyLayer::new(backend)
+        .lock_ttl(Duration::from_mins(1))
+        .layer(handler);
+    let first = tokio::spawn(svc.clone().oneshot(post("/p", Some(key), "x"))).await;
+    assert!(first.unwrap_err().is_panic());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let retry = loop {
+        let answer = send(&mut svc.clone(), post("/p", Some(key), "x")).await;
+        if answer.status != StatusCode::CONFLICT {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the key stayed locked: the panicked request's lock was left to its 60 s TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(retry.status, StatusCode::CREATED, "{:?}", retry.body);
+    assert_eq!(retry.body, "run 2");
+    assert_eq!(runs.get(), 2);
+}

@@ -143,3 +143,75 @@ pub async fn wait_unlocked(admin: &tokio_postgres::Client, id: i64) {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// The server pid of `client`'s session.
+pub async fn pid_of(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Whether a session whose `application_name` is `app` waits for a lock
+/// (a row, a transaction) that the session `holder` holds.
+pub async fn blocked_by(admin: &tokio_postgres::Client, app: &str, holder: i32) -> bool {
+    let waiting: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 \
+             AND wait_event_type = 'Lock' AND $2 = ANY(pg_blocking_pids(pid))",
+            &[&app, &holder],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    waiting > 0
+}
+
+/// Waits (up to 10 s) until a session of `app` waits for a lock that the
+/// session `holder` holds: its statement has reached the row `holder` is
+/// writing.
+pub async fn wait_until_blocked_by(admin: &tokio_postgres::Client, app: &str, holder: i32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !blocked_by(admin, app, holder).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no session of {app} waits for a lock of session {holder}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// A backend in `mode` on `table` (migrated), whose sessions carry
+/// `application_name = app`, with a timeout long enough that only the test
+/// ends its calls.
+pub async fn backend_on_table(table: &str, mode: PostgresMode, app: &str) -> PostgresBackend {
+    let url = format!("{}?application_name={app}", database_url());
+    let backend = PostgresBackend::builder(pool_for(&url, 2))
+        .table(table)
+        .mode(mode)
+        .timeout(std::time::Duration::from_mins(1))
+        .build()
+        .unwrap();
+    backend.migrate().await.unwrap();
+    backend
+}
+
+/// Waits (up to 10 s) until `task` has finished or a session of `app` waits
+/// for a lock that the session `holder` holds: the statement got past the
+/// row `holder` is writing, or reached it.
+pub async fn wait_until_finished_or_blocked_by<T>(
+    admin: &tokio_postgres::Client,
+    app: &str,
+    holder: i32,
+    task: &tokio::task::JoinHandle<T>,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !task.is_finished() && !blocked_by(admin, app, holder).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{app}: neither finished nor waits for a lock of session {holder}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}

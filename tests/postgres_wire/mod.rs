@@ -1,5 +1,5 @@
 //! A proxy that reads the PostgreSQL frontend protocol between a client and
-//! the server and counts round trips and statements, for
+//! the server and counts round trips, statements and `Parse` messages, for
 //! `tests/postgres_roundtrips.rs` and the load benchmark.
 
 use std::sync::Arc;
@@ -11,6 +11,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub struct Wire {
     round_trips: AtomicU64,
     statements: AtomicU64,
+    /// `Parse` messages that name their statement (a prepared statement,
+    /// kept on the session) and that do not (the unnamed statement).
+    named_parses: AtomicU64,
+    unnamed_parses: AtomicU64,
     server_spoke: AtomicBool,
 }
 
@@ -22,10 +26,20 @@ impl Wire {
             self.statements.load(Ordering::SeqCst),
         )
     }
+
+    /// `Parse` messages so far: named (prepared statements), unnamed.
+    #[allow(dead_code, reason = "the load benchmark does not count them")]
+    pub fn parses(&self) -> (u64, u64) {
+        (
+            self.named_parses.load(Ordering::SeqCst),
+            self.unnamed_parses.load(Ordering::SeqCst),
+        )
+    }
 }
 
 /// Splits the client's byte stream into protocol messages and counts the
-/// statements (`Execute`, simple `Query`).
+/// statements (`Execute`, simple `Query`) and the `Parse` messages, by
+/// whether they name the statement.
 struct Frontend {
     buf: Vec<u8>,
     started: bool,
@@ -62,6 +76,16 @@ impl Frontend {
             }
             if kind == b'E' || kind == b'Q' {
                 wire.statements.fetch_add(1, Ordering::SeqCst);
+            }
+            // Parse: the statement's name (a C string, empty for the
+            // unnamed statement) comes first.
+            if kind == b'P' {
+                let parses = if self.buf[5] == 0 {
+                    &wire.unnamed_parses
+                } else {
+                    &wire.named_parses
+                };
+                parses.fetch_add(1, Ordering::SeqCst);
             }
             self.buf.drain(..=len);
         }
