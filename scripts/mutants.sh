@@ -18,9 +18,9 @@ tests_for() {
         src/fingerprint.rs) echo "--test replay --test retry" ;;
         src/record.rs) echo "--test codec --test codec_bomb" ;;
         src/problem.rs | src/headers.rs) echo "--test replay --test retry" ;;
-        src/config.rs) echo "--test retry --test faults" ;;
+        src/config.rs) echo "--test retry --test faults --test shutdown" ;;
         src/backend/memory.rs) echo "--test backend_conformance --test concurrency" ;;
-        src/flow.rs) echo "--test faults --test replay --test retry --test tower_http --test metrics" ;;
+        src/flow.rs) echo "--test faults --test replay --test retry --test shutdown --test tower_http --test metrics" ;;
         *) echo "" ;;
     esac
 }
