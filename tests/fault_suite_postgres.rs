@@ -114,9 +114,11 @@ mod postgres {
         }
     }
 
-    /// Lease and advisory modes: the client still gets its response and the
-    /// retry runs again. (Transaction mode answers 503 there, as its writes
-    /// rolled back: `tests/postgres.rs` kills its session mid-handler.)
+    /// Lease and advisory modes: the client still gets its response; in
+    /// lease mode the save is made up once the server is back and the retry
+    /// replays, in advisory mode the retry runs again. (Transaction mode
+    /// answers 503 there, as its writes rolled back: `tests/postgres.rs`
+    /// kills its session mid-handler.)
     #[tokio::test]
     async fn lost_between_handler_and_save() {
         migrated().await;
@@ -126,6 +128,7 @@ mod postgres {
                 backend(pool_for(&url, 8), mode),
                 &proxy,
                 &tag(&format!("lost-{mode}")),
+                mode == PostgresMode::Lease,
             )
             .await;
             report(

@@ -83,6 +83,7 @@ mod redis {
             backend(&url, &unique_prefix()),
             &proxy,
             &tag("lost"),
+            true,
         )
         .await;
         report("redis: lost between handler and save", counts);
