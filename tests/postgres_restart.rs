@@ -8,7 +8,7 @@ mod postgres_support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Runs, counting, gated, post, send};
+use common::{Runs, counting, gated, post, send, until_settled};
 use http::StatusCode;
 use postgres_support::{TABLE, database_url, pool_for};
 use tower::Layer;
@@ -216,22 +216,13 @@ async fn a_store_that_failed_during_an_outage_lands_when_the_server_is_back() {
     pg_ctl("start");
     drop(restart);
 
-    // Well within the minute the lease would hold the key.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let retry = loop {
-        let retry = send(&mut svc.clone(), post("/p", Some(&key), "x")).await;
-        match retry.status {
-            StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the record never landed: {}",
-                    retry.status
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            _ => break retry,
-        }
-    };
+    // Well within the minute the lock would hold the key.
+    let retry = until_settled(
+        &svc,
+        || post("/p", Some(&key), "x"),
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(retry.replayed(), "{}: {:?}", retry.status, retry.body);
     assert_eq!(retry.body, "run 1");
     assert_eq!(runs.get(), 1, "the handler ran once");

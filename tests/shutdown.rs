@@ -126,12 +126,17 @@ async fn handlers_past_the_grace_period_are_cut_off_and_never_run_again() {
     assert_eq!(runs.get(), 2, "neither handler ran a second time");
 }
 
-/// A memory backend that says it commits the handler's effects with the
-/// record, as PostgreSQL's transaction mode does.
+/// A memory backend that can say it commits the handler's effects with the
+/// record (as PostgreSQL's transaction mode does), and whose `release` can
+/// be slow; its `abandon` is the trait's default.
 #[derive(Clone, Default)]
-struct Atomic(MemoryBackend);
+struct Wrapped {
+    inner: MemoryBackend,
+    atomic: bool,
+    slow_release: Duration,
+}
 
-impl Backend for Atomic {
+impl Backend for Wrapped {
     type Lock = MemoryLock;
 
     async fn begin(
@@ -140,7 +145,7 @@ impl Backend for Atomic {
         fp: &Fingerprint,
         ttl: Duration,
     ) -> Result<Begin<MemoryLock>, BackendError> {
-        self.0.begin(key, fp, ttl).await
+        self.inner.begin(key, fp, ttl).await
     }
 
     async fn complete(
@@ -149,25 +154,29 @@ impl Backend for Atomic {
         record: Record,
         ttl: Duration,
     ) -> Result<Completion, BackendError> {
-        self.0.complete(lock, record, ttl).await
+        self.inner.complete(lock, record, ttl).await
     }
 
     async fn release(&self, lock: MemoryLock) -> Result<(), BackendError> {
-        self.0.release(lock).await
+        tokio::time::sleep(self.slow_release).await;
+        self.inner.release(lock).await
     }
 
     async fn extend(&self, lock: &MemoryLock, ttl: Duration) -> Result<bool, BackendError> {
-        self.0.extend(lock, ttl).await
+        self.inner.extend(lock, ttl).await
     }
 
     fn commits_handler_effects(&self) -> bool {
-        true
+        self.atomic
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn on_an_atomic_backend_a_cut_off_handler_is_released() {
-    let backend = Atomic::default();
+    let backend = Wrapped {
+        atomic: true,
+        ..Wrapped::default()
+    };
     let runs = Runs::default();
     let layer = IdempotencyLayer::new(backend.clone());
     let shutdown = layer.shutdown_handle();
@@ -192,47 +201,14 @@ async fn on_an_atomic_backend_a_cut_off_handler_is_released() {
     assert_eq!(runs.get(), 2);
 }
 
-/// A memory backend whose `release` takes two seconds, released through the
-/// trait's default `abandon`.
-#[derive(Clone, Default)]
-struct SlowRelease(MemoryBackend);
-
-impl Backend for SlowRelease {
-    type Lock = MemoryLock;
-
-    async fn begin(
-        &self,
-        key: &StorageKey,
-        fp: &Fingerprint,
-        ttl: Duration,
-    ) -> Result<Begin<MemoryLock>, BackendError> {
-        self.0.begin(key, fp, ttl).await
-    }
-
-    async fn complete(
-        &self,
-        lock: MemoryLock,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<Completion, BackendError> {
-        self.0.complete(lock, record, ttl).await
-    }
-
-    async fn release(&self, lock: MemoryLock) -> Result<(), BackendError> {
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        self.0.release(lock).await
-    }
-
-    async fn extend(&self, lock: &MemoryLock, ttl: Duration) -> Result<bool, BackendError> {
-        self.0.extend(lock, ttl).await
-    }
-}
-
 /// A handler panic abandons its lock; the release runs in the background,
 /// and shutdown waits for it instead of leaving the key locked.
 #[tokio::test(start_paused = true)]
 async fn shutdown_waits_for_the_release_of_an_abandoned_lock() {
-    let backend = SlowRelease::default();
+    let backend = Wrapped {
+        slow_release: Duration::from_secs(2),
+        ..Wrapped::default()
+    };
     let layer = IdempotencyLayer::new(backend.clone()).lock_ttl(Duration::from_mins(10));
     let shutdown = layer.shutdown_handle();
     let panics = tower::service_fn(|_req: InnerReq| async {

@@ -24,7 +24,7 @@ pub(crate) struct Lapse(Mutex<Instant>);
 impl Lapse {
     /// A lock granted by a command sent at `sent` for `ttl`.
     pub(crate) fn after(sent: Instant, ttl: Duration) -> Self {
-        Self(Mutex::new(sent + ttl))
+        Self(Mutex::new(later(sent, ttl)))
     }
 
     /// An extension sent at `sent` for `ttl` succeeded.
@@ -33,7 +33,7 @@ impl Lapse {
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *at = (*at).max(sent + ttl);
+        *at = (*at).max(later(sent, ttl));
     }
 
     /// When the lock lapses at the latest.
@@ -43,6 +43,13 @@ impl Lapse {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// `at + ttl`, the TTL clamped as the backends clamp it (any TTL is
+/// accepted, `Duration::MAX` included).
+fn later(at: Instant, ttl: Duration) -> Instant {
+    let ttl = crate::config::clamp_ttl(ttl);
+    at.checked_add(ttl).unwrap_or(at)
 }
 
 /// Whether an error means the backend may not have been reached (or may
@@ -176,6 +183,15 @@ mod tests {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(released.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn the_longest_ttls_are_clamped() {
+        let start = Instant::now();
+        let lapse = Lapse::after(start, Duration::MAX);
+        assert_eq!(lapse.at(), start + crate::MAX_TTL);
+        lapse.extended(start, Duration::MAX);
+        assert_eq!(lapse.at(), start + crate::MAX_TTL);
     }
 
     #[test]

@@ -132,6 +132,35 @@ where
     Answer::read(res).await
 }
 
+/// Sends `req()` through clones of `svc` until the answer is neither `409`
+/// (in flight) nor `503` (the backend not back yet), for at most `within`.
+pub async fn until_settled<S, B>(
+    svc: &S,
+    req: impl Fn() -> Req,
+    within: std::time::Duration,
+) -> Answer
+where
+    S: Service<Req, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let answer = send(&mut svc.clone(), req()).await;
+        if answer.status != StatusCode::CONFLICT && answer.status != StatusCode::SERVICE_UNAVAILABLE
+        {
+            return answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {} after {within:?}",
+            answer.status
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// A hundred requests with one key at once, spread over `instances` (each a
 /// layer over [`slow_payment`]): each answer is the one payment or a `409`.
 pub async fn hundred_at_once<S, B>(instances: &[S], key: &str)
