@@ -55,12 +55,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
+    // The layer's shutdown starts at the signal; the accept loop ends with it.
+    let finished = shutdown.shutdown_on(terminated(), Duration::from_secs(10));
     let graceful = GracefulShutdown::new();
-    let mut signal = pin!(terminated());
+    let mut started = pin!(shutdown.started());
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => accepted?.0,
-            () = &mut signal => break,
+            () = &mut started => break,
         };
         let service = TowerToHyperService::new(service.clone());
         let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
@@ -72,9 +74,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     drop(listener);
-    graceful.shutdown().await;
-    let report = shutdown.shutdown(Duration::from_secs(10)).await;
-    println!("shut down: {report:?}");
+    graceful.shutdown().await; // connected clients get their answers
+    let report = finished.await; // and what runs on its own is settled
+    eprintln!("shut down: {report:?}");
     Ok(())
 }
 

@@ -175,7 +175,7 @@ impl Default for Config {
             unstorable: Unstorable::Mark,
             unavailable_retry_after: Duration::from_secs(1),
             drain_timeout: None,
-            shutdown: ShutdownHandle::default(),
+            shutdown: ShutdownHandle::new(),
         };
         config.derive_fingerprint_headers();
         config

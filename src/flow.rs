@@ -3,6 +3,7 @@
 
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -226,11 +227,15 @@ async fn execute<S, B, ReqBody, ResBody>(
     ReqBody: Body,
     ResBody: Body + Send + 'static,
 {
+    // The ticket is bound first so that it is dropped last: a lock guard
+    // dropped unfinished (a panic) counts its background release before the
+    // ticket lets a waiting shutdown see nothing left.
     let Held {
-        mut guard,
         ticket,
+        mut guard,
         atomic,
     } = held;
+    let progress = Progress::default();
     let (produced, lost) = {
         let work = pin!(produce(
             &mut inner,
@@ -238,14 +243,23 @@ async fn execute<S, B, ReqBody, ResBody>(
             &config,
             fingerprint,
             atomic,
-            &mut delivery
+            &mut delivery,
+            &progress,
         ));
         let work = pin!(cancellation.unless_cancelled(work));
         let work = pin!(ticket.unless_cut_off(work));
         guard.keep_while(work, &config).await
     };
     let Some(produced) = produced else {
-        interrupted(&mut guard, &config, fingerprint, atomic, &mut delivery).await;
+        interrupted(
+            &mut guard,
+            &config,
+            fingerprint,
+            atomic,
+            &progress,
+            &mut delivery,
+        )
+        .await;
         return;
     };
     let Some(produced) = produced else {
@@ -278,99 +292,142 @@ async fn execute<S, B, ReqBody, ResBody>(
             record,
             ttl,
             response,
-        } => {
-            let (kept, status) = (record.kept, record.status);
-            let mut aborted = false;
-            let committed = match guard.complete(record, ttl).await {
-                Ok(Completion::Saved) if kept => {
-                    observe::store("stored");
-                    tracing::debug!("response stored");
-                    true
-                }
-                Ok(Completion::Saved | Completion::NotKept) => {
-                    observe::store("not_kept");
-                    tracing::debug!("response not storable; marker stored");
-                    true
-                }
-                Ok(Completion::Aborted) => {
-                    observe::store("aborted");
-                    aborted = true;
-                    false
-                }
-                Ok(_) => {
-                    observe::store("lock_lost");
-                    tracing::warn!("lock lost before the response was stored");
-                    false
-                }
-                Err(error) => {
-                    observe::store("failed");
-                    tracing::warn!(%error, "storing the response failed");
-                    false
-                }
-            };
-            if let Some(response) = response {
-                delivery.send(Ok(if aborted && !status.is_client_error() {
-                    problem(
-                        ProblemKind::TransactionAborted,
-                        "a statement of the request's transaction failed, so none of its writes were committed; the request was not completed",
-                        None,
-                    )
-                } else if atomic && !committed && !aborted {
-                    not_committed()
-                } else {
-                    response
-                }));
-            }
-        }
+        } => store(&mut guard, record, ttl, response, atomic, &mut delivery).await,
     }
 }
 
-/// Settles the key of a handler that a graceful shutdown cut off: released
-/// when the backend rolls its effects back, otherwise an "interrupted"
-/// record, so that a retry does not run a handler that may have done its
-/// work. The client, if still there, gets the same answer.
+/// Stores the record of a response (or its "not kept" marker) and delivers
+/// the response: replaced by a problem when an atomic backend did not
+/// commit it, or when the handler's own transaction failed under a success.
+async fn store<B: Backend, ResBody: Body, E>(
+    guard: &mut LockGuard<B>,
+    record: Record,
+    ttl: Duration,
+    response: Option<Response<IdempotencyBody<ResBody>>>,
+    atomic: bool,
+    delivery: &mut Delivery<Answer<ResBody, E>>,
+) {
+    let (kept, status) = (record.kept, record.status);
+    let mut aborted = false;
+    let committed = match guard.complete(record, ttl).await {
+        Ok(Completion::Saved) if kept => {
+            observe::store("stored");
+            tracing::debug!("response stored");
+            true
+        }
+        Ok(Completion::Saved | Completion::NotKept) => {
+            observe::store("not_kept");
+            tracing::debug!("response not storable; marker stored");
+            true
+        }
+        Ok(Completion::Aborted) => {
+            observe::store("aborted");
+            aborted = true;
+            false
+        }
+        Ok(_) => {
+            observe::store("lock_lost");
+            tracing::warn!("lock lost before the response was stored");
+            false
+        }
+        Err(error) => {
+            observe::store("failed");
+            tracing::warn!(%error, "storing the response failed");
+            false
+        }
+    };
+    if let Some(response) = response {
+        delivery.send(Ok(if aborted && !status.is_client_error() {
+            problem(
+                ProblemKind::TransactionAborted,
+                "a statement of the request's transaction failed, so none of its writes were committed; the request was not completed",
+                None,
+            )
+        } else if atomic && !committed && !aborted {
+            not_committed()
+        } else {
+            response
+        }));
+    }
+}
+
+/// How far the handler got, for a shutdown that cuts it off.
+#[derive(Default)]
+struct Progress {
+    /// The handler was called.
+    called: AtomicBool,
+    /// The status of a response already streaming to the client; 0 if none.
+    streaming: AtomicU16,
+}
+
+/// Settles the key of a handler that a graceful shutdown cut off, by how
+/// far it got: never called — released, nothing ran; on a backend that
+/// rolls its effects back — released; already streaming its response — a
+/// "not kept" marker with that status, as for any response that could not
+/// be stored; otherwise an "interrupted" record, so that a retry does not
+/// run a handler that may have done its work. The client, if still there,
+/// gets the answer a retry would get.
 async fn interrupted<B: Backend, ResBody: Body, E>(
     guard: &mut LockGuard<B>,
     config: &Config,
     fingerprint: Fingerprint,
     atomic: bool,
+    progress: &Progress,
     delivery: &mut Delivery<Answer<ResBody, E>>,
 ) {
-    if atomic {
+    let called = progress.called.load(Ordering::SeqCst);
+    if !called || atomic {
         observe::store("not_stored");
         tracing::warn!(
-            "handler cut off by shutdown; its transaction rolls back and the key is released"
+            called,
+            "handler cut off by shutdown before it did anything lasting; the key is released"
         );
         guard.release("interrupted by shutdown").await;
         delivery.send(Ok(problem(
             ProblemKind::ShuttingDown,
-            "this instance shut down before the request finished; nothing was committed; retry with the same Idempotency-Key",
+            if called {
+                "this instance shut down before the request finished; nothing was committed; retry with the same Idempotency-Key"
+            } else {
+                "this instance shut down before the request was processed; retry with the same Idempotency-Key"
+            },
             Some(config.unavailable_retry_after),
         )));
         return;
     }
+    let streaming = progress.streaming.load(Ordering::SeqCst);
+    // The client has the response's head: the retry gets that status.
+    let (record, answer) = if let Ok(status) = http::StatusCode::from_u16(streaming) {
+        (Record::not_kept(status, fingerprint), None)
+    } else {
+        let answer = crate::problem::response(
+            ProblemKind::Interrupted,
+            "the request was cut off by a shutdown while it was processed; its outcome is unknown and it will not run again with this key",
+            None,
+        );
+        let (parts, body) = answer.into_parts();
+        (
+            Record::from_parts(&parts, body.clone(), fingerprint),
+            Some((parts, body)),
+        )
+    };
     tracing::warn!(
-        "handler cut off by shutdown; storing an interrupted record so a retry does not run it again"
+        kept = record.kept,
+        "handler cut off by shutdown; its key is settled so that a retry does not run it again"
     );
-    let answer = crate::problem::response(
-        ProblemKind::Interrupted,
-        "the request was cut off by a shutdown while it was processed; its outcome is unknown and it will not run again with this key",
-        None,
-    );
-    let (parts, body) = answer.into_parts();
-    let record = Record::from_parts(&parts, body.clone(), fingerprint);
     match guard.complete(record, config.ttl).await {
         Ok(Completion::Saved | Completion::NotKept) => observe::store("interrupted"),
         Ok(_) => {
             observe::store("lock_lost");
-            tracing::warn!("lock lost before the interrupted record was stored");
+            tracing::warn!("lock lost before the interrupted handler's key was settled");
         }
         Err(error) => {
             observe::store("failed");
-            tracing::warn!(%error, "storing the interrupted record failed");
+            tracing::warn!(%error, "settling the interrupted handler's key failed");
         }
     }
-    delivery.send(Ok(full(parts, body, None)));
+    if let Some((parts, body)) = answer {
+        delivery.send(Ok(full(parts, body, None)));
+    }
 }
 
 /// Calls the handler and decides what its response becomes: buffered and
@@ -383,12 +440,14 @@ async fn produce<S, ReqBody, ResBody>(
     fingerprint: Fingerprint,
     atomic: bool,
     delivery: &mut Delivery<Answer<ResBody, S::Error>>,
+    progress: &Progress,
 ) -> Produced<ResBody, S::Error>
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>>,
     ReqBody: Body,
     ResBody: Body + Send + 'static,
 {
+    progress.called.store(true, Ordering::SeqCst);
     let (parts, body) = match inner.call(req).await {
         Ok(response) => response.into_parts(),
         Err(error) => return Produced::Failed(error),
@@ -443,6 +502,7 @@ where
         let hand_over = config.on_disconnect == OnDisconnect::Complete;
         let settled = delivery.settled();
         let body = IdempotencyBody::tee(body, events, settled, limit, hand_over);
+        progress.streaming.store(status.as_u16(), Ordering::SeqCst);
         delivery.send(Ok(Response::from_parts(parts, body)));
         return match follow_tee(&mut copies, limit, config.drain_timeout()).await {
             TeeEnd::Complete(data) => Produced::Store {

@@ -292,14 +292,17 @@
 //!   `503` — retry with the same key. A response that is not meant to be
 //!   stored (`5xx`, `429`, [`Persist::Never`], a body that failed) rolls the
 //!   writes back and still reaches the client as the handler made it.
-//! - **A deploy does not make a second run.** With a [`ShutdownHandle`],
-//!   a graceful shutdown refuses new keyed requests, finishes and stores the
-//!   handlers still running (connected or detached) within its grace
-//!   period, and waits for the releases and late stores sent in the
-//!   background. A handler still running at the end is cut off and its key
-//!   settled for good with an [interrupted](problem#interrupted) answer —
-//!   its outcome is unknown, so it never runs again — or, on a backend that
-//!   rolls its effects back (PostgreSQL's transaction mode), released.
+//! - **A deploy does not make a second run** (on a shared backend that
+//!   answers). With a [`ShutdownHandle`], a graceful shutdown refuses new
+//!   keyed requests, finishes and stores the handlers still running
+//!   (connected or detached) within its grace period, and waits for the
+//!   releases and late stores sent in the background. A handler still
+//!   running at the end is cut off and its key settled for good with an
+//!   [interrupted](problem#interrupted) answer — its outcome is unknown, so
+//!   it never runs again — or, on a backend that rolls its effects back
+//!   (PostgreSQL's transaction mode), released. What the backend does not
+//!   take within the grace periods lapses after `lock_ttl`, as after a
+//!   crash; a [`MemoryBackend`]'s records end with its process.
 //! - **A backend that comes back in time loses nothing.** A `complete` that
 //!   could not reach Redis or PostgreSQL (lease mode) — stopped, restarted,
 //!   unreachable — is tried again in the background, fenced by the lock's
@@ -387,11 +390,12 @@
 //! # Graceful shutdown
 //!
 //! A rolling deploy is the most common way for a process to stop while it
-//! runs handlers. Take a [`ShutdownHandle`] from the layer before serving
-//! and call [`shutdown`](ShutdownHandle::shutdown) after your server's own
-//! graceful shutdown (or at the same signal, so one grace period bounds
-//! both); see [`shutdown`] for what it does and the lines an axum or hyper
-//! server adds.
+//! runs handlers. Take a [`ShutdownHandle`] from the layer before serving,
+//! start its shutdown at the signal with
+//! [`shutdown_on`](ShutdownHandle::shutdown_on), let the server's own
+//! graceful shutdown begin with it ([`started`](ShutdownHandle::started)),
+//! and await both before `main` returns; see [`ShutdownHandle`] for what it
+//! does and the lines an axum or hyper server adds.
 //!
 //! # Runtime
 //!

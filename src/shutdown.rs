@@ -30,9 +30,12 @@ use tokio::sync::Notify;
 /// Stops a layer's keyed work gracefully; made by
 /// [`IdempotencyLayer::shutdown_handle`](crate::IdempotencyLayer::shutdown_handle).
 ///
-/// Three lines in an axum server: take the handle before serving, serve with
-/// graceful shutdown (connected clients get their answers), then let the
-/// handle finish what runs on its own.
+/// Three lines in an axum server: start the layer's shutdown at the signal,
+/// let the server's graceful shutdown start with it (connected clients get
+/// their answers), and wait for both before `main` returns. Started
+/// together, one grace period bounds the keyed requests of connected
+/// clients too: a server's own graceful shutdown waits for them without
+/// limit.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -41,21 +44,27 @@ use tokio::sync::Notify;
 ///
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// let layer = IdempotencyLayer::new(MemoryBackend::new());
-/// let shutdown = layer.shutdown_handle(); // 1
+/// let shutdown = layer.shutdown_handle();
 /// let app: Router = Router::new().route("/payments", post(|| async { "created" })).layer(layer);
-///
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+///
+/// let signal = async { tokio::signal::ctrl_c().await.ok(); }; // and SIGTERM, see the examples
+/// let finished = shutdown.shutdown_on(signal, Duration::from_secs(20)); // 1
 /// axum::serve(listener, app)
-///     .with_graceful_shutdown(async { tokio::signal::ctrl_c().await.ok(); }) // 2
+///     .with_graceful_shutdown(shutdown.started()) // 2
 ///     .await?;
-/// shutdown.shutdown(Duration::from_secs(20)).await; // 3
+/// let report = finished.await; // 3
+/// # let _ = report;
 /// # Ok(())
 /// # }
 /// ```
 ///
 /// A hyper server does the same around `hyper_util`'s `GracefulShutdown`
-/// (see `examples/hyper.rs`): take the handle, `graceful.shutdown().await`
-/// on the signal, then `shutdown.shutdown(grace).await`.
+/// (see `examples/hyper.rs`): `shutdown_on` the signal, break the accept
+/// loop on [`started`](Self::started), `graceful.shutdown().await`, then
+/// await what `shutdown_on` returned. Calling
+/// [`shutdown`](Self::shutdown) only after the server's own graceful
+/// shutdown returned also works, but bounds nothing until then.
 ///
 /// # What it does
 ///
@@ -77,14 +86,25 @@ use tokio::sync::Notify;
 ///      the charge may have happened — so a retry is answered `500` with
 ///      that problem instead of running the handler a second time. Choose
 ///      `grace` long enough that this is rare (longer than your slowest
-///      handler, shorter than the orchestrator's kill timeout).
+///      handler, shorter than the orchestrator's kill timeout);
+///    - a handler that was never called (its lock came after the cut) is
+///      released, and one whose response was already streaming gets a
+///      "response not kept" marker with its status, as any response that
+///      could not be stored.
 ///
-///    It waits up to `grace` once more for those settlements.
+///    It waits up to `grace` once more for those settlements and what they
+///    send in the background.
+///
+/// What it cannot promise: a backend that does not answer within the two
+/// grace periods (the keys it held then lapse after `lock_ttl`, and
+/// [`ShutdownReport`] says how many), a process killed before `shutdown`
+/// returns, and the records of a [`MemoryBackend`](crate::MemoryBackend),
+/// which live in the process and end with it.
 ///
 /// The handle is cheap to clone; every clone, and every service made by
 /// the layer (and its clones), shares one state. Calling `shutdown` again
 /// waits again.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 #[must_use]
 pub struct ShutdownHandle {
     state: Arc<State>,
@@ -114,6 +134,7 @@ impl fmt::Debug for ShutdownHandle {
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
+#[must_use]
 pub struct ShutdownReport {
     /// Handlers still running at the end of the grace period, cut off and
     /// settled (released, or an interrupted record stored).
@@ -146,7 +167,8 @@ struct State {
     background: AtomicUsize,
     /// Handlers cut off so far.
     interrupted: AtomicUsize,
-    /// Woken when a count reaches zero, and when handlers are cut off.
+    /// Woken when a count reaches zero, when handlers are cut off, and when
+    /// the shutdown starts.
     changed: Notify,
 }
 
@@ -172,12 +194,71 @@ impl State {
 }
 
 impl ShutdownHandle {
+    /// A handle of its own; layers make theirs.
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Arc::default(),
+        }
+    }
+
+    /// Starts [`shutdown`](Self::shutdown) when `signal` resolves, in a task
+    /// of its own, so that its grace period runs beside the server's own
+    /// graceful shutdown and also bounds the keyed requests of clients that
+    /// are still connected. Await the returned future before the process
+    /// exits; it resolves with the report once the shutdown is over.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use axum::{Router, routing::post};
+    /// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let layer = IdempotencyLayer::new(MemoryBackend::new());
+    /// let shutdown = layer.shutdown_handle();
+    /// let app: Router = Router::new().route("/payments", post(|| async { "created" })).layer(layer);
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+    ///
+    /// let signal = async { tokio::signal::ctrl_c().await.ok(); };
+    /// let finished = shutdown.shutdown_on(signal, Duration::from_secs(20)); // 1
+    /// axum::serve(listener, app)
+    ///     .with_graceful_shutdown(shutdown.started()) // 2
+    ///     .await?;
+    /// let report = finished.await; // 3
+    /// # let _ = report;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn shutdown_on<F>(
+        &self,
+        signal: F,
+        grace: Duration,
+    ) -> impl Future<Output = ShutdownReport> + Send + 'static
+    where
+        F: Future + Send + 'static,
+    {
+        let handle = self.clone();
+        let task = tokio::spawn(async move {
+            signal.await;
+            handle.shutdown(grace).await
+        });
+        async move { task.await.unwrap_or_default() }
+    }
+
+    /// Resolves once a shutdown has started: for a server's own graceful
+    /// shutdown to begin together with the layer's (see
+    /// [`shutdown_on`](Self::shutdown_on)).
+    pub fn started(&self) -> impl Future<Output = ()> + Send + 'static {
+        let state = Arc::clone(&self.state);
+        async move { state.until(|s| s.closed.load(Ordering::SeqCst)).await }
+    }
+
     /// Refuses new keyed requests, waits up to `grace` for the keyed work
     /// in flight, then cuts off the handlers still running, settles their
     /// keys and waits up to `grace` for that. See [What it does](#what-it-does).
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let state = &*self.state;
         state.closed.store(true, Ordering::SeqCst);
+        state.changed.notify_waiters();
         let all_done = |s: &State| {
             s.requests.load(Ordering::SeqCst) == 0 && s.background.load(Ordering::SeqCst) == 0
         };
@@ -194,8 +275,8 @@ impl ShutdownHandle {
                 state.cut.store(true, Ordering::SeqCst);
                 state.changed.notify_waiters();
             }
-            let settled = |s: &State| s.requests.load(Ordering::SeqCst) == 0;
-            let _ = tokio::time::timeout(grace, state.until(settled)).await;
+            // The settlements' own late stores and releases count too.
+            let _ = tokio::time::timeout(grace, state.until(all_done)).await;
         }
         let report = ShutdownReport {
             interrupted: state.interrupted.load(Ordering::SeqCst),
@@ -317,14 +398,20 @@ struct Current(Option<Arc<State>>);
 
 impl Current {
     fn enter(state: &Arc<State>) -> Self {
-        Self(CURRENT.with(|c| c.replace(Some(Arc::clone(state)))))
+        // `try_with`: a future dropped while the thread's locals are torn
+        // down spawns untracked rather than panicking.
+        Self(
+            CURRENT
+                .try_with(|c| c.replace(Some(Arc::clone(state))))
+                .unwrap_or(None),
+        )
     }
 }
 
 impl Drop for Current {
     fn drop(&mut self) {
         let previous = self.0.take();
-        CURRENT.with(|c| *c.borrow_mut() = previous);
+        let _ = CURRENT.try_with(|c| *c.borrow_mut() = previous);
     }
 }
 
@@ -339,11 +426,17 @@ where
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return false;
     };
-    let state = CURRENT.with(|c| c.borrow().clone());
+    let state = CURRENT.try_with(|c| c.borrow().clone()).unwrap_or(None);
     match state {
         Some(state) => {
             state.background.fetch_add(1, Ordering::SeqCst);
-            let counted = Background(state);
+            let counted = Background(Arc::clone(&state));
+            // Tracked itself: what the task spawns in turn (a failed
+            // release's own clean-up) is waited for too.
+            let task = Tracked {
+                work: Some(task),
+                state,
+            };
             runtime.spawn(async move {
                 task.await;
                 drop(counted);
@@ -371,7 +464,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_waits_for_tickets_and_background_tasks() {
-        let handle = ShutdownHandle::default();
+        let handle = ShutdownHandle::new();
         let ticket = handle.enter().expect("open");
         let tracked = handle.track(async {
             assert!(spawn(async {
@@ -393,7 +486,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn handlers_past_the_grace_period_are_cut_off() {
-        let handle = ShutdownHandle::default();
+        let handle = ShutdownHandle::new();
         let ticket = handle.enter().expect("open");
         let request = async move {
             let work = std::pin::pin!(std::future::pending::<()>());
@@ -414,7 +507,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn what_never_settles_is_reported() {
-        let handle = ShutdownHandle::default();
+        let handle = ShutdownHandle::new();
         let ticket = handle.enter().expect("open");
         let report = handle.shutdown(Duration::from_secs(1)).await;
         assert_eq!(report.unfinished, 1);
@@ -434,7 +527,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn what_a_request_dropped_between_polls_spawns_is_tracked() {
-        let handle = ShutdownHandle::default();
+        let handle = ShutdownHandle::new();
         let guard = SpawnsOnDrop;
         let mut request = Box::pin(handle.track(async move {
             let _guard = guard;
@@ -451,9 +544,71 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_secs(2));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_settlements_own_background_work_is_waited_for() {
+        let handle = ShutdownHandle::new();
+        let ticket = handle.enter().expect("open");
+        let request = handle.track(async move {
+            let work = std::pin::pin!(std::future::pending::<()>());
+            assert!(ticket.unless_cut_off(work).await.is_none());
+            // Settling the key: its store is made up in the background.
+            assert!(spawn(tokio::time::sleep(Duration::from_secs(3))));
+            drop(ticket);
+        });
+        let started = tokio::time::Instant::now();
+        let (report, ()) = tokio::join!(handle.shutdown(Duration::from_secs(5)), request);
+        assert_eq!(report.interrupted, 1);
+        assert!(
+            report.abandoned == 0 && report.unfinished == 0,
+            "{report:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(8));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_background_work_spawns_is_waited_for_too() {
+        let handle = ShutdownHandle::new();
+        handle
+            .track(async {
+                assert!(spawn(async {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // A failed release cleans up in a task of its own.
+                    assert!(spawn(tokio::time::sleep(Duration::from_secs(2))));
+                }));
+            })
+            .await;
+        let started = tokio::time::Instant::now();
+        assert!(handle.shutdown(Duration::from_secs(10)).await.is_clean());
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn started_resolves_when_the_shutdown_begins_and_shutdown_on_runs_it() {
+        let handle = ShutdownHandle::new();
+        let (signal, signalled) = tokio::sync::oneshot::channel::<()>();
+        let finished = handle.shutdown_on(
+            async move {
+                let _ = signalled.await;
+            },
+            Duration::from_secs(1),
+        );
+        let started = handle.started();
+        tokio::pin!(started);
+        assert!(
+            tokio::time::timeout(Duration::from_secs(5), &mut started)
+                .await
+                .is_err(),
+            "not before the signal"
+        );
+        signal.send(()).unwrap();
+        started.await;
+        assert!(handle.is_shutting_down());
+        assert!(finished.await.is_clean());
+    }
+
     #[tokio::test]
     async fn untracked_spawns_are_not_counted() {
-        let handle = ShutdownHandle::default();
+        let handle = ShutdownHandle::new();
         assert!(spawn(std::future::pending()));
         let report = handle.shutdown(Duration::from_millis(1)).await;
         assert!(report.is_clean(), "{report:?}");

@@ -214,11 +214,14 @@ async fn a_connection_whose_statement_timed_out_is_not_pooled() {
     use std::time::Duration;
     use tower_idempotency::{Backend, Begin, Fingerprint, StorageKey};
 
+    // A table of its own: a concurrent `migrate()` of the shared table would
+    // queue behind the row lock below, and every statement behind it.
+    let table = unique("idem_timed_out");
     let backend = PostgresBackend::builder(postgres_support::pool_for(
         &postgres_support::database_url(),
         1,
     ))
-    .table(postgres_support::TABLE)
+    .table(&table)
     .timeout(Duration::from_millis(500))
     .build()
     .unwrap();
@@ -244,10 +247,7 @@ async fn a_connection_whose_statement_timed_out_is_not_pooled() {
     blocker.batch_execute("BEGIN").await.unwrap();
     blocker
         .execute(
-            &format!(
-                "SELECT 1 FROM {} WHERE key = $1 FOR UPDATE",
-                postgres_support::TABLE
-            ),
+            &format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE"),
             &[&&held.as_bytes()[..]],
         )
         .await
@@ -272,4 +272,63 @@ fn unique_key(name: &str) -> tower_idempotency::IdempotencyKey {
     tower_idempotency::IdempotencyKey::from_headers(&headers)
         .unwrap()
         .unwrap()
+}
+
+/// A deferred constraint fails only at `COMMIT`, after the handler answered:
+/// the transaction rolls back, and the answer is the same as for a failed
+/// statement — never "retry with the same key", never the success.
+#[tokio::test]
+async fn a_deferred_constraint_failing_at_commit_is_not_a_success() {
+    let table = unique("deferred_ledger");
+    admin()
+        .await
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int UNIQUE DEFERRABLE INITIALLY DEFERRED); \
+             INSERT INTO {table} VALUES (1)"
+        ))
+        .await
+        .unwrap();
+    let runs = Runs::default();
+    let handler = tower::service_fn({
+        let (runs, table) = (runs.clone(), table.clone());
+        move |req: InnerReq| {
+            let (runs, table) = (runs.clone(), table.clone());
+            async move {
+                runs.bump();
+                let tx = req
+                    .extensions()
+                    .get::<RequestTransaction>()
+                    .unwrap()
+                    .clone();
+                let client = tx.client().await.unwrap();
+                client
+                    .execute(&format!("INSERT INTO {table} VALUES (1)"), &[])
+                    .await
+                    .unwrap();
+                drop(client);
+                let mut res = Response::new(Full::new(Bytes::from("paid")));
+                *res.status_mut() = StatusCode::CREATED;
+                Ok::<_, Infallible>(res)
+            }
+        }
+    });
+    for (statements, backend) in backends().await {
+        let mut svc = IdempotencyLayer::new(backend).layer(handler.clone());
+        let key = unique("deferred");
+        let answer = send(&mut svc, post("/pay", Some(&key), "{}")).await;
+        assert_eq!(
+            answer.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{statements}"
+        );
+        assert_eq!(answer.problem_type(), "transaction-aborted", "{statements}");
+        let again = send(&mut svc, post("/pay", Some(&key), "{}")).await;
+        assert_eq!(
+            again.problem_type(),
+            "transaction-aborted",
+            "{statements}: the key was free"
+        );
+    }
+    assert_eq!(runs.get(), 4);
+    assert_eq!(rows(&table).await, 1, "nothing committed");
 }

@@ -133,6 +133,7 @@ async fn handlers_past_the_grace_period_are_cut_off_and_never_run_again() {
 struct Wrapped {
     inner: MemoryBackend,
     atomic: bool,
+    slow_begin: Duration,
     slow_release: Duration,
 }
 
@@ -145,6 +146,7 @@ impl Backend for Wrapped {
         fp: &Fingerprint,
         ttl: Duration,
     ) -> Result<Begin<MemoryLock>, BackendError> {
+        tokio::time::sleep(self.slow_begin).await;
         self.inner.begin(key, fp, ttl).await
     }
 
@@ -199,6 +201,109 @@ async fn on_an_atomic_backend_a_cut_off_handler_is_released() {
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(!retry.replayed());
     assert_eq!(runs.get(), 2);
+}
+
+/// A request whose lock is granted only after the grace period ended is cut
+/// off before its handler is called: nothing ran, so the key is released
+/// and the client told to retry elsewhere — not a stored "interrupted".
+#[tokio::test(start_paused = true)]
+async fn a_handler_never_called_is_released_not_marked() {
+    let backend = Wrapped {
+        slow_begin: Duration::from_secs(3),
+        ..Wrapped::default()
+    };
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(backend.clone());
+    let shutdown = layer.shutdown_handle();
+    let svc = layer.layer(counting(runs.clone()));
+    let request = tokio::spawn({
+        let mut svc = svc.clone();
+        async move { send(&mut svc, post("/pay", Some("late-lock"), "{}")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = shutdown.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(
+        report.unfinished, 1,
+        "still waiting for its lock: {report:?}"
+    );
+    let answer = request.await.unwrap();
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.problem_type(), "shutting-down");
+    assert_eq!(runs.get(), 0);
+    let mut other = IdempotencyLayer::new(backend.inner).layer(counting(runs.clone()));
+    let retry = send(&mut other, post("/pay", Some("late-lock"), "{}")).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "the retry runs: nothing ran before"
+    );
+    assert_eq!(runs.get(), 1);
+}
+
+/// A body that yields a chunk every second, for ever (an NDJSON feed).
+struct Ticking {
+    interval: tokio::time::Interval,
+}
+
+impl http_body::Body for Ticking {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        std::task::ready!(self.interval.poll_tick(cx));
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"{\"tick\":1}\n")))))
+    }
+}
+
+/// A response that was already streaming when the grace period ended: the
+/// client has its status, so the key is settled like any response that
+/// could not be stored — a "not kept" marker with that status — rather than
+/// "interrupted".
+#[tokio::test(start_paused = true)]
+async fn a_response_cut_off_mid_stream_keeps_its_status() {
+    let backend = MemoryBackend::new();
+    let runs = Runs::default();
+    let handler = tower::service_fn({
+        let runs = runs.clone();
+        move |_req: InnerReq| {
+            runs.bump();
+            let body = Ticking {
+                interval: tokio::time::interval(Duration::from_secs(1)),
+            };
+            async move { Ok::<_, Infallible>(Response::new(body)) }
+        }
+    });
+    let layer = IdempotencyLayer::new(backend.clone());
+    let shutdown = layer.shutdown_handle();
+    let mut svc = layer.layer(handler);
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(post("/feed", Some("feed"), "{}"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let reader = tokio::spawn(async move {
+        let mut body = res.into_body();
+        while let Some(Ok(_)) = body.frame().await {}
+    });
+    let report = shutdown.shutdown(Duration::from_secs(3)).await;
+    assert_eq!(report.interrupted, 1, "{report:?}");
+    reader.abort();
+
+    let mut other = IdempotencyLayer::new(backend).layer(counting(runs.clone()));
+    let retry = send(&mut other, post("/feed", Some("feed"), "{}")).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::OK,
+        "the streamed response's status"
+    );
+    assert_eq!(retry.problem_type(), "response-not-kept");
+    assert_eq!(runs.get(), 1);
 }
 
 /// A handler panic abandons its lock; the release runs in the background,

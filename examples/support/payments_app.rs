@@ -144,23 +144,18 @@ pub async fn serve_routes(
     println!("listening on {}", listener.local_addr()?);
     // The layer's shutdown starts with the signal, beside axum's: its grace
     // period bounds the keyed requests of connected clients too.
-    let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
-    let idempotency = tokio::spawn(async move {
-        terminated().await;
-        let _ = signalled.send(true);
-        match shutdown {
-            Some(shutdown) => Some(shutdown.shutdown(grace).await),
-            None => None,
-        }
-    });
+    let Some(shutdown) = shutdown else {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(terminated())
+            .await?;
+        return Ok(());
+    };
+    let finished = shutdown.shutdown_on(terminated(), grace);
     axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = on_signal.wait_for(|signalled| *signalled).await;
-        })
+        .with_graceful_shutdown(shutdown.started())
         .await?;
-    if let Some(report) = idempotency.await? {
-        tracing::info!(?report, "idempotency work finished");
-    }
+    let report = finished.await;
+    tracing::info!(?report, "idempotency work finished");
     tracing::info!("shut down");
     Ok(())
 }

@@ -106,9 +106,10 @@ pub enum Completion {
     /// [`Record::not_kept`] marker with its status was stored in its place,
     /// so a retry does not run the handler again. The lock is released.
     NotKept,
-    /// The handler's own transaction had already failed (PostgreSQL's
-    /// transaction mode: one of its statements failed, `25P02`, and it
-    /// carried on without rolling back to a savepoint). Nothing was stored,
+    /// The handler's own transaction failed (PostgreSQL's transaction mode:
+    /// one of its statements failed, `25P02`, and it carried on without
+    /// rolling back to a savepoint; or a deferred constraint of its writes
+    /// failed at `COMMIT`). Nothing was stored,
     /// the handler's writes were rolled back, and the key is free. The layer
     /// passes a `4xx` the handler answered on to the client, and answers
     /// anything else with the

@@ -153,25 +153,35 @@ impl PostgresBackend {
                 let (backend, record) = (backend.clone(), Arc::clone(&record));
                 Box::pin(async move {
                     let conn = Busy::new(backend.connection().await?);
+                    let id = lock_id(&key);
                     let key = &key.as_bytes()[..];
                     let token = &token[..];
                     let fingerprint = &record.fingerprint.as_bytes()[..];
-                    let params: [Param<'_>; 5] = [
+                    let params: [Param<'_>; 6] = [
                         (&key, Type::BYTEA),
                         (&token, Type::BYTEA),
                         (&fingerprint, Type::BYTEA),
                         (&record.blob, Type::BYTEA),
                         (&record.ttl_ms, Type::INT8),
+                        (&id, Type::INT8),
                     ];
-                    let updated = backend
+                    let row = backend
                         .bounded("complete", async {
                             backend
-                                .execute(conn.get()?, &backend.sql.complete_lease_late, &params)
+                                .query_one(conn.get()?, &backend.sql.complete_lease_late, &params)
                                 .await
                                 .map_err(map_error)
                         })
                         .await?;
                     conn.done();
+                    let (got, updated): (bool, i64) = (row.get(0), row.get(1));
+                    if !got {
+                        // A holder in another mode runs under the key now.
+                        return Err(BackendError::new(
+                            BackendErrorKind::Unavailable,
+                            "the key's advisory lock is held by another session",
+                        ));
+                    }
                     Ok(if updated == 1 {
                         record.completion
                     } else {

@@ -90,10 +90,13 @@
 //!
 //! A `complete` that cannot reach the server (stopped, restarting, timed
 //! out) is tried again from a task of its own until the lease would lapse,
-//! with a statement fenced by the token alone: an unchanged token proves
-//! that nobody took the key over (a takeover writes a new token, a purge
-//! deletes the row), so the record is stored even if the lease lapsed
-//! meanwhile, and the retry replays. A lease taken over is never written.
+//! with a statement fenced by the token: an unchanged token proves that no
+//! lease-mode request took the key over (a takeover writes a new token, a
+//! purge deletes the row), and the statement also takes the key's
+//! transaction advisory lock, which an advisory- or transaction-mode holder
+//! keeps while it runs. So the record is stored even if the lease lapsed
+//! meanwhile, and the retry replays; a key taken over in any mode is never
+//! written.
 //!
 //! **Advisory mode.** The lock is `pg_try_advisory_lock(id)` on a pooled
 //! connection that stays checked out for the request. `complete` sends the

@@ -101,13 +101,22 @@ impl Sql {
                  WHERE key = $1 AND lock_token = $2 AND record IS NULL \
                  AND expires_at > clock_timestamp()"
             ),
-            // After an outage: an unchanged token proves nobody took the key
-            // over (a takeover replaces it, a purge deletes the row), so a
-            // lease that lapsed meanwhile may still be completed.
+            // After an outage: an unchanged token proves that no lease-mode
+            // request took the key over (a takeover writes a new token, a
+            // purge deletes the row), so a lease that lapsed meanwhile may
+            // still be completed. Advisory and transaction modes take a
+            // lapsed lease's key without writing the row: the transaction
+            // advisory lock they hold keeps this write out while they run
+            // (`got` false: try again), and a record they stored fails
+            // `record IS NULL`. Materialized: the lock is tried once,
+            // before the row is written.
             complete_lease_late: format!(
-                "UPDATE {table} SET fingerprint = $3, record = $4, lock_token = NULL, \
+                "WITH l AS MATERIALIZED (SELECT pg_try_advisory_xact_lock($6) AS got), \
+                 u AS (UPDATE {table} AS t SET fingerprint = $3, record = $4, lock_token = NULL, \
                  expires_at = now() + $5::bigint * interval '1 millisecond' \
-                 WHERE key = $1 AND lock_token = $2 AND record IS NULL"
+                 FROM l WHERE l.got AND t.key = $1 AND t.lock_token = $2 AND t.record IS NULL \
+                 RETURNING 1) \
+                 SELECT (SELECT got FROM l), (SELECT count(*) FROM u)"
             ),
             release_lease: format!(
                 "DELETE FROM {table} WHERE key = $1 AND lock_token = $2 AND record IS NULL"

@@ -261,6 +261,12 @@ impl PostgresBackend {
                 slot.into_pool();
                 Ok(handler_aborted())
             }
+            (Ok(_), Err(error)) if is_constraint_violation(&error) => {
+                // A deferred constraint of the handler's writes failed at
+                // COMMIT: rolled back, and it fails the same way every time.
+                slot.into_pool();
+                Ok(handler_aborted())
+            }
             (Err(error), Ok(())) => {
                 // The COMMIT rolled back; the session is idle and clean.
                 slot.into_pool();
@@ -288,6 +294,12 @@ impl PostgresBackend {
 /// statement of the handler failed (`25P02`).
 fn is_aborted(error: &tokio_postgres::Error) -> bool {
     error.code() == Some(&SqlState::IN_FAILED_SQL_TRANSACTION)
+}
+
+/// An integrity constraint violation (SQLSTATE class 23), as a deferred
+/// constraint reports it at `COMMIT`.
+fn is_constraint_violation(error: &tokio_postgres::Error) -> bool {
+    error.code().is_some_and(|c| c.code().starts_with("23"))
 }
 
 fn handler_aborted() -> Completion {
