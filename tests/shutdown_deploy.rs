@@ -1,6 +1,7 @@
 //! A rolling deploy on Redis and PostgreSQL: `SIGTERM` to one of two example
 //! instances mid-payment loses nothing and runs nothing twice. Each example
-//! runs as its own process against the shared servers.
+//! runs as its own process against the shared servers. And what the
+//! operator of an example sees: its log says why requests are refused.
 
 mod common;
 mod deploy_support;
@@ -58,4 +59,32 @@ async fn postgres_a_payment_past_the_grace_period_is_not_run_again() {
         &[("DATABASE_URL", &url)],
     )
     .await;
+}
+
+/// The operator sees why requests fail: an example server on a Redis that
+/// may evict answers `503`, and logs the refusal (at `ERROR`, through
+/// `tracing-subscriber`) where the operator looks.
+#[tokio::test]
+async fn the_example_logs_why_an_evicting_redis_is_refused() {
+    let server = redis_support::RedisProcess::start(&["--maxmemory-policy", "allkeys-lru"]);
+    let url = server.url();
+    let (_example, addr, mut lines) = deploy_support::spawn_example_logging(
+        "payments_redis",
+        &[("REDIS_URL", &url), ("RUST_LOG", "info")],
+    )
+    .await;
+    let answer = common::request(
+        addr,
+        "POST",
+        "/payments",
+        &[
+            ("idempotency-key", "\"evicting\""),
+            ("content-type", "application/json"),
+        ],
+        r#"{"amount":5,"currency":"EUR"}"#,
+    )
+    .await;
+    assert_eq!(answer.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    let line = deploy_support::logged(&mut lines, "maxmemory-policy allkeys-lru").await;
+    assert!(line.contains("ERROR"), "{line}");
 }

@@ -154,3 +154,70 @@ pub async fn a_payment_past_the_grace_period_is_not_run_again(example: &str, env
     assert!(retry.replayed());
     assert_eq!(handler_runs(addr_b).await, r#"{"handler_runs":0}"#);
 }
+
+/// Starts a built example with its standard error captured: the lines it
+/// logs. Returns the child, its address and the log lines as they come.
+pub async fn spawn_example_logging(
+    name: &str,
+    env: &[(&str, &str)],
+) -> (
+    tokio::process::Child,
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use tokio::io::AsyncBufReadExt;
+
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name);
+    let mut child = tokio::process::Command::new(&bin)
+        .env("ADDR", "127.0.0.1:0")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{} cannot start: {e}", bin.display()));
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
+        .await
+        .expect("the example printed no address")
+        .unwrap()
+        .unwrap();
+    let addr = line
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            let _ = tx.send(line);
+        }
+    });
+    (child, addr, rx)
+}
+
+/// Waits (bounded) for a logged line containing `needle`.
+pub async fn logged(
+    lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+    needle: &str,
+) -> String {
+    let wait = async {
+        while let Some(line) = lines.recv().await {
+            if line.contains(needle) {
+                return line;
+            }
+        }
+        panic!("the example exited without logging {needle:?}");
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .unwrap_or_else(|_| panic!("nothing logged with {needle:?}"))
+}
