@@ -167,14 +167,24 @@ struct State {
     background: AtomicUsize,
     /// Handlers cut off so far.
     interrupted: AtomicUsize,
-    /// Woken when a count reaches zero, when handlers are cut off, and when
-    /// the shutdown starts.
+    /// Woken, once the shutdown started, when a count reaches zero; and when
+    /// it starts.
     changed: Notify,
+    /// Woken when handlers are cut off. Sharded: every request in flight
+    /// waits on one, and waiting takes its lock at each poll.
+    cut_signal: [Notify; CUT_SHARDS],
+    /// Spreads requests over the shards.
+    next_shard: AtomicUsize,
 }
+
+const CUT_SHARDS: usize = 16;
 
 impl State {
     fn decrement(&self, count: &AtomicUsize) {
-        if count.fetch_sub(1, Ordering::SeqCst) == 1 {
+        // Nobody waits for the counts before a shutdown starts: `shutdown`
+        // sets `closed` before it reads them, so one of the two sees the
+        // other.
+        if count.fetch_sub(1, Ordering::SeqCst) == 1 && self.closed.load(Ordering::SeqCst) {
             self.changed.notify_waiters();
         }
     }
@@ -273,7 +283,9 @@ impl ShutdownHandle {
                     "shutdown grace period over: cutting off keyed requests still running"
                 );
                 state.cut.store(true, Ordering::SeqCst);
-                state.changed.notify_waiters();
+                for signal in &state.cut_signal {
+                    signal.notify_waiters();
+                }
             }
             // The settlements' own late stores and releases count too.
             let _ = tokio::time::timeout(grace, state.until(all_done)).await;
@@ -320,7 +332,8 @@ impl ShutdownHandle {
         // Counted before the check: `shutdown` sets `closed` before it reads
         // the count, so one of the two sees the other.
         state.requests.fetch_add(1, Ordering::SeqCst);
-        let ticket = Ticket(Arc::clone(state));
+        let shard = state.next_shard.fetch_add(1, Ordering::Relaxed) % CUT_SHARDS;
+        let ticket = Ticket(Arc::clone(state), shard);
         if state.closed.load(Ordering::SeqCst) {
             return None; // the ticket's drop takes the count back
         }
@@ -329,14 +342,25 @@ impl ShutdownHandle {
 }
 
 /// A keyed request in flight, counted until dropped.
-pub(crate) struct Ticket(Arc<State>);
+pub(crate) struct Ticket(Arc<State>, usize);
 
 impl Ticket {
     /// Runs `work` unless the handlers are cut off first (the grace period
     /// ended); `None` when cut off. The cut is looked at first.
     pub(crate) async fn unless_cut_off<F: Future>(&self, work: Pin<&mut F>) -> Option<F::Output> {
         let state = &*self.0;
-        let cut = state.until(|s| s.cut.load(Ordering::SeqCst));
+        let signal = &state.cut_signal[self.1];
+        let cut = async {
+            loop {
+                let notified = signal.notified();
+                let mut notified = std::pin::pin!(notified);
+                notified.as_mut().enable();
+                if state.cut.load(Ordering::SeqCst) {
+                    return;
+                }
+                notified.await;
+            }
+        };
         tokio::select! {
             biased;
             () = cut => {
