@@ -19,13 +19,26 @@
 //! ```
 //!
 //! The same key with another body is answered `422`; a malformed key `400`.
+//! With `IDEMPOTENCY_FINGERPRINT=json` the body counts by its JSON, not its
+//! bytes: a retry whose client wrote the members in another order replays.
+//!
+//! ```sh
+//! IDEMPOTENCY_FINGERPRINT=json cargo run --example payments
+//! curl -i -H 'Idempotency-Key: "k2"' -H 'content-type: application/json' \
+//!      -d '{"amount":5,"currency":"EUR"}' localhost:3000/payments
+//! curl -i -H 'Idempotency-Key: "k2"' -H 'content-type: application/json' \
+//!      -d '{ "currency": "EUR", "amount": 5 }' localhost:3000/payments   # replayed
+//! ```
 //! To see a concurrent duplicate answered `409`, slow the handler down:
 //! `PAYMENT_DELAY_MS=3000 cargo run --example payments`, then send the same
 //! request from two terminals.
 //!
 //! Environment: `ADDR` (default `127.0.0.1:3000`; `127.0.0.1:0` picks a free
 //! port, and the bound address is printed as `listening on <addr>`),
-//! `PAYMENT_DELAY_MS` (default 0), `IDEMPOTENCY=off` (no layer: the baseline
+//! `PAYMENT_DELAY_MS` (default 0), `IDEMPOTENCY_FINGERPRINT` (`raw`, the
+//! default, or `json`), `SHUTDOWN_GRACE_SECS` (how long a `SIGTERM` waits
+//! for payments in flight; default 10), `RUST_LOG` (default `info`),
+//! `IDEMPOTENCY=off` (no layer: the baseline
 //! for load comparisons), `MIN_RETENTION_SECS` (how long a record is kept at
 //! the least; default one hour: past 100 000 young records, new keys are
 //! answered `503` — `0` evicts the oldest instead, as load runs need).

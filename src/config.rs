@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderName, Method, StatusCode, response};
 
+use crate::fingerprint::BodyFingerprint;
 use crate::key::Scope;
 use crate::shutdown::ShutdownHandle;
 
@@ -139,6 +140,8 @@ pub(crate) struct Config {
     /// two settings above, once, so requests do not rebuild it.
     pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) include_authorization: bool,
+    /// How the body enters the fingerprint.
+    pub(crate) body_fingerprint: BodyFingerprint,
     pub(crate) scope: Scope,
     pub(crate) shared_anonymous_scope: bool,
     pub(crate) persist_if: Arc<PersistFn>,
@@ -167,6 +170,7 @@ impl Default for Config {
             fingerprint_content_headers: true,
             fingerprint_headers: Vec::new(),
             include_authorization: true,
+            body_fingerprint: BodyFingerprint::Raw,
             scope: Scope::AuthorizationOrCookie,
             shared_anonymous_scope: false,
             persist_if: Arc::new(default_persist),
@@ -235,6 +239,7 @@ impl fmt::Debug for Config {
             .field("max_stored_response", &self.max_stored_response)
             .field("fingerprint_headers", &self.fingerprint_headers)
             .field("include_authorization", &self.include_authorization)
+            .field("body_fingerprint", &self.body_fingerprint)
             .field("scope", &self.scope)
             .field("shared_anonymous_scope", &self.shared_anonymous_scope)
             .field("fail_open", &self.fail_open)

@@ -69,13 +69,22 @@ where
             ));
         }
     };
+    let fingerprinted = match config.body_fingerprint.apply(&parts, &data) {
+        Ok(body) => body,
+        Err(reason) => {
+            observe::request("invalid_body");
+            tracing::debug!(%reason, "request body refused for the fingerprint");
+            return Ok(problem(ProblemKind::InvalidBody, &reason, None));
+        }
+    };
     let storage_key = StorageKey::derive(&scope, &key);
     let fingerprint = Fingerprint::compute(
         &parts,
-        &data,
+        &fingerprinted,
         config.include_authorization,
         &config.fingerprint_headers,
     );
+    drop(fingerprinted);
     parts.extensions.insert(key);
     let req = Request::from_parts(parts, IdempotencyBody::full(data, trailers));
     // Only the hashed key is logged: never the client's key or credentials.

@@ -7,6 +7,7 @@ use http::{HeaderName, Method, request, response};
 use tower::Layer;
 
 use crate::config::{Config, OnDisconnect, Unstorable};
+use crate::fingerprint::BodyFingerprint;
 use crate::key::Scope;
 use crate::service::IdempotencyService;
 use crate::shutdown::ShutdownHandle;
@@ -148,6 +149,63 @@ impl<B> IdempotencyLayer<B> {
             c.fingerprint_content_headers = enabled;
             c.derive_fingerprint_headers();
         })
+    }
+
+    /// Fingerprints the body of a JSON request by its canonical form rather
+    /// than its bytes, so that a retry whose client library re-serialised the
+    /// body — members in another order, other whitespace, other escapes in
+    /// strings — is still the same request and replays.
+    ///
+    /// The canonical form sorts object members by key and drops
+    /// insignificant whitespace; numbers count **as written**: `1`, `1.0` and
+    /// `1e0` are three different requests (no number is rounded into
+    /// another, so no two amounts can ever be taken for the same). A body
+    /// that is not valid JSON, nests deeper than 128 levels or has an
+    /// object with the same key twice is answered `400`
+    /// ([invalid body](crate::problem#invalid-body)) before anything is
+    /// looked up or run; an empty body is fingerprinted as empty.
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryBackend::new()).fingerprint_json();
+    /// # let _ = layer;
+    /// ```
+    #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
+    pub fn fingerprint_json(self) -> Self {
+        self.with(|c| c.body_fingerprint = BodyFingerprint::CanonicalJson)
+    }
+
+    /// Fingerprints what `f` makes of the request body instead of the body
+    /// itself: leave out a field the client sets anew on every retry (a
+    /// timestamp, a nonce), or fingerprint only the part that names the
+    /// operation. `Err(reason)` refuses the request with `400`
+    /// ([invalid body](crate::problem#invalid-body), `reason` as the detail:
+    /// it is shown to the client) before anything is looked up or run.
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+    ///
+    /// // Every line but the `sent_at=` one.
+    /// let layer = IdempotencyLayer::new(MemoryBackend::new()).fingerprint_body_with(
+    ///     |_req: &http::request::Parts, body: &[u8]| {
+    ///         let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8".to_owned())?;
+    ///         Ok(text
+    ///             .lines()
+    ///             .filter(|line| !line.starts_with("sent_at="))
+    ///             .collect::<Vec<_>>()
+    ///             .join("\n")
+    ///             .into_bytes())
+    ///     },
+    /// );
+    /// # let _ = layer;
+    /// ```
+    pub fn fingerprint_body_with<F>(self, f: F) -> Self
+    where
+        F: Fn(&request::Parts, &[u8]) -> Result<Vec<u8>, String> + Send + Sync + 'static,
+    {
+        self.with(|c| c.body_fingerprint = BodyFingerprint::custom(f))
     }
 
     /// Scopes keys by what `scope` returns for a request — the recommended

@@ -177,6 +177,7 @@
 //! | malformed or repeated key | `400` | no |
 //! | [scope](IdempotencyLayer::scope) cannot identify the caller | `400` | no |
 //! | body over the limit | `413` | no |
+//! | body that cannot be fingerprinted ([`fingerprint_json`](IdempotencyLayer::fingerprint_json), [`fingerprint_body_with`](IdempotencyLayer::fingerprint_body_with)) | `400` ([invalid body](problem#invalid-body)) | no |
 //! | backend down (default: fail closed) | `503` + `Retry-After` | no |
 //! | backend down with [`fail_open`](IdempotencyLayer::fail_open) | handler's | yes, unprotected |
 //! | instance [shutting down](ShutdownHandle) | `503` + `Retry-After` ([shutting down](problem#shutting-down)) | no |
@@ -380,8 +381,8 @@
 //! `missing_key`, `invalid_key` and `unidentified_caller` (`400`),
 //! `stored_unreadable` (`500`), `stored_incompatible` (`503`),
 //! `body_too_large` (`413`),
-//! `body_error` (`400`), `backend_unavailable` (`503`), `shutting_down`
-//! (`503`), `fail_open` (the handler ran unprotected). Labels take only these fixed values: keys and
+//! `body_error` and `invalid_body` (`400`), `backend_unavailable` (`503`),
+//! `shutting_down` (`503`), `fail_open` (the handler ran unprotected). Labels take only these fixed values: keys and
 //! callers never become label values, so cardinality stays bounded.
 //!
 //! [`metrics`]: https://docs.rs/metrics

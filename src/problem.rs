@@ -15,6 +15,17 @@
 //! # Request body error
 //! `400 Bad Request`: the request body could not be read to the end.
 //!
+//! # Invalid body
+//! `400 Bad Request`: the layer fingerprints this endpoint's request body
+//! by its meaning rather than its bytes — as canonical JSON
+//! ([`fingerprint_json`](crate::IdempotencyLayer::fingerprint_json)) or
+//! with a function of the service's
+//! ([`fingerprint_body_with`](crate::IdempotencyLayer::fingerprint_body_with))
+//! — and this body has none: not valid JSON (or the same key twice in an
+//! object, or nested deeper than 128 levels), or refused by the function,
+//! whose reason is the `detail`. The handler did not run and nothing was
+//! stored.
+//!
 //! # Body too large
 //! `413 Content Too Large`: the body is over the layer's
 //! [`max_request_body`](crate::IdempotencyLayer::max_request_body). Checked
@@ -129,6 +140,8 @@ pub enum ProblemKind {
     RequestBodyError,
     /// See [Body too large](self#body-too-large).
     BodyTooLarge,
+    /// See [Invalid body](self#invalid-body).
+    InvalidBody,
     /// See [Fingerprint mismatch](self#fingerprint-mismatch).
     FingerprintMismatch,
     /// See [Request in flight](self#request-in-flight).
@@ -160,6 +173,7 @@ impl ProblemKind {
             Self::MissingKey
             | Self::InvalidKey
             | Self::RequestBodyError
+            | Self::InvalidBody
             | Self::UnidentifiedCaller => StatusCode::BAD_REQUEST,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::FingerprintMismatch => StatusCode::UNPROCESSABLE_ENTITY,
@@ -181,6 +195,7 @@ impl ProblemKind {
             Self::InvalidKey => "invalid-key",
             Self::RequestBodyError => "request-body-error",
             Self::BodyTooLarge => "body-too-large",
+            Self::InvalidBody => "invalid-body",
             Self::FingerprintMismatch => "fingerprint-mismatch",
             Self::InFlight => "request-in-flight",
             Self::BackendUnavailable => "backend-unavailable",
@@ -208,6 +223,7 @@ impl ProblemKind {
             Self::InvalidKey => "Invalid Idempotency-Key header",
             Self::RequestBodyError => "Request body could not be read",
             Self::BodyTooLarge => "Request body too large",
+            Self::InvalidBody => "Request body not accepted",
             Self::FingerprintMismatch => "Idempotency-Key reused with a different request",
             Self::InFlight => "A request with this Idempotency-Key is in progress",
             Self::BackendUnavailable => "Idempotency store unavailable",
@@ -308,7 +324,7 @@ mod tests {
     }
 
     /// Each kind: status, `type` fragment (its heading in the module docs), title.
-    const CASES: [(ProblemKind, u16, &str, &str); 14] = {
+    const CASES: [(ProblemKind, u16, &str, &str); 15] = {
         use ProblemKind::*;
         [
             (
@@ -378,6 +394,12 @@ mod tests {
                 "Request processed; its response was not kept",
             ),
             (ShuttingDown, 503, "shutting-down", "Service shutting down"),
+            (
+                InvalidBody,
+                400,
+                "invalid-body",
+                "Request body not accepted",
+            ),
             (
                 Interrupted,
                 500,

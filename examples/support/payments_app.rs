@@ -74,6 +74,7 @@ async fn stats(State(state): State<AppState>) -> Json<serde_json::Value> {
 pub async fn serve<B: Backend>(
     layer: IdempotencyLayer<B>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let layer = configured(layer)?;
     let shutdown = layer.shutdown_handle();
     serve_routes(
         payment_routes()?,
@@ -81,6 +82,22 @@ pub async fn serve<B: Backend>(
         Some(shutdown),
     )
     .await
+}
+
+/// `layer` with the settings the environment asks for:
+/// `IDEMPOTENCY_FINGERPRINT=json` fingerprints bodies as canonical JSON (a
+/// retry whose JSON was re-serialised replays), `raw` (the default) by
+/// their bytes.
+pub fn configured<B>(
+    layer: IdempotencyLayer<B>,
+) -> Result<IdempotencyLayer<B>, Box<dyn std::error::Error>> {
+    Ok(match std::env::var("IDEMPOTENCY_FINGERPRINT").as_deref() {
+        Err(_) | Ok("raw") => layer,
+        Ok("json") => layer.fingerprint_json(),
+        Ok(other) => {
+            return Err(format!("IDEMPOTENCY_FINGERPRINT={other:?}: use raw or json").into());
+        }
+    })
 }
 
 /// Serves the payments API with `protect` wrapped around its routes (unless

@@ -1,5 +1,9 @@
 //! The request fingerprint: what makes a retry "the same request".
 
+mod body;
+
+pub(crate) use body::BodyFingerprint;
+
 use std::fmt;
 
 use http::HeaderName;
