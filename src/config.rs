@@ -89,6 +89,48 @@ pub enum Unstorable {
     Release,
 }
 
+/// What becomes of a `5xx` response: an ambiguous outcome, as the handler
+/// may have failed before its side effect or after it (a timeout towards a
+/// payment provider that charged anyway). Set with
+/// [`IdempotencyLayer::server_errors`](crate::IdempotencyLayer::server_errors);
+/// a [`Persist`] extension on the response still decides for itself.
+///
+/// | policy | the client that got the `5xx` | a retry | the handler runs again |
+/// |---|---|---|---|
+/// | [`Retry`](Self::Retry) (default) | the `5xx` | runs the handler | yes |
+/// | [`Replay`](Self::Replay) | the `5xx` | the same `5xx`, replayed | no |
+/// | [`Mark`](Self::Mark) | the `5xx` | [outcome unknown](crate::problem#outcome-unknown), with the `5xx`'s status | no |
+///
+/// ```
+/// use tower_idempotency::{IdempotencyLayer, MemoryBackend, ServerErrors};
+///
+/// // A payment API whose handlers cannot tell whether a failed charge went through.
+/// let layer = IdempotencyLayer::new(MemoryBackend::new()).server_errors(ServerErrors::Mark);
+/// # let _ = layer;
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServerErrors {
+    /// Not stored: the key is released and a retry runs the handler again
+    /// (what [`persist_if`](crate::IdempotencyLayer::persist_if) says, which
+    /// by default stores no `5xx`). Right where handlers fail before they do
+    /// anything lasting, or where their side effects are idempotent
+    /// themselves (the key passed on to the payment provider). On
+    /// PostgreSQL's transaction mode the handler's writes roll back.
+    #[default]
+    Retry,
+    /// Stored and replayed as it was, as Stripe does: a retry never runs the
+    /// handler again; the client looks the outcome up, then uses a new key.
+    /// On PostgreSQL's transaction mode the handler's writes commit with it.
+    Replay,
+    /// Not replayed, but never run again either: a retry is answered with
+    /// the [outcome unknown](crate::problem#outcome-unknown) problem, with
+    /// the status of the `5xx`. The client that got the `5xx` got the
+    /// handler's own answer. On PostgreSQL's transaction mode the handler's
+    /// writes commit with the mark.
+    Mark,
+}
+
 /// A handler's say over whether its response is stored: insert it into the
 /// response extensions.
 ///
@@ -145,6 +187,7 @@ pub(crate) struct Config {
     pub(crate) scope: Scope,
     pub(crate) shared_anonymous_scope: bool,
     pub(crate) persist_if: Arc<PersistFn>,
+    pub(crate) server_errors: ServerErrors,
     pub(crate) fail_open: bool,
     pub(crate) on_disconnect: OnDisconnect,
     pub(crate) unstorable: Unstorable,
@@ -174,6 +217,7 @@ impl Default for Config {
             scope: Scope::AuthorizationOrCookie,
             shared_anonymous_scope: false,
             persist_if: Arc::new(default_persist),
+            server_errors: ServerErrors::Retry,
             fail_open: false,
             on_disconnect: OnDisconnect::Complete,
             unstorable: Unstorable::Mark,
@@ -242,6 +286,7 @@ impl fmt::Debug for Config {
             .field("body_fingerprint", &self.body_fingerprint)
             .field("scope", &self.scope)
             .field("shared_anonymous_scope", &self.shared_anonymous_scope)
+            .field("server_errors", &self.server_errors)
             .field("fail_open", &self.fail_open)
             .field("on_disconnect", &self.on_disconnect)
             .field("unstorable", &self.unstorable)

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 use crate::body::{Collected, IdempotencyBody, TeeEnd, collect_limited, follow_tee};
-use crate::config::{Config, OnDisconnect, Persist, Unstorable, clamp_ttl};
+use crate::config::{Config, OnDisconnect, Persist, ServerErrors, Unstorable, clamp_ttl};
 use crate::headers::{declared_length, is_event_stream, known_length, problem, replay};
 use crate::lock::{Cancellation, Delivery, LockGuard, run_detached};
 use crate::observe;
@@ -470,6 +470,16 @@ where
             };
         }
         Some(Persist::For(ttl)) => clamp_ttl(*ttl),
+        None if parts.status.is_server_error() && config.server_errors == ServerErrors::Mark => {
+            return Produced::Store {
+                record: outcome_unknown(parts.status, fingerprint),
+                ttl: config.ttl,
+                response: Some(stream(parts, body)),
+            };
+        }
+        None if parts.status.is_server_error() && config.server_errors == ServerErrors::Replay => {
+            config.ttl
+        }
         None if (config.persist_if)(&parts) => config.ttl,
         None => {
             return Produced::Release {
@@ -561,6 +571,19 @@ where
             why: "response body failed",
         },
     }
+}
+
+/// The record a retry of a `5xx` gets under [`ServerErrors::Mark`]: the
+/// outcome-unknown problem, with the `5xx`'s status.
+fn outcome_unknown(status: http::StatusCode, fingerprint: Fingerprint) -> Record {
+    let answer = crate::problem::response_with_status(
+        ProblemKind::OutcomeUnknown,
+        status,
+        "the first attempt of this request failed with a server error; whether it took effect is unknown, and it will not run again with this key",
+        None,
+    );
+    let (parts, body) = answer.into_parts();
+    Record::from_parts(&parts, body, fingerprint)
 }
 
 /// The answer for a response whose record, and with it the handler's

@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{HeaderName, Method, request, response};
 use tower::Layer;
 
-use crate::config::{Config, OnDisconnect, Unstorable};
+use crate::config::{Config, OnDisconnect, ServerErrors, Unstorable};
 use crate::fingerprint::BodyFingerprint;
 use crate::key::Scope;
 use crate::service::IdempotencyService;
@@ -268,6 +268,13 @@ impl<B> IdempotencyLayer<B> {
     /// that clients choose, which may then collide across callers.
     pub fn shared_anonymous_scope(self) -> Self {
         self.with(|c| c.shared_anonymous_scope = true)
+    }
+
+    /// What becomes of a `5xx` response, an ambiguous outcome (default
+    /// [`ServerErrors::Retry`]: not stored, a retry runs again): see
+    /// [`ServerErrors`] for the trade.
+    pub fn server_errors(self, policy: ServerErrors) -> Self {
+        self.with(|c| c.server_errors = policy)
     }
 
     /// Decides which responses are stored (default: all but `5xx` and `429`).

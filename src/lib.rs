@@ -445,7 +445,7 @@ pub use backend::postgres::{
 pub use backend::redis::{RedisBackend, RedisBackendBuilder, RedisLock};
 pub use backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 pub use body::IdempotencyBody;
-pub use config::{MAX_TTL, OnDisconnect, Persist, Unstorable};
+pub use config::{MAX_TTL, OnDisconnect, Persist, ServerErrors, Unstorable};
 #[cfg(feature = "axum")]
 pub use extract::MissingIdempotencyKey;
 pub use fingerprint::Fingerprint;

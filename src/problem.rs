@@ -98,6 +98,14 @@
 //! second time. Check the operation's outcome by other means (look the
 //! payment up, say) before sending a new key.
 //!
+//! # Outcome unknown
+//! The status of the first attempt's `5xx` (with `Idempotent-Replayed:
+//! true`): the layer is configured with
+//! [`ServerErrors::Mark`](crate::ServerErrors::Mark), the first attempt of
+//! this request failed with a server error, and whether it took effect is
+//! unknown — so it is not run again with this key. Look the outcome up (the
+//! payment, the order) before sending the request again with a new key.
+//!
 //! # Transaction aborted
 //! `500 Internal Server Error`: the handler wrote through the request's
 //! transaction (PostgreSQL's transaction mode), one of its statements
@@ -163,6 +171,9 @@ pub enum ProblemKind {
     Interrupted,
     /// See [Transaction aborted](self#transaction-aborted).
     TransactionAborted,
+    /// See [Outcome unknown](self#outcome-unknown). Its status is the
+    /// first attempt's `5xx`; [`status`](Self::status) gives `500`.
+    OutcomeUnknown,
 }
 
 impl ProblemKind {
@@ -181,9 +192,10 @@ impl ProblemKind {
             Self::BackendUnavailable | Self::StoredResponseIncompatible | Self::ShuttingDown => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            Self::StoredResponseUnreadable | Self::Interrupted | Self::TransactionAborted => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            Self::StoredResponseUnreadable
+            | Self::Interrupted
+            | Self::TransactionAborted
+            | Self::OutcomeUnknown => StatusCode::INTERNAL_SERVER_ERROR,
             Self::ResponseNotKept => StatusCode::OK,
         }
     }
@@ -206,6 +218,7 @@ impl ProblemKind {
             Self::ShuttingDown => "shutting-down",
             Self::Interrupted => "interrupted",
             Self::TransactionAborted => "transaction-aborted",
+            Self::OutcomeUnknown => "outcome-unknown",
         }
     }
 
@@ -238,6 +251,7 @@ impl ProblemKind {
             Self::ShuttingDown => "Service shutting down",
             Self::Interrupted => "Request interrupted; its outcome is unknown",
             Self::TransactionAborted => "The request's transaction failed; nothing was committed",
+            Self::OutcomeUnknown => "Request failed; its outcome is unknown",
         }
     }
 }
@@ -324,7 +338,7 @@ mod tests {
     }
 
     /// Each kind: status, `type` fragment (its heading in the module docs), title.
-    const CASES: [(ProblemKind, u16, &str, &str); 15] = {
+    const CASES: [(ProblemKind, u16, &str, &str); 16] = {
         use ProblemKind::*;
         [
             (
@@ -399,6 +413,12 @@ mod tests {
                 400,
                 "invalid-body",
                 "Request body not accepted",
+            ),
+            (
+                OutcomeUnknown,
+                500,
+                "outcome-unknown",
+                "Request failed; its outcome is unknown",
             ),
             (
                 Interrupted,

@@ -1600,3 +1600,15 @@ async fn axum_handlers_extract_the_request_transaction() {
     .await;
     assert_eq!(refused.status, StatusCode::INTERNAL_SERVER_ERROR);
 }
+
+/// The `5xx` policies in each PostgreSQL mode.
+#[tokio::test]
+async fn server_error_policies_in_every_mode() {
+    for mode in [
+        PostgresMode::Lease,
+        PostgresMode::Advisory,
+        PostgresMode::Transaction,
+    ] {
+        common::server_error_policies(backend_in(mode).await, &format!("postgres-{mode}")).await;
+    }
+}

@@ -473,3 +473,9 @@ async fn a_record_too_large_for_the_codec_leaves_a_marker() {
 async fn a_panicked_handler_frees_the_key_within_seconds() {
     common::a_panicked_handler_frees_the_key(backend().await, "panicked").await;
 }
+
+/// The `5xx` policies on Redis.
+#[tokio::test]
+async fn server_error_policies_on_redis() {
+    common::server_error_policies(backend().await, "redis").await;
+}

@@ -641,3 +641,9 @@ async fn handler_sees_the_key() {
         "abc"
     );
 }
+
+/// The `5xx` policies on the memory backend.
+#[tokio::test]
+async fn server_error_policies_on_memory() {
+    common::server_error_policies(tower_idempotency::MemoryBackend::new(), "memory").await;
+}

@@ -534,3 +534,64 @@ pub async fn a_panicked_handler_frees_the_key<B: Backend>(backend: B, key: &str)
     assert_eq!(retry.body, "run 2");
     assert_eq!(runs.get(), 2);
 }
+
+/// Each [`ServerErrors`](tower_idempotency::ServerErrors) policy on
+/// `backend`: a handler answers `502`, then its retry — runs again
+/// (`Retry`), replays the `502` (`Replay`) or gets the outcome-unknown
+/// problem with status `502` (`Mark`).
+pub async fn server_error_policies<B: Backend>(backend: B, tag: &str) {
+    use tower::Layer;
+    use tower_idempotency::{IdempotencyLayer, ServerErrors};
+
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    for (policy, name) in [
+        (ServerErrors::Retry, "retry"),
+        (ServerErrors::Replay, "replay"),
+        (ServerErrors::Mark, "mark"),
+    ] {
+        let runs = Runs::default();
+        let handler = tower::service_fn({
+            let runs = runs.clone();
+            move |_req: InnerReq| {
+                let n = runs.bump();
+                async move {
+                    let mut res =
+                        Response::new(Full::new(Bytes::from(format!("upstream timed out ({n})"))));
+                    *res.status_mut() = StatusCode::BAD_GATEWAY;
+                    Ok::<_, Infallible>(res)
+                }
+            }
+        });
+        let mut svc = IdempotencyLayer::new(backend.clone())
+            .server_errors(policy)
+            .layer(handler);
+        let key = format!("{tag}-5xx-{name}-{nonce}");
+        let first = send(&mut svc, post("/pay", Some(&key), "{}")).await;
+        assert_eq!(first.status, StatusCode::BAD_GATEWAY, "{tag} {name}");
+        assert_eq!(
+            first.body, "upstream timed out (1)",
+            "the client gets the handler's answer"
+        );
+        let retry = send(&mut svc, post("/pay", Some(&key), "{}")).await;
+        assert_eq!(retry.status, StatusCode::BAD_GATEWAY, "{tag} {name}");
+        match policy {
+            ServerErrors::Retry => {
+                assert!(!retry.replayed(), "{tag}: runs again");
+                assert_eq!(runs.get(), 2, "{tag} {name}");
+            }
+            ServerErrors::Replay => {
+                assert!(retry.replayed(), "{tag}: replayed");
+                assert_eq!(retry.body, first.body, "{tag}: as it was");
+                assert_eq!(runs.get(), 1, "{tag} {name}");
+            }
+            _ => {
+                assert!(retry.replayed(), "{tag}: marked");
+                assert_eq!(retry.problem_type(), "outcome-unknown", "{tag}");
+                assert_eq!(runs.get(), 1, "{tag} {name}");
+            }
+        }
+    }
+}
