@@ -439,6 +439,30 @@ async fn interrupted<B: Backend, ResBody: Body, E>(
     }
 }
 
+/// Whether a response is kept, and for how long: the handler's [`Persist`]
+/// first, then the [`ServerErrors`] policy for a `5xx`, then `persist_if`.
+enum Keep {
+    For(Duration),
+    Release(&'static str),
+    /// Store this record in the response's place.
+    Instead(Record),
+}
+
+fn keep(parts: &response::Parts, config: &Config, fingerprint: Fingerprint) -> Keep {
+    match parts.extensions.get::<Persist>() {
+        Some(Persist::Never) => Keep::Release("the handler opted out"),
+        Some(Persist::For(ttl)) => Keep::For(clamp_ttl(*ttl)),
+        None if parts.status.is_server_error() && config.server_errors == ServerErrors::Mark => {
+            Keep::Instead(outcome_unknown(parts.status, fingerprint))
+        }
+        None if parts.status.is_server_error() && config.server_errors == ServerErrors::Replay => {
+            Keep::For(config.ttl)
+        }
+        None if (config.persist_if)(parts) => Keep::For(config.ttl),
+        None => Keep::Release("status is not stored"),
+    }
+}
+
 /// Calls the handler and decides what its response becomes: buffered and
 /// stored, streamed to the client while a copy is stored (no length known
 /// up front), passed through with a "not kept" marker, or released.
@@ -462,29 +486,19 @@ where
         Err(error) => return Produced::Failed(error),
     };
     let stream = |parts, body| Response::from_parts(parts, IdempotencyBody::stream(body));
-    let ttl = match parts.extensions.get::<Persist>() {
-        Some(Persist::Never) => {
+    let ttl = match keep(&parts, config, fingerprint) {
+        Keep::For(ttl) => ttl,
+        Keep::Release(why) => {
             return Produced::Release {
                 response: Some(stream(parts, body)),
-                why: "the handler opted out",
+                why,
             };
         }
-        Some(Persist::For(ttl)) => clamp_ttl(*ttl),
-        None if parts.status.is_server_error() && config.server_errors == ServerErrors::Mark => {
+        Keep::Instead(record) => {
             return Produced::Store {
-                record: outcome_unknown(parts.status, fingerprint),
+                record,
                 ttl: config.ttl,
                 response: Some(stream(parts, body)),
-            };
-        }
-        None if parts.status.is_server_error() && config.server_errors == ServerErrors::Replay => {
-            config.ttl
-        }
-        None if (config.persist_if)(&parts) => config.ttl,
-        None => {
-            return Produced::Release {
-                response: Some(stream(parts, body)),
-                why: "status is not stored",
             };
         }
     };

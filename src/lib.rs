@@ -172,6 +172,7 @@
 //! | first request with a key | handler's | yes |
 //! | retry after completion, same request | stored response + `Idempotent-Replayed: true` | no |
 //! | retry of a response too large (or otherwise unfit) to store | [response not kept](problem#response-not-kept), original status | no |
+//! | retry of a `5xx` | runs again by default; the `5xx` replayed, or [outcome unknown](problem#outcome-unknown), as [`server_errors`](IdempotencyLayer::server_errors) says | by default |
 //! | retry while the first is in flight (or its client left and it is still running) | `409` + `Retry-After` | no |
 //! | key reused with a different request | `422` | no |
 //! | malformed or repeated key | `400` | no |
