@@ -15,20 +15,20 @@ command -v cargo-mutants >/dev/null 2>&1 || cargo install cargo-mutants --locked
 tests_for() {
     case "$1" in
         src/key.rs) echo "--test keys --test replay --test retry" ;;
-        src/fingerprint.rs) echo "--test replay --test retry" ;;
+        src/fingerprint/mod.rs | src/fingerprint/body.rs) echo "--test replay --test retry --test fingerprint" ;;
         src/record.rs) echo "--test codec --test codec_bomb" ;;
         src/problem.rs | src/headers.rs) echo "--test replay --test retry" ;;
         src/config.rs) echo "--test retry --test faults --test shutdown" ;;
         src/backend/memory.rs) echo "--test backend_conformance --test concurrency" ;;
-        src/flow.rs) echo "--test faults --test replay --test retry --test shutdown --test tower_http --test metrics" ;;
+        src/flow.rs | src/settle.rs) echo "--test faults --test replay --test retry --test shutdown --test tower_http --test metrics" ;;
         *) echo "" ;;
     esac
 }
 
 files=("$@")
 if [ ${#files[@]} -eq 0 ]; then
-    files=(src/key.rs src/fingerprint.rs src/record.rs src/problem.rs src/headers.rs
-        src/config.rs src/backend/memory.rs src/flow.rs)
+    files=(src/key.rs src/fingerprint/mod.rs src/fingerprint/body.rs src/record.rs src/problem.rs
+        src/headers.rs src/config.rs src/backend/memory.rs src/flow.rs src/settle.rs)
 fi
 for file in "${files[@]}"; do
     echo "==> mutants in $file"

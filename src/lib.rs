@@ -431,6 +431,7 @@ mod observe;
 pub mod problem;
 mod record;
 mod service;
+mod settle;
 pub mod shutdown;
 
 #[cfg(feature = "memory")]
