@@ -217,6 +217,10 @@ impl ShutdownHandle {
     /// are still connected. Await the returned future before the process
     /// exits; it resolves with the report once the shutdown is over.
     ///
+    /// # Panics
+    ///
+    /// Outside a Tokio runtime (it spawns the task that waits for `signal`).
+    ///
     /// ```no_run
     /// use std::time::Duration;
     /// use axum::{Router, routing::post};
