@@ -32,6 +32,7 @@ use tower_idempotency::{IdempotencyBody, IdempotencyLayer, MemoryBackend};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let signal = terminated()?;
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3001".to_owned());
     let orders = Arc::new(AtomicU64::new(0));
 
@@ -56,7 +57,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
     // The layer's shutdown starts at the signal; the accept loop ends with it.
-    let finished = shutdown.shutdown_on(terminated(), Duration::from_secs(10));
+    let finished = shutdown.shutdown_on(signal, Duration::from_secs(10));
     let graceful = GracefulShutdown::new();
     let mut started = pin!(shutdown.started());
     loop {
@@ -74,24 +75,36 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         });
     }
     drop(listener);
-    graceful.shutdown().await; // connected clients get their answers
+    // Connected clients get their answers; a connection still open after the
+    // layer's two waits (a client sending half a request) is not waited for.
+    if tokio::time::timeout(Duration::from_secs(21), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        eprintln!("connections still open after the grace period are closed");
+    }
     let report = finished.await; // and what runs on its own is settled
     eprintln!("shut down: {report:?}");
     Ok(())
 }
 
-/// Resolves on `SIGTERM` or Ctrl-C.
-async fn terminated() {
+/// Resolves on `SIGTERM` or Ctrl-C, with the handlers installed when this
+/// is called: a signal right after start-up is not lost.
+fn terminated() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
             tokio::select! {
                 _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = interrupt.recv() => {}
             }
-            return;
-        }
+        })
     }
-    let _ = tokio::signal::ctrl_c().await;
+    #[cfg(not(unix))]
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

@@ -92,11 +92,12 @@ use tokio::sync::Notify;
 ///      "response not kept" marker with its status, as any response that
 ///      could not be stored.
 ///
-///    It waits up to `grace` once more for those settlements and what they
-///    send in the background.
+///    It waits once more for those settlements and what they send in the
+///    background: up to `grace`, and at least five seconds, so that a short
+///    or zero grace period still lets them reach the backend.
 ///
 /// What it cannot promise: a backend that does not answer within the two
-/// grace periods (the keys it held then lapse after `lock_ttl`, and
+/// waits (the keys it held then lapse after `lock_ttl`, and
 /// [`ShutdownReport`] says how many), a process killed before `shutdown`
 /// returns, and the records of a [`MemoryBackend`](crate::MemoryBackend),
 /// which live in the process and end with it.
@@ -140,7 +141,7 @@ pub struct ShutdownReport {
     /// settled (released, or an interrupted record stored).
     pub interrupted: usize,
     /// Keyed requests still not finished when `shutdown` returned (their
-    /// settlement did not finish within the second grace period either).
+    /// settlement did not finish within the second wait either).
     pub unfinished: usize,
     /// Background backend calls (releases, late stores) still running when
     /// `shutdown` returned: their keys lapse after `lock_ttl`.
@@ -178,6 +179,9 @@ struct State {
 }
 
 const CUT_SHARDS: usize = 16;
+
+/// The least time the cut-off requests get to settle their keys.
+const MIN_SETTLE: Duration = Duration::from_secs(5);
 
 impl State {
     fn decrement(&self, count: &AtomicUsize) {
@@ -268,7 +272,8 @@ impl ShutdownHandle {
 
     /// Refuses new keyed requests, waits up to `grace` for the keyed work
     /// in flight, then cuts off the handlers still running, settles their
-    /// keys and waits up to `grace` for that. See [What it does](#what-it-does).
+    /// keys and waits for that (up to `grace`, at least five seconds). See
+    /// [What it does](#what-it-does).
     pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
         let state = &*self.state;
         state.closed.store(true, Ordering::SeqCst);
@@ -291,8 +296,11 @@ impl ShutdownHandle {
                     signal.notify_waiters();
                 }
             }
-            // The settlements' own late stores and releases count too.
-            let _ = tokio::time::timeout(grace, state.until(all_done)).await;
+            // The settlements (one backend call each) and their own late
+            // stores and releases: given time even when the grace period
+            // is short or zero, or their keys would be left to lapse.
+            let settling = grace.max(MIN_SETTLE);
+            let _ = tokio::time::timeout(settling, state.until(all_done)).await;
         }
         let report = ShutdownReport {
             interrupted: state.interrupted.load(Ordering::SeqCst),
@@ -531,6 +539,27 @@ mod tests {
             started.elapsed(),
             Duration::from_secs(5) + Duration::from_millis(10)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_zero_grace_period_still_lets_the_cut_off_settle() {
+        let handle = ShutdownHandle::new();
+        let ticket = handle.enter().expect("open");
+        let request = async move {
+            let work = std::pin::pin!(std::future::pending::<()>());
+            assert!(ticket.unless_cut_off(work).await.is_none());
+            // Settling: a backend call.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(ticket);
+        };
+        let started = tokio::time::Instant::now();
+        let (report, ()) = tokio::join!(handle.shutdown(Duration::ZERO), request);
+        assert_eq!(
+            (report.interrupted, report.unfinished),
+            (1, 0),
+            "{report:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
     }
 
     #[tokio::test(start_paused = true)]

@@ -88,3 +88,58 @@ async fn the_example_logs_why_an_evicting_redis_is_refused() {
     let line = deploy_support::logged(&mut lines, "maxmemory-policy allkeys-lru").await;
     assert!(line.contains("ERROR"), "{line}");
 }
+
+/// A proxy that delays every chunk by `ms` towards `port` on this host: a
+/// slow path to the store, so that settling takes a while. (Each
+/// connection's chunks wait one after another: Redis multiplexes one
+/// connection, so its path is slowed less.)
+async fn slow_path(port: u16, ms: u64) -> common::fault_proxy::FaultProxy {
+    let proxy = common::fault_proxy::FaultProxy::start(([127, 0, 0, 1], port).into()).await;
+    proxy.set(common::fault_proxy::Fault::Latency(
+        std::time::Duration::from_millis(ms),
+    ));
+    proxy
+}
+
+#[tokio::test]
+async fn redis_a_zero_grace_period_settles_every_payment() {
+    let env = redis_env();
+    let proxy = slow_path(6379, 40).await;
+    let mut env_a = env.clone();
+    env_a[0].1 = format!("redis://127.0.0.1:{}", proxy.port());
+    deploy_support::a_zero_grace_period_settles_every_payment(
+        "payments_redis",
+        &borrowed(&env_a),
+        &borrowed(&env),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn postgres_a_zero_grace_period_settles_every_payment() {
+    let url = postgres_support::database_url();
+    let proxy = slow_path(5432, 300).await;
+    let slow = format!("postgres://postgres@127.0.0.1:{}/test", proxy.port());
+    deploy_support::a_zero_grace_period_settles_every_payment(
+        "payments_postgres",
+        &[("DATABASE_URL", &slow)],
+        &[("DATABASE_URL", &url)],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_slow_client_does_not_keep_the_example_up() {
+    deploy_support::a_slow_client_does_not_keep_the_example_up("payments", &[]).await;
+}
+
+#[tokio::test]
+async fn a_signal_right_after_start_up_exits_gracefully() {
+    deploy_support::a_signal_right_after_start_up_exits_gracefully("payments", &[]).await;
+    let env = redis_env();
+    deploy_support::a_signal_right_after_start_up_exits_gracefully(
+        "payments_redis",
+        &borrowed(&env),
+    )
+    .await;
+}

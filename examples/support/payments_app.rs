@@ -146,6 +146,8 @@ pub async fn serve_routes(
     protect: impl FnOnce(Router) -> Router,
     shutdown: Option<ShutdownHandle>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    // First: a signal from now on shuts down gracefully instead of killing.
+    let signal = terminated()?;
     init_logging();
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let grace = Duration::from_secs(match std::env::var("SHUTDOWN_GRACE_SECS") {
@@ -159,47 +161,54 @@ pub async fn serve_routes(
     };
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
+    let shutdown = shutdown.unwrap_or_else(|| IdempotencyLayer::new(()).shutdown_handle());
     // The layer's shutdown starts with the signal, beside axum's: its grace
     // period bounds the keyed requests of connected clients too.
-    let Some(shutdown) = shutdown else {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(terminated())
-            .await?;
-        return Ok(());
-    };
-    let finished = shutdown.shutdown_on(terminated(), grace);
-    axum::serve(listener, app)
+    let finished = shutdown.shutdown_on(signal, grace);
+    let serve = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.started())
-        .await?;
+        .into_future();
+    // axum waits for every open connection; one whose client sends slowly
+    // (half a request) would keep the process up for ever. The layer's work
+    // is settled within its two waits: connections still open after that
+    // are closed.
+    let bound = async {
+        shutdown.started().await;
+        tokio::time::sleep(2 * grace.max(Duration::from_secs(5)) + Duration::from_secs(1)).await;
+    };
+    tokio::select! {
+        served = serve => served?,
+        () = bound => tracing::warn!("connections still open after the grace period are closed"),
+    }
     let report = finished.await;
     tracing::info!(?report, "idempotency work finished");
     tracing::info!("shut down");
     Ok(())
 }
 
-/// Resolves on `SIGTERM` (a deploy, `kill`) or Ctrl-C.
-async fn terminated() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
+/// Resolves on `SIGTERM` (a deploy, `kill`) or Ctrl-C (`SIGINT`). The
+/// handlers are installed when this is called, not when it is first
+/// awaited: a signal that comes right after start-up is not lost (nor does
+/// it kill the process).
+fn terminated() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = interrupt.recv() => {}
             }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+            tracing::info!("shutting down: finishing requests in flight");
+        })
     }
-    tracing::info!("shutting down: finishing requests in flight");
+    #[cfg(not(unix))]
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutting down: finishing requests in flight");
+    })
 }
 
 /// `RUST_LOG` (default `info`) to standard error: the layer's warnings (a

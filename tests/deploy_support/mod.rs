@@ -221,3 +221,79 @@ pub async fn logged(
         .await
         .unwrap_or_else(|_| panic!("nothing logged with {needle:?}"))
 }
+
+/// A zero grace period with many payments whose clients left: every one is
+/// cut off at once, and each key is still settled before the process
+/// exits — the retry on instance B gets the stored "interrupted" answer,
+/// never a run of its own, never a `409` for the lock's TTL.
+///
+/// Instance A reaches the store through `env_a` (a slow path: its
+/// settlements take a while), instance B through `env`.
+pub async fn a_zero_grace_period_settles_every_payment(
+    example: &str,
+    env_a: &[(&str, &str)],
+    env: &[(&str, &str)],
+) {
+    let mut env_a = env_a.to_vec();
+    env_a.extend([("PAYMENT_DELAY_MS", "60000"), ("SHUTDOWN_GRACE_SECS", "0")]);
+    let (mut a, addr_a) = spawn_example(example, &env_a).await;
+    let (_b, addr_b) = spawn_example(example, env).await;
+    let keys: Vec<String> = (0..20)
+        .map(|i| unique(&format!("deploy-zero-{i}")))
+        .collect();
+    let mut sockets = Vec::new();
+    for key in &keys {
+        sockets.push(start_payment(addr_a, key).await);
+    }
+    until_runs(addr_a, 20).await;
+    drop(sockets); // every client gives up
+    // The begins are answered: the settlements follow them on the path.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    terminate(&a);
+    assert!(exits_by_itself(&mut a, Duration::from_secs(20)).await);
+    for key in &keys {
+        let retry = request(addr_b, "POST", "/payments", &headers(key), BODY).await;
+        assert_eq!(
+            retry.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{key}: {:?}",
+            retry.body
+        );
+        assert_eq!(retry.problem_type(), "interrupted");
+    }
+    assert_eq!(handler_runs(addr_b).await, r#"{"handler_runs":0}"#);
+}
+
+/// A client that sent half a request when the signal came does not keep
+/// the example up: it exits by itself once the layer's waits are over.
+pub async fn a_slow_client_does_not_keep_the_example_up(example: &str, env: &[(&str, &str)]) {
+    let mut env = env.to_vec();
+    env.push(("SHUTDOWN_GRACE_SECS", "1"));
+    let (mut server, addr) = spawn_example(example, &env).await;
+    let key = unique("slow-client");
+    let head = format!(
+        "POST /payments HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: {key}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"amount\""
+    );
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(head.as_bytes()).await.unwrap();
+    // The server has read the head before the signal comes.
+    let _ = request(addr, "GET", "/stats", &[], "").await;
+    terminate(&server);
+    assert!(
+        exits_by_itself(&mut server, Duration::from_secs(30)).await,
+        "exit status 0"
+    );
+    drop(socket);
+}
+
+/// A signal right after start-up is a graceful exit (status 0), not a kill.
+pub async fn a_signal_right_after_start_up_exits_gracefully(example: &str, env: &[(&str, &str)]) {
+    for _ in 0..3 {
+        let (mut server, _addr) = spawn_example(example, env).await;
+        terminate(&server);
+        assert!(
+            exits_by_itself(&mut server, Duration::from_secs(30)).await,
+            "killed by the signal instead of shutting down"
+        );
+    }
+}
