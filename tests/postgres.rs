@@ -59,6 +59,15 @@ fn storage_key(key: &str) -> StorageKey {
     )
 }
 
+/// A table name no other test uses (a plain identifier).
+fn private_table() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("idem_private_{}_{nanos}", std::process::id())
+}
+
 fn unique(name: &str) -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -634,13 +643,16 @@ async fn a_dropped_lease_begin_leaves_no_lease_behind() {
     let writer = postgres_support::admin().await;
     let writer_pid = postgres_support::pid_of(&writer).await;
     let app = unique("dropped-begin");
-    let backend = postgres_support::backend_on_table(TABLE, PostgresMode::Lease, &app).await;
+    // A table of its own: the row lock held below would queue a concurrent
+    // `migrate()` of the shared table, and this test's statement behind it.
+    let table = private_table();
+    let backend = postgres_support::backend_on_table(&table, PostgresMode::Lease, &app).await;
     let key = conformance::fresh_key();
     writer.batch_execute("BEGIN").await.unwrap();
     writer
         .execute(
             &format!(
-                "INSERT INTO {TABLE} (key, fingerprint, expires_at) \
+                "INSERT INTO {table} (key, fingerprint, expires_at) \
                  VALUES ($1, '\\x00', now() - interval '1 hour')"
             ),
             &[&&key.as_bytes()[..]],
@@ -668,7 +680,10 @@ async fn a_failed_lease_complete_leaves_no_lease_behind() {
     let writer = postgres_support::admin().await;
     let writer_pid = postgres_support::pid_of(&writer).await;
     let app = unique("failed-complete");
-    let backend = postgres_support::backend_on_table(TABLE, PostgresMode::Lease, &app).await;
+    // A table of its own: the row lock held below would queue a concurrent
+    // `migrate()` of the shared table, and this test's statement behind it.
+    let table = private_table();
+    let backend = postgres_support::backend_on_table(&table, PostgresMode::Lease, &app).await;
     let key = conformance::fresh_key();
     let fp = conformance::fingerprint(6);
     let Begin::Acquired(lock) = backend
@@ -681,7 +696,7 @@ async fn a_failed_lease_complete_leaves_no_lease_behind() {
     writer.batch_execute("BEGIN").await.unwrap();
     writer
         .execute(
-            &format!("SELECT 1 FROM {TABLE} WHERE key = $1 FOR UPDATE"),
+            &format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE"),
             &[&&key.as_bytes()[..]],
         )
         .await

@@ -332,3 +332,38 @@ async fn a_deferred_constraint_failing_at_commit_is_not_a_success() {
     assert_eq!(runs.get(), 4);
     assert_eq!(rows(&table).await, 1, "nothing committed");
 }
+
+/// `migrate()` on a table that is already up to date takes no lock that
+/// waits for writers: a new instance starting while requests write rows
+/// neither waits for them nor makes every later write queue behind it.
+#[tokio::test]
+async fn migrate_does_not_wait_for_writers_when_nothing_changes() {
+    use std::time::Duration;
+
+    let table = unique("idem_migrate");
+    let backend = PostgresBackend::builder(postgres_support::pool_for(
+        &postgres_support::database_url(),
+        2,
+    ))
+    .table(&table)
+    .build()
+    .unwrap();
+    backend.migrate().await.unwrap();
+    let writer = admin().await;
+    writer.batch_execute("BEGIN").await.unwrap();
+    writer
+        .execute(
+            &format!(
+                "INSERT INTO {table} (key, fingerprint, expires_at) VALUES ('\\x01', '\\x00', now())"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let migrated = tokio::time::timeout(Duration::from_secs(5), backend.migrate()).await;
+    writer.batch_execute("ROLLBACK").await.unwrap();
+    assert!(
+        matches!(migrated, Ok(Ok(()))),
+        "migrate waited for a writer: {migrated:?}"
+    );
+}

@@ -153,7 +153,8 @@ impl Sql {
     #[allow(clippy::too_many_lines, reason = "one SQL script")]
     pub(super) fn migration(&self) -> String {
         let table = &self.table;
-        let index = format!("\"{}_expires_at_idx\"", table.replace(['"', '.'], ""));
+        let index_name = format!("{}_expires_at_idx", table.replace(['"', '.'], ""));
+        let index = format!("\"{index_name}\"");
         // A string literal naming the table, for `to_regclass`.
         let literal = table.replace('\'', "''");
         let lookup = "SELECT t.record, t.expires_at INTO found_record, found_expiry";
@@ -205,7 +206,17 @@ BEGIN
     END IF;
 END
 $upgrade$;
-CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
+-- Looked up first: CREATE INDEX IF NOT EXISTS takes a SHARE lock on the
+-- table even when the index exists, so it would wait for every transaction
+-- writing a row, and every later write would queue behind it.
+DO $index$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+                   WHERE i.indrelid = to_regclass('{literal}') AND c.relname = '{index_name}') THEN
+        CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
+    END IF;
+END
+$index$;
 
 -- Advisory mode. Returns 0 acquired (the session now holds the lock),
 -- 1 a record, 2 busy.
