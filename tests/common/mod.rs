@@ -221,6 +221,15 @@ pub async fn spawn_example(
     name: &str,
     env: &[(&str, &str)],
 ) -> (tokio::process::Child, std::net::SocketAddr) {
+    spawn_example_with(name, env, std::process::Stdio::inherit()).await
+}
+
+/// [`spawn_example`] with the example's standard error going to `stderr`.
+pub async fn spawn_example_with(
+    name: &str,
+    env: &[(&str, &str)],
+    stderr: std::process::Stdio,
+) -> (tokio::process::Child, std::net::SocketAddr) {
     use tokio::io::AsyncBufReadExt;
 
     // target/<profile>/deps/<test>-<hash> → target/<profile>/examples/<name>
@@ -242,6 +251,7 @@ pub async fn spawn_example(
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
         .kill_on_drop(true)
         .spawn()
         .unwrap();

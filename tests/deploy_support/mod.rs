@@ -167,33 +167,8 @@ pub async fn spawn_example_logging(
 ) {
     use tokio::io::AsyncBufReadExt;
 
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    let mut child = tokio::process::Command::new(&bin)
-        .env("ADDR", "127.0.0.1:0")
-        .envs(env.iter().copied())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|e| panic!("{} cannot start: {e}", bin.display()));
-    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), stdout.next_line())
-        .await
-        .expect("the example printed no address")
-        .unwrap()
-        .unwrap();
-    let addr = line
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .unwrap();
+    let (mut child, addr) =
+        crate::common::spawn_example_with(name, env, std::process::Stdio::piped()).await;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     tokio::spawn(async move {
