@@ -594,8 +594,9 @@ pub async fn a_crashed_holder_blocks_the_key_at_most_the_lock_ttl<B: Backend>(
         panic!("a new key is free");
     };
     std::mem::forget(lock); // the holder's process died
-    let started = tokio::time::Instant::now();
     let busy = call(&app, keyed(&key, &[], "{}")).await;
+    // Retry-After counts from when the answer arrives, as a client reads it.
+    let answered = tokio::time::Instant::now();
     assert_eq!(busy.status, StatusCode::CONFLICT);
     let retry_after: u64 = busy.headers["retry-after"]
         .to_str()
@@ -607,7 +608,7 @@ pub async fn a_crashed_holder_blocks_the_key_at_most_the_lock_ttl<B: Backend>(
         retry_after >= 1 && retry_after <= lock_ttl.as_secs(),
         "Retry-After {retry_after} for a {lock_ttl:?} lock"
     );
-    tokio::time::sleep_until(started + Duration::from_secs(retry_after)).await;
+    tokio::time::sleep_until(answered + Duration::from_secs(retry_after)).await;
     let after = call(&app, keyed(&key, &[], "{}")).await;
     assert_eq!(after.status, StatusCode::CREATED, "free after Retry-After");
     assert_eq!(runs.get(), 1);
