@@ -126,16 +126,13 @@ pub(crate) async fn interrupted<B: Backend, ResBody: Body, E>(
     let (record, answer) = if let Ok(status) = http::StatusCode::from_u16(streaming) {
         (Record::not_kept(status, fingerprint), None)
     } else {
-        let answer = crate::problem::response(
+        let (record, parts, body) = problem_record(
             ProblemKind::Interrupted,
+            ProblemKind::Interrupted.status(),
             "the request was cut off by a shutdown while it was processed; its outcome is unknown and it will not run again with this key",
-            None,
+            fingerprint,
         );
-        let (parts, body) = answer.into_parts();
-        (
-            Record::from_parts(&parts, body.clone(), fingerprint),
-            Some((parts, body)),
-        )
+        (record, Some((parts, body)))
     };
     tracing::warn!(
         kept = record.kept,
@@ -184,14 +181,26 @@ pub(crate) fn keep(parts: &response::Parts, config: &Config, fingerprint: Finger
 /// The record a retry of a `5xx` gets under [`ServerErrors::Mark`]: the
 /// outcome-unknown problem, with the `5xx`'s status.
 fn outcome_unknown(status: http::StatusCode, fingerprint: Fingerprint) -> Record {
-    let answer = crate::problem::response_with_status(
+    problem_record(
         ProblemKind::OutcomeUnknown,
         status,
         "the first attempt of this request failed with a server error; whether it took effect is unknown, and it will not run again with this key",
-        None,
-    );
-    let (parts, body) = answer.into_parts();
-    Record::from_parts(&parts, body, fingerprint)
+        fingerprint,
+    )
+    .0
+}
+
+/// A problem answer stored as the key's record, with the answer itself.
+fn problem_record(
+    kind: ProblemKind,
+    status: http::StatusCode,
+    detail: &str,
+    fingerprint: Fingerprint,
+) -> (Record, response::Parts, Bytes) {
+    let (parts, body) =
+        crate::problem::response_with_status(kind, status, detail, None).into_parts();
+    let record = Record::from_parts(&parts, body.clone(), fingerprint);
+    (record, parts, body)
 }
 
 /// The answer for a response whose record, and with it the handler's

@@ -1058,53 +1058,44 @@ impl Backend for RedisBackend {
             }
             other => (other, Completion::Saved),
         };
-        let blob = match blob {
-            Ok(blob) => blob,
-            Err(error) => {
-                let error = BackendError::new(
-                    BackendErrorKind::Other,
-                    "the response cannot be encoded within the backend's max_record_size",
-                )
-                .with_source(error);
-                if self
-                    .release_token(&lock.lock_key, &lock.token, None)
-                    .await
-                    .is_ok()
-                {
-                    unsettled.settled();
+        let refused = match blob {
+            Ok(blob) => {
+                let saved = self
+                    .complete_script(&lock.record_key, &lock.lock_key, &lock.token, &blob, ttl)
+                    .await;
+                match saved {
+                    Ok(stored) => {
+                        unsettled.settled();
+                        return Ok(if stored { completion } else { Completion::Lost });
+                    }
+                    Err(error) if late::is_transient(&error) => {
+                        // Redis may come back while the lock lives (a restart
+                        // with persistence, a failover): the token still
+                        // fences the write.
+                        unsettled.settled();
+                        self.complete_late(lock, blob, ttl, completion);
+                        return Err(error);
+                    }
+                    Err(error) => error,
                 }
-                return Err(error);
             }
+            Err(error) => BackendError::new(
+                BackendErrorKind::Other,
+                "the response cannot be encoded within the backend's max_record_size",
+            )
+            .with_source(error),
         };
-        let saved = self
-            .complete_script(&lock.record_key, &lock.lock_key, &lock.token, &blob, ttl)
-            .await;
-        match saved {
-            Ok(stored) => {
-                unsettled.settled();
-                Ok(if stored { completion } else { Completion::Lost })
-            }
-            Err(error) if late::is_transient(&error) => {
-                // Redis may come back while the lock lives (a restart with
-                // persistence, a failover): the token still fences the write.
-                unsettled.settled();
-                self.complete_late(lock, blob, ttl, completion);
-                Err(error)
-            }
-            Err(error) => {
-                // Refused (e.g. OOM): free the key for a retry; a DEL is
-                // still allowed. If that fails too, `unsettled` tries once
-                // more in the background.
-                if self
-                    .release_token(&lock.lock_key, &lock.token, None)
-                    .await
-                    .is_ok()
-                {
-                    unsettled.settled();
-                }
-                Err(error)
-            }
+        // Refused (e.g. OOM) or not encodable: nothing stored, so free the
+        // key for a retry; a DEL is still allowed. If that fails too,
+        // `unsettled` tries once more in the background.
+        if self
+            .release_token(&lock.lock_key, &lock.token, None)
+            .await
+            .is_ok()
+        {
+            unsettled.settled();
         }
+        Err(refused)
     }
 
     async fn release(&self, lock: RedisLock) -> Result<(), BackendError> {
