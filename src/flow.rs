@@ -159,6 +159,9 @@ where
     };
 
     backend.prepare_request(&lock, req.extensions_mut());
+    if let Some(fence) = backend.fencing_token(&lock) {
+        req.extensions_mut().insert(fence);
+    }
     let atomic = backend.commits_handler_effects();
     let guard = LockGuard::new(backend, lock);
     // `run_detached` keeps the work in this request's span.

@@ -420,6 +420,7 @@ mod config;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;
+pub mod fence;
 mod fingerprint;
 mod flow;
 mod future;
@@ -450,6 +451,9 @@ pub use body::IdempotencyBody;
 pub use config::{MAX_TTL, OnDisconnect, Persist, ServerErrors, Unstorable};
 #[cfg(feature = "axum")]
 pub use extract::MissingIdempotencyKey;
+pub use fence::FencingToken;
+#[cfg(feature = "axum")]
+pub use fence::NoFencingToken;
 pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
 pub use headers::IDEMPOTENT_REPLAYED;

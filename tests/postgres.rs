@@ -1068,6 +1068,10 @@ impl Backend for ReportsLoss {
         self.inner.prepare_request(lock, extensions);
     }
 
+    fn fencing_token(&self, lock: &Self::Lock) -> Option<tower_idempotency::FencingToken> {
+        self.inner.fencing_token(lock)
+    }
+
     fn commits_handler_effects(&self) -> bool {
         self.inner.commits_handler_effects()
     }

@@ -74,7 +74,20 @@ impl Cluster {
     }
 }
 
+/// The keys `written` found: (node, key, slot).
+type Written = Vec<(usize, String, i64)>;
+
+/// The keys `written` found, without and with the `:fence` keys.
+fn split_fences(keys: Written) -> (Written, Written) {
+    keys.into_iter()
+        .partition(|(_, key, _)| !key.ends_with(":fence"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(
+    clippy::too_many_lines,
+    reason = "one cluster, started once for every check"
+)]
 async fn redis_cluster() {
     let cluster = Cluster::start();
     cluster.wait_until_ok().await;
@@ -104,10 +117,15 @@ async fn redis_cluster() {
         else {
             panic!("fresh key");
         };
-        let locks = written(&mut nodes, &hex).await;
+        let (locks, fences) = split_fences(written(&mut nodes, &hex).await);
         let [(lock_node, lock_key, lock_slot)] = locks.as_slice() else {
-            panic!("one key after begin, found {locks:?}");
+            panic!("one lock after begin, found {locks:?}");
         };
+        // The key's last fencing token is kept beside the lock, in its slot.
+        assert_eq!(
+            fences,
+            [(*lock_node, lock_key.replace(":lock", ":fence"), *lock_slot)]
+        );
         assert!(lock_key.ends_with(":lock"), "{lock_key}");
         backend
             .complete(
@@ -117,7 +135,7 @@ async fn redis_cluster() {
             )
             .await
             .unwrap();
-        let records = written(&mut nodes, &hex).await;
+        let (records, _) = split_fences(written(&mut nodes, &hex).await);
         let [(record_node, record_key, record_slot)] = records.as_slice() else {
             panic!("one key (the record) after complete, found {records:?}");
         };

@@ -74,7 +74,7 @@ use tokio::time::Instant;
 
 use super::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 use crate::config::clamp_ttl;
-use crate::{Fingerprint, Record, StorageKey};
+use crate::{FencingToken, Fingerprint, Record, StorageKey};
 
 /// The most shards a backend is split into.
 const MAX_SHARDS: u64 = 64;
@@ -580,6 +580,12 @@ impl Backend for MemoryBackend {
             }
             _ => Ok(false),
         }
+    }
+
+    /// The lock's sequence number: the backend counts every lock it grants,
+    /// across all keys, so a later lock on a key always has a larger one.
+    fn fencing_token(&self, lock: &MemoryLock) -> Option<FencingToken> {
+        Some(FencingToken::new(lock.token))
     }
 
     fn abandon(&self, lock_: MemoryLock) {

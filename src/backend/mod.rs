@@ -31,7 +31,7 @@ use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-use crate::{BoxError, Fingerprint, Record, StorageKey};
+use crate::{BoxError, FencingToken, Fingerprint, Record, StorageKey};
 
 /// What [`Backend::begin`] found.
 ///
@@ -176,6 +176,10 @@ pub enum Completion {
 ///         self.inner.prepare_request(lock, extensions);
 ///     }
 ///
+///     fn fencing_token(&self, lock: &B::Lock) -> Option<tower_idempotency::FencingToken> {
+///         self.inner.fencing_token(lock)
+///     }
+///
 ///     fn commits_handler_effects(&self) -> bool {
 ///         self.inner.commits_handler_effects()
 ///     }
@@ -230,6 +234,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// lends nothing. A backend that wraps another must forward this.
     #[allow(unused_variables)]
     fn prepare_request(&self, lock: &Self::Lock, extensions: &mut http::Extensions) {}
+
+    /// The lock's [`FencingToken`]: larger than the token of every lock
+    /// granted on the same key before it. The layer puts it into the
+    /// request's extensions for the handler to fence its own writes with.
+    /// The default gives none. A backend that wraps another must forward
+    /// this.
+    #[allow(unused_variables)]
+    fn fencing_token(&self, lock: &Self::Lock) -> Option<FencingToken> {
+        None
+    }
 
     /// Whether `complete` commits the handler's own effects together with
     /// the record (PostgreSQL's transaction mode). Then a `complete` that

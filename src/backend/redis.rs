@@ -19,7 +19,9 @@
 //! Lua script run with `EVALSHA`:
 //!
 //! - *begin*: `GET` the record; if there is none, `SET lock token NX PX ttl`;
-//!   if that fails, answer busy with the lock's `PTTL`.
+//!   if that fails, answer busy with the lock's `PTTL`; if it succeeds, draw
+//!   the lock's [fencing token](crate::fence) (`TIME`, and the key's last
+//!   token, kept in a third key).
 //! - *complete*: only while `GET lock == token`, `SET` the record with its TTL
 //!   and `DEL` the lock; otherwise report the lock lost and write nothing.
 //! - *release* (compare-and-delete) and *extend* (compare-and-`PEXPIRE`, the
@@ -40,9 +42,11 @@
 //! # Keys
 //!
 //! For a storage key `<hex>` and the prefix (default `idem:`), the record is
-//! `idem:{<hex>}:rec` and the lock `idem:{<hex>}:lock`. The braces are a hash
-//! tag: both keys of a request live in one slot, so the scripts run on Redis
-//! Cluster. Records are encoded with [`RecordCodec`] (MessagePack, deflated
+//! `idem:{<hex>}:rec`, the lock `idem:{<hex>}:lock`, and the last fencing
+//! token `idem:{<hex>}:fence` (kept for the lock's TTL and ten minutes more,
+//! so that a server clock stepped back cannot hand out a smaller token). The
+//! braces are a hash tag: the keys of a request live in one slot, so the
+//! scripts run on Redis Cluster. Records are encoded with [`RecordCodec`] (MessagePack, deflated
 //! when large, checksummed) and expire with Redis' own `PX`.
 //!
 //! # Configure Redis with `maxmemory-policy noeviction`
@@ -116,18 +120,29 @@ use tokio::time::Instant;
 
 use super::late::{self, Lapse};
 use super::{Backend, BackendError, BackendErrorKind, Begin, Completion};
-use crate::{Fingerprint, Record, RecordCodec, StorageKey};
+use crate::{FencingToken, Fingerprint, Record, RecordCodec, StorageKey};
 
 const BEGIN: &str = r"
--- KEYS[1] record, KEYS[2] lock; ARGV[1] token, ARGV[2] lock TTL (ms)
+-- KEYS[1] record, KEYS[2] lock, KEYS[3] fence; ARGV[1] token,
+-- ARGV[2] lock TTL (ms), ARGV[3] how long the fence outlives it (ms)
 local record = redis.call('GET', KEYS[1])
 if record then
   return {1, record}
 end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {0}
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {2, redis.call('PTTL', KEYS[2])}
 end
-return {2, redis.call('PTTL', KEYS[2])}
+-- The fencing token: the server clock in microseconds, and past the key's
+-- last token should the clock have stepped back.
+local now = redis.call('TIME')
+local fence = tonumber(now[1]) * 1000000 + tonumber(now[2])
+local last = tonumber(redis.call('GET', KEYS[3]))
+if last and last >= fence then
+  fence = last + 1
+end
+fence = string.format('%.0f', fence)
+redis.call('SET', KEYS[3], fence, 'PX', ARGV[2] + ARGV[3])
+return {0, fence}
 ";
 
 const COMPLETE: &str = r"
@@ -325,6 +340,7 @@ pub struct RedisLock {
     lock_key: String,
     token: String,
     lapse: Lapse,
+    fence: FencingToken,
 }
 
 /// Builds a [`RedisBackend`].
@@ -525,7 +541,7 @@ impl RedisBackend {
     ///
     /// A [`BackendError`] when Redis cannot be reached or refuses.
     pub async fn forget(&self, key: &StorageKey) -> Result<bool, BackendError> {
-        let (record_key, _) = self.keys(key);
+        let (record_key, _, _) = self.keys(key);
         let (mut conn, generation) = self.connection().await?;
         let deleted = tokio::time::timeout(
             self.inner.timeout,
@@ -572,13 +588,14 @@ impl RedisBackend {
         Err(BackendError::new(BackendErrorKind::Misconfigured, message))
     }
 
-    /// The Redis keys of a storage key: (record, lock).
-    fn keys(&self, key: &StorageKey) -> (String, String) {
+    /// The Redis keys of a storage key: (record, lock, fence).
+    fn keys(&self, key: &StorageKey) -> (String, String, String) {
         let hex = key.to_hex();
         let prefix = &self.inner.prefix;
         (
             format!("{prefix}{{{hex}}}:rec"),
             format!("{prefix}{{{hex}}}:lock"),
+            format!("{prefix}{{{hex}}}:fence"),
         )
     }
 
@@ -936,6 +953,25 @@ fn collect_info_policies(value: &Value, out: &mut Vec<String>) {
 
 /// Milliseconds for `PX` / `PEXPIRE`, within [`MAX_TTL`](crate::MAX_TTL)
 /// (Redis refuses expiries past its clock's range).
+/// How long a key's last fencing token is kept after its lock's TTL (ms):
+/// long enough to outlast a server clock that stepped back.
+const FENCE_OUTLIVES_LOCK_MS: u64 = 10 * 60 * 1000;
+
+/// The fencing token the begin script answered, as text.
+fn parse_fence(value: &Value) -> Result<FencingToken, BackendError> {
+    let fence = match value {
+        Value::BulkString(text) => std::str::from_utf8(text)
+            .ok()
+            .and_then(|text| text.parse::<u64>().ok()),
+        Value::Int(n) => u64::try_from(*n).ok(),
+        _ => None,
+    };
+    fence
+        .filter(|fence| *fence > 0)
+        .map(FencingToken::new)
+        .ok_or_else(|| unexpected("begin (fencing token)"))
+}
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(crate::config::clamp_ttl(d).as_millis())
         .unwrap_or(u64::MAX)
@@ -1003,11 +1039,12 @@ impl Backend for RedisBackend {
         _fingerprint: &Fingerprint,
         lock_ttl: Duration,
     ) -> Result<Begin<RedisLock>, BackendError> {
-        let (record_key, lock_key) = self.keys(key);
+        let (record_key, lock_key, fence_key) = self.keys(key);
         let token = token()?;
-        let call = Call::new(&[&record_key, &lock_key])
+        let call = Call::new(&[&record_key, &lock_key, &fence_key])
             .arg(&token)
-            .arg(millis(lock_ttl));
+            .arg(millis(lock_ttl))
+            .arg(FENCE_OUTLIVES_LOCK_MS);
         // From here until the reply is read, the lock may exist in Redis
         // with this token and no `RedisLock` to release it.
         let (conn, generation) = self.connection().await?;
@@ -1021,11 +1058,12 @@ impl Backend for RedisBackend {
             return Err(unexpected("begin"));
         };
         match items.as_slice() {
-            [Value::Int(0)] => Ok(Begin::Acquired(RedisLock {
+            [Value::Int(0), fence] => Ok(Begin::Acquired(RedisLock {
                 record_key,
                 lock_key,
                 token,
                 lapse: Lapse::after(sent, lock_ttl),
+                fence: parse_fence(fence)?,
             })),
             [Value::Int(1), Value::BulkString(blob)] => {
                 Ok(Begin::Completed(self.inner.codec.decode(blob)?))
@@ -1104,6 +1142,10 @@ impl Backend for RedisBackend {
             .await?;
         unsettled.settled();
         Ok(())
+    }
+
+    fn fencing_token(&self, lock: &RedisLock) -> Option<FencingToken> {
+        Some(lock.fence)
     }
 
     async fn extend(&self, lock: &RedisLock, lock_ttl: Duration) -> Result<bool, BackendError> {

@@ -102,6 +102,10 @@ impl<B: Backend> Backend for Stepped<B> {
         self.held.fetch_sub(1, Ordering::SeqCst);
         self.inner.abandon(lock);
     }
+
+    fn fencing_token(&self, lock: &B::Lock) -> Option<tower_idempotency::FencingToken> {
+        self.inner.fencing_token(lock)
+    }
 }
 
 /// A request body that is `Pending` (waking itself) before each chunk.

@@ -324,6 +324,68 @@ pub async fn concurrent_begin_has_one_winner<B: Backend>(b: B) {
     }
 }
 
+/// The fencing token of `lock`, which every built-in backend gives.
+fn fence_of<B: Backend>(b: &B, lock: &B::Lock) -> u64 {
+    b.fencing_token(lock)
+        .expect("every lock carries a fencing token")
+        .get()
+}
+
+/// Every lock granted on a key carries a larger fencing token than the one
+/// before it: after a release, after the key's record expired, and for the
+/// winner of a race.
+pub async fn fencing_tokens_grow_with_every_grant<B: Backend>(b: B) {
+    let key = fresh_key();
+    let first = acquired(b.begin(&key, &fingerprint(12), LOCK_TTL).await.unwrap());
+    let f1 = fence_of(&b, &first);
+    assert!(f1 > 0);
+    b.release(first).await.unwrap();
+    let second = acquired(b.begin(&key, &fingerprint(12), LOCK_TTL).await.unwrap());
+    let f2 = fence_of(&b, &second);
+    assert!(f2 > f1, "after a release: {f2} <= {f1}");
+    let ttl = Duration::from_secs(2);
+    assert_eq!(
+        b.complete(second, record(fingerprint(12), b"short-lived"), ttl)
+            .await
+            .unwrap(),
+        Completion::Saved
+    );
+    let third = acquired_once_lapsed(&b, &key, &fingerprint(12), ttl * 5).await;
+    let f3 = fence_of(&b, &third);
+    assert!(f3 > f2, "after the record expired: {f3} <= {f2}");
+    b.release(third).await.unwrap();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..16 {
+        let b = b.clone();
+        tasks.spawn(async move {
+            match b.begin(&key, &fingerprint(12), LOCK_TTL).await.unwrap() {
+                Begin::Acquired(lock) => Some((b.fencing_token(&lock), lock)),
+                _ => None,
+            }
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(res) = tasks.join_next().await {
+        winners.extend(res.unwrap());
+    }
+    let (f4, lock) = winners.pop().expect("one begin wins");
+    assert!(f4.unwrap().get() > f3, "the race's winner: {f4:?} <= {f3}");
+    b.release(lock).await.unwrap();
+}
+
+/// A lock taken over after its holder's lapsed carries a larger token, so
+/// the stale holder's own writes can be fenced off.
+pub async fn a_takeover_carries_a_larger_fence<B: Backend>(b: B) {
+    let key = fresh_key();
+    let short = Duration::from_millis(200);
+    let stale = acquired(b.begin(&key, &fingerprint(13), short).await.unwrap());
+    let old = fence_of(&b, &stale);
+    let newer = acquired_once_lapsed(&b, &key, &fingerprint(13), Duration::from_secs(10)).await;
+    assert!(fence_of(&b, &newer) > old);
+    b.release(newer).await.unwrap();
+    b.release(stale).await.unwrap();
+}
+
 /// How a backend's locks end when their holder goes quiet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Locks {
@@ -370,9 +432,11 @@ pub async fn run_all<B: Backend>(b: B, locks: Locks) {
     records_expire(b.clone()).await;
     concurrent_begin_has_one_winner(b.clone()).await;
     the_longest_durations_are_accepted(b.clone()).await;
+    fencing_tokens_grow_with_every_grant(b.clone()).await;
     match locks {
         Locks::Lapse => {
             busy_hint_is_within_the_lock_ttl(b.clone()).await;
+            a_takeover_carries_a_larger_fence(b.clone()).await;
             lapsed_lock_is_lost(b.clone()).await;
             release_of_a_lost_lock_spares_the_new_holder(b).await;
         }
@@ -389,6 +453,7 @@ macro_rules! backend_conformance {
     (#[$attr:meta], $make:expr, Lapse) => {
         $crate::backend_conformance!(@cases #[$attr], $make;
             busy_hint_is_within_the_lock_ttl,
+            a_takeover_carries_a_larger_fence,
             lapsed_lock_is_lost,
             release_of_a_lost_lock_spares_the_new_holder,
         );
@@ -409,6 +474,7 @@ macro_rules! backend_conformance {
             records_expire,
             concurrent_begin_has_one_winner,
             the_longest_durations_are_accepted,
+            fencing_tokens_grow_with_every_grant,
         );
     };
     (@cases #[$attr:meta], $make:expr; $($case:ident),* $(,)?) => {

@@ -7,7 +7,7 @@ use deadpool_postgres::Object;
 
 use super::{
     BackendError, BackendErrorKind, Begin, Completion, Held, PostgresBackend, PostgresLock, encode,
-    lock_id, map_error, ttl_ms,
+    fence, lock_id, map_error, ttl_ms,
 };
 use crate::{Record, StorageKey};
 
@@ -31,6 +31,7 @@ impl PostgresBackend {
                 conn: Some(Box::new(conn)),
                 locked: true,
             },
+            fence: None,
         };
         let id = lock.lock_id;
         let (client, locked) = lock.session().ok_or_else(no_connection)?;
@@ -46,10 +47,11 @@ impl PostgresBackend {
         if state != 0 {
             *locked = false;
         }
-        match self.begun(state, row.get(1), BUSY_RETRY)? {
-            Some(other) => Ok(other),
-            None => Ok(Begin::Acquired(lock)),
+        if let Some(other) = self.begun(state, row.get(1), BUSY_RETRY)? {
+            return Ok(other);
         }
+        lock.fence = Some(fence(&row, 2)?);
+        Ok(Begin::Acquired(lock))
     }
 
     pub(super) async fn session_complete(

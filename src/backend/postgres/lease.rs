@@ -14,7 +14,7 @@ use super::super::late::{self, Lapse};
 use super::lock::Busy;
 use super::{
     BackendError, BackendErrorKind, Begin, Completion, Held, Param, PostgresBackend, PostgresLock,
-    detach, encode, lock_id, map_error, ttl_ms,
+    detach, encode, fence, lock_id, map_error, ttl_ms,
 };
 use crate::{Fingerprint, Record, StorageKey};
 
@@ -61,6 +61,7 @@ impl PostgresBackend {
                     token,
                     lapse: Lapse::after(sent, lock_ttl),
                 },
+                fence: Some(fence(&row, 3)?),
             })),
         }
     }

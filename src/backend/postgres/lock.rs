@@ -8,7 +8,7 @@ use deadpool_postgres::Object;
 
 use super::super::late::Lapse;
 use super::{BackendError, BackendErrorKind, PostgresMode, RequestTransaction};
-use crate::StorageKey;
+use crate::{FencingToken, StorageKey};
 
 /// Proof of holding a key in a [`PostgresBackend`](super::PostgresBackend): a lease token, or the
 /// pooled connection whose session or transaction holds the advisory lock.
@@ -38,6 +38,8 @@ pub struct PostgresLock {
     pub(super) key: StorageKey,
     pub(super) lock_id: i64,
     pub(super) held: Held,
+    /// Drawn from the table's sequence when the lock was granted.
+    pub(super) fence: Option<FencingToken>,
 }
 
 pub(super) enum Held {

@@ -248,7 +248,7 @@ use std::time::Duration;
 use deadpool_postgres::{Object, Pool};
 
 use super::{Backend, BackendError, BackendErrorKind, Begin, Completion};
-use crate::{Fingerprint, Record, RecordCodec, StorageKey};
+use crate::{FencingToken, Fingerprint, Record, RecordCodec, StorageKey};
 pub use lock::PostgresLock;
 use lock::{Held, detach, lock_id};
 pub use mode::{PostgresMode, UnknownPostgresMode};
@@ -553,6 +553,22 @@ impl PostgresBackend {
     }
 }
 
+/// The fencing token a begin statement drew for an acquired key, in
+/// column `index`.
+pub(super) fn fence(row: &tokio_postgres::Row, index: usize) -> Result<FencingToken, BackendError> {
+    let drawn: Option<i64> = row.try_get(index).map_err(map_error)?;
+    drawn
+        .and_then(|fence| u64::try_from(fence).ok())
+        .filter(|fence| *fence > 0)
+        .map(FencingToken::new)
+        .ok_or_else(|| {
+            BackendError::new(
+                BackendErrorKind::Misconfigured,
+                "the begin statement drew no fencing token; run `migrate()` of this version",
+            )
+        })
+}
+
 /// A statement parameter with its type, for unnamed statements.
 type Param<'a> = (
     &'a (dyn tokio_postgres::types::ToSql + Sync),
@@ -687,6 +703,10 @@ impl Backend for PostgresBackend {
         if let Held::Transaction(tx) = &lock.held {
             extensions.insert(tx.clone());
         }
+    }
+
+    fn fencing_token(&self, lock: &PostgresLock) -> Option<FencingToken> {
+        lock.fence
     }
 
     fn commits_handler_effects(&self) -> bool {

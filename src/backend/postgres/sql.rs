@@ -22,6 +22,8 @@ pub(super) const FENCED_STATE: &str = "P0I01";
 
 pub(super) struct Sql {
     pub(super) table: String,
+    /// `<name>_fence`: the sequence fencing tokens are drawn from.
+    fence_sequence: String,
     /// `<name>_begin`: session advisory lock, then lookup.
     begin_session: String,
     /// `<name>_begin_xact`: transaction advisory lock, then lookup.
@@ -87,11 +89,21 @@ impl Sql {
         let begin_lease = function("lease");
         let complete_session = function("complete_session");
         let complete_xact = function("complete_xact");
+        let fence_sequence = function("fence");
+        // The fencing token is drawn in the call, not the function, so the
+        // functions keep the signature instances of earlier versions
+        // prepared.
+        let fence = format!(
+            "CASE WHEN state = 0 THEN nextval('{}') END",
+            fence_sequence.replace('\'', "''")
+        );
         Self {
-            begin_session_call: format!("SELECT state, record FROM {begin_session}($1, $2)"),
-            begin_xact_call: format!("SELECT state, record FROM {begin_xact}($1, $2)"),
+            begin_session_call: format!(
+                "SELECT state, record, {fence} FROM {begin_session}($1, $2)"
+            ),
+            begin_xact_call: format!("SELECT state, record, {fence} FROM {begin_xact}($1, $2)"),
             begin_lease_call: format!(
-                "SELECT state, record, wait_ms FROM {begin_lease}($1, $2, $3, $4, $5)"
+                "SELECT state, record, wait_ms, {fence} FROM {begin_lease}($1, $2, $3, $4, $5)"
             ),
             complete_session_call: format!("SELECT {complete_session}($1, $2, $3, $4, $5)"),
             complete_xact_call: format!("SELECT {complete_xact}($1, $2, $3, $4, $5)"),
@@ -139,6 +151,7 @@ impl Sql {
             ),
             exists: format!("SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1) AS probe"),
             table,
+            fence_sequence,
             begin_session,
             begin_xact,
             begin_lease,
@@ -217,6 +230,9 @@ BEGIN
     END IF;
 END
 $index$;
+-- Fencing tokens of every mode: one sequence, so a token drawn later is
+-- larger on every key, whatever happened to the key's row.
+CREATE SEQUENCE IF NOT EXISTS {fence_sequence} AS bigint;
 
 -- Advisory mode. Returns 0 acquired (the session now holds the lock),
 -- 1 a record, 2 busy.
@@ -318,6 +334,7 @@ END
 $fn$;
 ",
             begin_lease = self.begin_lease,
+            fence_sequence = self.fence_sequence,
             complete_session = self.complete_session,
             complete_xact = self.complete_xact,
         )

@@ -13,7 +13,7 @@ use tokio_postgres::types::Type;
 
 use super::{
     BackendError, BackendErrorKind, Begin, Completion, Held, Param, PostgresBackend, PostgresLock,
-    detach, encode, lock_id, map_error, sql::FENCED_STATE, ttl_ms,
+    detach, encode, fence, lock_id, map_error, sql::FENCED_STATE, ttl_ms,
 };
 use crate::{Record, StorageKey};
 
@@ -192,6 +192,7 @@ impl PostgresBackend {
                 key: *key,
                 lock_id: id,
                 held: Held::Transaction(RequestTransaction::new(conn)),
+                fence: Some(fence(&row, 2)?),
             }));
         }
         // A record or busy: this transaction has nothing to keep.
