@@ -10,6 +10,7 @@ use http::{HeaderName, Method, StatusCode, response};
 use crate::fingerprint::BodyFingerprint;
 use crate::key::Scope;
 use crate::shutdown::ShutdownHandle;
+use crate::wait::Waiting;
 
 /// The longest TTL the layer and every backend accept: 366 days.
 ///
@@ -197,6 +198,10 @@ pub(crate) struct Config {
     pub(crate) drain_timeout: Option<Duration>,
     /// Shared by every clone of the config: one shutdown per layer.
     pub(crate) shutdown: ShutdownHandle,
+    /// Where duplicates of a request in flight wait; `None`: answered `409`.
+    pub(crate) waiting: Option<Arc<Waiting>>,
+    /// The header that tells how long a key is kept; `None`: not sent.
+    pub(crate) retention_header: Option<HeaderName>,
 }
 
 impl Default for Config {
@@ -224,6 +229,8 @@ impl Default for Config {
             unavailable_retry_after: Duration::from_secs(1),
             drain_timeout: None,
             shutdown: ShutdownHandle::new(),
+            waiting: None,
+            retention_header: None,
         };
         config.derive_fingerprint_headers();
         config

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderMap;
-use http::{Request, Response};
+use http::{Request, Response, response};
 use http_body::Body;
 use tower::Service;
 use tracing::Instrument;
@@ -16,7 +16,10 @@ use tracing::Instrument;
 use crate::backend::{Backend, BackendError, BackendErrorKind, Begin};
 use crate::body::{Collected, IdempotencyBody, TeeEnd, collect_limited, follow_tee};
 use crate::config::{Config, OnDisconnect, Unstorable};
-use crate::headers::{declared_length, is_event_stream, known_length, problem, replay};
+use crate::headers::{
+    IDEMPOTENCY_TTL, declared_length, is_event_stream, known_length, problem, replay,
+    retention_left, set_retention,
+};
 use crate::lock::{Cancellation, Delivery, LockGuard, run_detached};
 use crate::observe;
 use crate::problem::ProblemKind;
@@ -120,11 +123,26 @@ where
     let Some(ticket) = config.shutdown.enter() else {
         return Ok(shutting_down(&config));
     };
-    let begun = observe::backend(
+    let mut begun = observe::backend(
         "begin",
         backend.begin(&storage_key, &fingerprint, config.lock_ttl),
-    );
-    let lock = match begun.await {
+    )
+    .await;
+    if let (Ok(Begin::Busy { retry_after }), Some(waiting)) = (&begun, &config.waiting) {
+        tracing::debug!("request with this key in flight; waiting for its result");
+        begun = waiting
+            .wait(
+                &backend,
+                &storage_key,
+                &fingerprint,
+                config.lock_ttl,
+                *retry_after,
+                config.shutdown.started(),
+            )
+            .await;
+    }
+    let retention = config.retention_header.as_ref();
+    let lock = match begun {
         Ok(Begin::Acquired(lock)) => {
             observe::request("fresh");
             tracing::debug!("key acquired; running the handler");
@@ -133,27 +151,41 @@ where
         Ok(Begin::Completed(record)) if record.fingerprint == fingerprint => {
             observe::request("replayed");
             tracing::debug!(kept = record.kept, "replaying stored response");
-            return Ok(replay(record));
+            let left = retention.map(|name| retention_left(&record, name, config.ttl));
+            let mut response = replay(record);
+            match (retention, left) {
+                (Some(name), Some(left)) => set_retention(response.headers_mut(), Some(name), left),
+                // Stored while the header was on: not a promise any more.
+                _ => drop(response.headers_mut().remove(IDEMPOTENCY_TTL)),
+            }
+            return Ok(response);
         }
-        Ok(Begin::Completed(_)) => {
+        Ok(Begin::Completed(record)) => {
             observe::request("mismatch");
             tracing::debug!("key reused with a different request");
-            return Ok(problem(
+            let mut response = problem(
                 ProblemKind::FingerprintMismatch,
                 "this Idempotency-Key was used with a different request; use a new key",
                 None,
-            ));
+            );
+            if let Some(name) = retention {
+                let left = retention_left(&record, name, config.ttl);
+                set_retention(response.headers_mut(), Some(name), left);
+            }
+            return Ok(response);
         }
         Ok(Begin::Busy { retry_after }) => {
             observe::request("conflict");
             tracing::debug!("request with this key in flight");
-            return Ok(problem(
+            let mut response = problem(
                 ProblemKind::InFlight,
                 "a request with this Idempotency-Key is being processed; retry later",
                 // When the holder's lock runs out: by then it has answered,
                 // extended its lock (alive), or died and freed the key.
                 Some(retry_after),
-            ));
+            );
+            set_retention(response.headers_mut(), retention, config.ttl);
+            return Ok(response);
         }
         Err(error) => return backend_failed(inner, req, &config, &error).await,
     };
@@ -163,7 +195,7 @@ where
         req.extensions_mut().insert(fence);
     }
     let atomic = backend.commits_handler_effects();
-    let guard = LockGuard::new(backend, lock);
+    let guard = LockGuard::new(backend, lock).waking(config.waiting.as_ref(), storage_key);
     // `run_detached` keeps the work in this request's span.
     let on_disconnect = config.on_disconnect;
     let shutdown = config.shutdown.clone();
@@ -287,7 +319,9 @@ async fn execute<S, B, ReqBody, ResBody>(
         Produced::Release { response, why } => {
             observe::store("not_stored");
             guard.release(why).await;
-            if let Some(response) = response {
+            if let Some(mut response) = response {
+                let retention = config.retention_header.as_ref();
+                set_retention(response.headers_mut(), retention, Duration::ZERO);
                 delivery.send(Ok(response));
             }
         }
@@ -296,14 +330,20 @@ async fn execute<S, B, ReqBody, ResBody>(
             tracing::warn!("lock lost while the handler ran; response not stored");
             guard.release("lock lost").await;
             if let Some(response) = response {
-                delivery.send(Ok(if atomic { not_committed() } else { response }));
+                let mut response = if atomic { not_committed() } else { response };
+                let retention = config.retention_header.as_ref();
+                set_retention(response.headers_mut(), retention, Duration::ZERO);
+                delivery.send(Ok(response));
             }
         }
         Produced::Store {
             record,
             ttl,
             response,
-        } => store(&mut guard, record, ttl, response, atomic, &mut delivery).await,
+        } => {
+            let retention = config.retention_header.as_ref();
+            store(&mut guard, (record, ttl), response, atomic, retention, &mut delivery).await;
+        }
     }
 }
 
@@ -325,12 +365,12 @@ where
     ResBody: Body + Send + 'static,
 {
     progress.called.store(true, Ordering::SeqCst);
-    let (parts, body) = match inner.call(req).await {
+    let (mut parts, body) = match inner.call(req).await {
         Ok(response) => response.into_parts(),
         Err(error) => return Produced::Failed(error),
     };
     let stream = |parts, body| Response::from_parts(parts, IdempotencyBody::stream(body));
-    let ttl = match keep(&parts, config, fingerprint) {
+    let ttl = match announced(&mut parts, config, fingerprint) {
         Keep::For(ttl) => ttl,
         Keep::Release(why) => {
             return Produced::Release {
@@ -429,6 +469,20 @@ where
             why: "response body failed",
         },
     }
+}
+
+/// What becomes of the handler's response ([`keep`]), announced in the
+/// retention header when one is configured. The header is stored with the
+/// record, so a replay counts down from the TTL this response was kept for.
+fn announced(parts: &mut response::Parts, config: &Config, fingerprint: Fingerprint) -> Keep {
+    let kept = keep(parts, config, fingerprint);
+    let retention = config.retention_header.as_ref();
+    match &kept {
+        Keep::For(ttl) => set_retention(&mut parts.headers, retention, *ttl),
+        Keep::Instead(_) => set_retention(&mut parts.headers, retention, config.ttl),
+        Keep::Release(_) => {}
+    }
+    kept
 }
 
 /// Buffers the request body within `limit`, or says how to answer instead.

@@ -25,6 +25,39 @@ use crate::problem::{self, ProblemKind};
 /// ```
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// The header that tells a client how long its key is kept, in seconds
+/// ([`retention_header`](crate::IdempotencyLayer::retention_header)).
+///
+/// ```
+/// use tower_idempotency::IDEMPOTENCY_TTL;
+///
+/// assert_eq!(IDEMPOTENCY_TTL, "idempotency-ttl");
+/// ```
+pub const IDEMPOTENCY_TTL: HeaderName = HeaderName::from_static("idempotency-ttl");
+
+/// Sets the retention header `name` (if configured) to the whole seconds of
+/// `kept`, rounded down: never a promise longer than the store keeps.
+pub(crate) fn set_retention(headers: &mut HeaderMap, name: Option<&HeaderName>, kept: Duration) {
+    if let Some(name) = name {
+        headers.insert(name.clone(), HeaderValue::from(kept.as_secs()));
+    }
+}
+
+/// How long `record` is still kept: the TTL its fresh answer announced in
+/// the retention header `name` (stored with it), else `ttl`, less its age.
+pub(crate) fn retention_left(record: &Record, name: &HeaderName, ttl: Duration) -> Duration {
+    let kept_for = record
+        .headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(ttl, Duration::from_secs);
+    let age = std::time::SystemTime::now()
+        .duration_since(record.created_at)
+        .unwrap_or_default();
+    kept_for.saturating_sub(age)
+}
+
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the ones proxies still send):
 /// about one connection, never about the stored response.
 const HOP_BY_HOP: [HeaderName; 9] = [

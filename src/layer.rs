@@ -307,6 +307,72 @@ impl<B> IdempotencyLayer<B> {
         self.with(|c| c.drain_timeout = Some(timeout))
     }
 
+    /// Lets a duplicate of a request still in flight wait up to `max` for
+    /// its result and replay it, instead of the immediate `409` (default:
+    /// no wait). At the bound it gets the `409` with `Retry-After`; if the
+    /// request in flight ends without storing (its key released, or its
+    /// lock lapsed), the waiting duplicate takes the key and runs.
+    ///
+    /// It works across instances: the duplicates of a key that wait in one
+    /// process poll the backend together — one `begin` per poll interval
+    /// (25 ms growing to 500 ms, jittered) per key and process, however many
+    /// requests wait — and hold no backend connection between polls. A
+    /// holder in the same process wakes them the moment it stores or
+    /// releases. A shutdown ends the waits at once with the `409`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+    ///
+    /// // Clients that cannot handle 409 get the original response instead.
+    /// let layer = IdempotencyLayer::new(MemoryBackend::new())
+    ///     .wait_for_in_flight(Duration::from_secs(10));
+    /// # let _ = layer;
+    /// ```
+    pub fn wait_for_in_flight(self, max: Duration) -> Self {
+        let max = crate::config::clamp_ttl(max);
+        self.with(|c| {
+            c.waiting = (!max.is_zero()).then(|| Arc::new(crate::wait::Waiting::new(max)));
+        })
+    }
+
+    /// Tells clients how long their key is kept: every answer to a keyed
+    /// request — fresh, replayed, `409` and `422` — carries
+    /// [`Idempotency-TTL`](crate::IDEMPOTENCY_TTL) with the seconds until
+    /// the key's record expires (the header proposed in the IETF httpapi
+    /// working group's discussion of the Idempotency-Key draft, issue 49).
+    /// See [`retention_header_named`](Self::retention_header_named) for
+    /// what each answer says.
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryBackend::new()).retention_header();
+    /// # let _ = layer;
+    /// ```
+    pub fn retention_header(self) -> Self {
+        self.retention_header_named(crate::IDEMPOTENCY_TTL)
+    }
+
+    /// [`retention_header`](Self::retention_header) under another name.
+    /// The value is whole seconds (`delta-seconds`, like `Retry-After`):
+    ///
+    /// - a fresh response that was stored: the TTL it was stored for;
+    /// - a fresh response that was not stored (a `5xx` under
+    ///   [`ServerErrors::Retry`], an error the layer answered): `0`, the key
+    ///   is not kept and a retry runs again;
+    /// - a replay, and a `422` for a key used with another request: the
+    ///   seconds left until the stored record expires;
+    /// - a `409`: the TTL the response will be kept for once the request in
+    ///   flight stores it.
+    ///
+    /// The memory backend may drop records before their TTL under memory
+    /// pressure (not before its
+    /// [minimum retention](crate::MemoryBackendBuilder::min_retention)).
+    pub fn retention_header_named(self, name: HeaderName) -> Self {
+        self.with(|c| c.retention_header = Some(name))
+    }
+
     /// A handle that shuts this layer down gracefully: new keyed requests
     /// are refused, and what runs is finished or settled before the process
     /// exits. Every service the layer makes (before or after this call)

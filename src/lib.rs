@@ -434,6 +434,7 @@ mod record;
 mod service;
 mod settle;
 pub mod shutdown;
+mod wait;
 
 #[cfg(feature = "memory")]
 pub use backend::memory::{MemoryBackend, MemoryBackendBuilder, MemoryLock};
@@ -456,7 +457,7 @@ pub use fence::FencingToken;
 pub use fence::NoFencingToken;
 pub use fingerprint::Fingerprint;
 pub use future::ResponseFuture;
-pub use headers::IDEMPOTENT_REPLAYED;
+pub use headers::{IDEMPOTENCY_TTL, IDEMPOTENT_REPLAYED};
 pub use key::{IDEMPOTENCY_KEY, IdempotencyKey, KeyError, MAX_KEY_LEN, ScopeValue, StorageKey};
 pub use layer::IdempotencyLayer;
 #[cfg(feature = "metrics")]

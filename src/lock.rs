@@ -4,6 +4,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use tracing::instrument::Instrumented;
 
 use crate::backend::{Backend, BackendError, Completion};
 use crate::config::{Config, OnDisconnect};
-use crate::{Record, observe};
+use crate::wait::Waiting;
+use crate::{Record, StorageKey, observe};
 
 /// Holds the lock; if it is dropped (the flow cancelled, a panic) before
 /// the lock is handed to `complete` or `release`, the lock is abandoned to
@@ -22,6 +24,9 @@ use crate::{Record, observe};
 pub(crate) struct LockGuard<B: Backend> {
     backend: B,
     lock: Option<B::Lock>,
+    /// The duplicates of this key waiting in this process, woken once the
+    /// key is stored or released.
+    waiters: Option<(Arc<Waiting>, StorageKey)>,
 }
 
 impl<B: Backend> LockGuard<B> {
@@ -29,15 +34,29 @@ impl<B: Backend> LockGuard<B> {
         Self {
             backend,
             lock: Some(lock),
+            waiters: None,
+        }
+    }
+
+    /// Wakes `waiting`'s duplicates of `key` when the key is settled.
+    pub(crate) fn waking(mut self, waiting: Option<&Arc<Waiting>>, key: StorageKey) -> Self {
+        self.waiters = waiting.map(|waiting| (Arc::clone(waiting), key));
+        self
+    }
+
+    fn wake_waiters(&self) {
+        if let Some((waiting, key)) = &self.waiters {
+            waiting.settled(key);
         }
     }
 
     pub(crate) async fn release(&mut self, why: &str) {
         tracing::debug!(why, "response not stored; key released");
-        if let Some(lock) = self.lock.take()
-            && let Err(error) = observe::backend("release", self.backend.release(lock)).await
-        {
-            tracing::warn!(%error, "releasing the idempotency lock failed");
+        if let Some(lock) = self.lock.take() {
+            if let Err(error) = observe::backend("release", self.backend.release(lock)).await {
+                tracing::warn!(%error, "releasing the idempotency lock failed");
+            }
+            self.wake_waiters();
         }
     }
 
@@ -48,7 +67,10 @@ impl<B: Backend> LockGuard<B> {
     ) -> Result<Completion, BackendError> {
         match self.lock.take() {
             Some(lock) => {
-                observe::backend("complete", self.backend.complete(lock, record, ttl)).await
+                let completed =
+                    observe::backend("complete", self.backend.complete(lock, record, ttl)).await;
+                self.wake_waiters();
+                completed
             }
             None => Ok(Completion::Lost),
         }

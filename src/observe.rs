@@ -25,6 +25,15 @@ pub(crate) fn store(result: &'static str) {
     let _ = result;
 }
 
+/// Counts how a wait for a request in flight ended.
+#[inline]
+pub(crate) fn wait(result: &'static str) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("idempotency_waits_total", "result" => result).increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = result;
+}
+
 /// Runs one backend operation, recording its duration and, on failure, its
 /// error kind.
 #[inline]
@@ -95,6 +104,11 @@ pub fn describe() {
         "idempotency_stores_total",
         Unit::Count,
         "Responses produced under an idempotency lock, by what became of them"
+    );
+    describe_counter!(
+        "idempotency_waits_total",
+        Unit::Count,
+        "Waits of duplicates for a request in flight, by how they ended"
     );
     describe_histogram!(
         "idempotency_backend_duration_seconds",

@@ -6,14 +6,14 @@ use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::HeaderMap;
+use http::header::{HeaderMap, HeaderName};
 use http::{Response, response};
 use http_body::Body;
 
 use crate::backend::{Backend, Completion};
 use crate::body::IdempotencyBody;
 use crate::config::{Config, Persist, ServerErrors, clamp_ttl};
-use crate::headers::problem;
+use crate::headers::{problem, set_retention};
 use crate::lock::{Delivery, LockGuard};
 use crate::observe;
 use crate::problem::ProblemKind;
@@ -28,15 +28,16 @@ pub(crate) type Answer<ResBody, E> = Result<Response<IdempotencyBody<ResBody>>, 
 /// commit it, or when the handler's own transaction failed under a success.
 pub(crate) async fn store<B: Backend, ResBody: Body, E>(
     guard: &mut LockGuard<B>,
-    record: Record,
-    ttl: Duration,
+    (record, ttl): (Record, Duration),
     response: Option<Response<IdempotencyBody<ResBody>>>,
     atomic: bool,
+    retention: Option<&HeaderName>,
     delivery: &mut Delivery<Answer<ResBody, E>>,
 ) {
     let (kept, status) = (record.kept, record.status);
     let mut aborted = false;
-    let committed = match guard.complete(record, ttl).await {
+    let stored = guard.complete(record, ttl).await;
+    let committed = match &stored {
         Ok(Completion::Saved) if kept => {
             observe::store("stored");
             tracing::debug!("response stored");
@@ -64,7 +65,7 @@ pub(crate) async fn store<B: Backend, ResBody: Body, E>(
         }
     };
     if let Some(response) = response {
-        delivery.send(Ok(if aborted && !status.is_client_error() {
+        let mut response = if aborted && !status.is_client_error() {
             problem(
                 ProblemKind::TransactionAborted,
                 "a statement of the request's transaction failed, so none of its writes were committed; the request was not completed",
@@ -74,7 +75,17 @@ pub(crate) async fn store<B: Backend, ResBody: Body, E>(
             not_committed()
         } else {
             response
-        }));
+        };
+        if let (Some(name), false) = (retention, committed) {
+            // Not stored: a retry runs again. Unknown (the store failed
+            // and may still happen late): no promise either way.
+            if stored.is_err() {
+                response.headers_mut().remove(name);
+            } else {
+                set_retention(response.headers_mut(), Some(name), Duration::ZERO);
+            }
+        }
+        delivery.send(Ok(response));
     }
 }
 
