@@ -1,0 +1,326 @@
+//! `wait_for_in_flight` on the memory backend, on a paused clock: duplicates
+//! wait for the request in flight and replay its response, a thousand
+//! waiters poll the backend as one, the bound and a shutdown end the wait
+//! with `409`, a released key is taken by a waiter, and a waiter dropped
+//! while it polls hands its role on.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::{Answer, Runs, post, send, slow_payment};
+use http::StatusCode;
+use tower::Layer;
+use tower_idempotency::{
+    Backend, BackendError, Begin, Completion, FencingToken, Fingerprint, IdempotencyLayer,
+    MemoryBackend, Record, StorageKey,
+};
+
+/// Counts `begin` calls of the backend it wraps.
+#[derive(Clone)]
+struct Counted<B> {
+    inner: B,
+    begins: Arc<AtomicUsize>,
+    /// How long each `begin` takes, as a round trip would.
+    round_trip: Duration,
+}
+
+impl<B: Backend> Counted<B> {
+    fn new(inner: B) -> Self {
+        Self {
+            inner,
+            begins: Arc::default(),
+            round_trip: Duration::ZERO,
+        }
+    }
+    fn with_round_trip(mut self, round_trip: Duration) -> Self {
+        self.round_trip = round_trip;
+        self
+    }
+    fn begins(&self) -> usize {
+        self.begins.load(Ordering::SeqCst)
+    }
+}
+
+impl<B: Backend> Backend for Counted<B> {
+    type Lock = B::Lock;
+
+    async fn begin(
+        &self,
+        key: &StorageKey,
+        fp: &Fingerprint,
+        ttl: Duration,
+    ) -> Result<Begin<B::Lock>, BackendError> {
+        self.begins.fetch_add(1, Ordering::SeqCst);
+        if !self.round_trip.is_zero() {
+            tokio::time::sleep(self.round_trip).await;
+        }
+        self.inner.begin(key, fp, ttl).await
+    }
+    async fn complete(
+        &self,
+        lock: B::Lock,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<Completion, BackendError> {
+        self.inner.complete(lock, record, ttl).await
+    }
+    async fn release(&self, lock: B::Lock) -> Result<(), BackendError> {
+        self.inner.release(lock).await
+    }
+    async fn extend(&self, lock: &B::Lock, ttl: Duration) -> Result<bool, BackendError> {
+        self.inner.extend(lock, ttl).await
+    }
+    fn abandon(&self, lock: B::Lock) {
+        self.inner.abandon(lock);
+    }
+    fn fencing_token(&self, lock: &B::Lock) -> Option<FencingToken> {
+        self.inner.fencing_token(lock)
+    }
+}
+
+const WAIT: Duration = Duration::from_secs(5);
+
+/// 20 duplicates of a 600 ms request, split over two layers (two instances:
+/// each has its own waiting rooms and only sees the other's result by
+/// polling), all get the same `201`; the handler runs once.
+#[tokio::test(start_paused = true)]
+async fn twenty_duplicates_over_two_instances_get_one_answer() {
+    let runs = Runs::default();
+    let backend = MemoryBackend::new();
+    let handler = slow_payment(runs.clone(), Duration::from_millis(600));
+    let instances = [
+        IdempotencyLayer::new(backend.clone())
+            .wait_for_in_flight(WAIT)
+            .layer(handler.clone()),
+        IdempotencyLayer::new(backend)
+            .wait_for_in_flight(WAIT)
+            .layer(handler),
+    ];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let mut svc = instances[i % 2].clone();
+        tasks.spawn(async move { send(&mut svc, post("/p", Some("\"twenty\""), "{}")).await });
+    }
+    let answers: Vec<Answer> = tasks.join_all().await;
+    assert_eq!(runs.get(), 1);
+    for a in &answers {
+        assert_eq!(a.status, StatusCode::CREATED, "{:?}", a.body);
+        assert_eq!(a.body, "payment 1");
+    }
+    assert_eq!(answers.iter().filter(|a| !a.replayed()).count(), 1);
+}
+
+/// A thousand duplicates waiting in one process poll the backend as one:
+/// besides each request's own first `begin`, a handful of polls over the
+/// handler's 600 ms, not a thousand per interval.
+#[tokio::test(start_paused = true)]
+async fn a_thousand_waiters_poll_as_one() {
+    let runs = Runs::default();
+    let backend = Counted::new(MemoryBackend::new()).with_round_trip(Duration::from_millis(2));
+    let handler = slow_payment(runs.clone(), Duration::from_millis(600));
+    let holder = IdempotencyLayer::new(backend.clone()).layer(handler.clone());
+    let waiters = IdempotencyLayer::new(backend.clone())
+        .wait_for_in_flight(WAIT)
+        .layer(handler);
+    let first = {
+        let mut holder = holder.clone();
+        tokio::spawn(async move { send(&mut holder, post("/p", Some("\"thousand\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..1000 {
+        let mut svc = waiters.clone();
+        tasks.spawn(async move { send(&mut svc, post("/p", Some("\"thousand\""), "{}")).await });
+    }
+    let answers = tasks.join_all().await;
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 1);
+    assert!(answers.iter().all(|a| a.status == StatusCode::CREATED && a.replayed()));
+    let polls = backend.begins() - 1001;
+    // 600 ms at 25 ms growing by half (±25 %): about ten.
+    println!("{polls} polls for a thousand waiters");
+    assert!((1..=16).contains(&polls), "{polls} polls");
+}
+
+/// At the bound the duplicate gets the `409` with `Retry-After`, after
+/// waiting; the handler still runs once.
+#[tokio::test(start_paused = true)]
+async fn the_bound_ends_the_wait_with_409() {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(MemoryBackend::new())
+        .wait_for_in_flight(Duration::from_millis(300))
+        .layer(slow_payment(runs.clone(), Duration::from_secs(3)));
+    let first = {
+        let mut svc = svc.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"bound\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let started = tokio::time::Instant::now();
+    let answer = send(&mut svc.clone(), post("/p", Some("\"bound\""), "{}")).await;
+    let waited = started.elapsed();
+    assert_eq!(answer.status, StatusCode::CONFLICT);
+    assert_eq!(answer.problem_type(), "request-in-flight");
+    assert!(answer.headers.contains_key("retry-after"));
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(400),
+        "{waited:?}"
+    );
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 1);
+}
+
+/// Without the setting a duplicate is answered at once.
+#[tokio::test(start_paused = true)]
+async fn without_the_setting_a_duplicate_is_answered_at_once() {
+    let svc = IdempotencyLayer::new(MemoryBackend::new())
+        .layer(slow_payment(Runs::default(), Duration::from_secs(3)));
+    let _first = {
+        let mut svc = svc.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"nowait\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let started = tokio::time::Instant::now();
+    let answer = send(&mut svc.clone(), post("/p", Some("\"nowait\""), "{}")).await;
+    assert_eq!(answer.status, StatusCode::CONFLICT);
+    assert_eq!(started.elapsed(), Duration::ZERO);
+}
+
+/// A handler that answers `500` on its first run (not stored: the key is
+/// released) and `201` after, each after `delay`.
+fn fails_first(runs: Runs, delay: Duration) -> impl common::Handler {
+    tower::service_fn(move |_req: common::InnerReq| {
+        let n = runs.bump();
+        async move {
+            tokio::time::sleep(delay).await;
+            let mut res = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                format!("run {n}"),
+            )));
+            *res.status_mut() = if n == 1 {
+                StatusCode::INTERNAL_SERVER_ERROR
+            } else {
+                StatusCode::CREATED
+            };
+            Ok(res)
+        }
+    })
+}
+
+/// The request in flight ends without storing (a `5xx`, released): the
+/// waiting duplicate takes the key and runs, promptly (the holder in this
+/// process wakes it), and its own result is stored.
+#[tokio::test(start_paused = true)]
+async fn a_released_key_is_taken_by_a_waiter() {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(MemoryBackend::new())
+        .wait_for_in_flight(WAIT)
+        .layer(fails_first(runs.clone(), Duration::from_millis(400)));
+    let first = {
+        let mut svc = svc.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"released\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let started = tokio::time::Instant::now();
+    let waiter = send(&mut svc.clone(), post("/p", Some("\"released\""), "{}")).await;
+    assert_eq!(first.await.unwrap().status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(waiter.status, StatusCode::CREATED);
+    assert_eq!(waiter.body, "run 2");
+    assert!(!waiter.replayed());
+    // Woken by the release, not by a poll 500 ms later.
+    assert!(started.elapsed() < Duration::from_millis(803), "{:?}", started.elapsed());
+    let again = send(&mut svc.clone(), post("/p", Some("\"released\""), "{}")).await;
+    assert_eq!((again.status, again.replayed()), (StatusCode::CREATED, true));
+    assert_eq!(runs.get(), 2);
+}
+
+/// A duplicate with another body waits too, and is then told the key was
+/// used for another request (`422`), never given the other's response.
+#[tokio::test(start_paused = true)]
+async fn a_waiter_with_another_request_gets_422() {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(MemoryBackend::new())
+        .wait_for_in_flight(WAIT)
+        .layer(slow_payment(runs.clone(), Duration::from_millis(300)));
+    let first = {
+        let mut svc = svc.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"other\""), "{\"a\":1}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let same = {
+        let mut svc = svc.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"other\""), "{\"a\":1}")).await })
+    };
+    let other = send(&mut svc.clone(), post("/p", Some("\"other\""), "{\"a\":2}")).await;
+    assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    let same = same.await.unwrap();
+    assert_eq!((same.status, same.replayed()), (StatusCode::CREATED, true));
+    assert_eq!(runs.get(), 1);
+}
+
+/// A shutdown ends every wait at once with the `409`.
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_ends_the_waits() {
+    let runs = Runs::default();
+    let layer = IdempotencyLayer::new(MemoryBackend::new()).wait_for_in_flight(WAIT);
+    let shutdown = layer.shutdown_handle();
+    let svc = layer.layer(slow_payment(runs.clone(), Duration::from_secs(2)));
+    let first = {
+        let mut svc = svc.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"stop\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let waiter = {
+        let mut svc = svc.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"stop\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopping = tokio::spawn(async move { shutdown.shutdown(Duration::from_secs(10)).await });
+    let started = tokio::time::Instant::now();
+    let waiter = waiter.await.unwrap();
+    assert_eq!(waiter.status, StatusCode::CONFLICT);
+    assert!(started.elapsed() < Duration::from_millis(10), "{:?}", started.elapsed());
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert!(stopping.await.unwrap().is_clean());
+    assert_eq!(runs.get(), 1);
+}
+
+/// The waiter that polls is dropped (its client left) while others wait:
+/// another takes the role over, and they still get the response. The
+/// holder runs on another instance, so only polls can find it.
+#[tokio::test(start_paused = true)]
+async fn a_dropped_poller_hands_its_role_on() {
+    let runs = Runs::default();
+    let backend = Counted::new(MemoryBackend::new());
+    let handler = slow_payment(runs.clone(), Duration::from_millis(800));
+    let holder = IdempotencyLayer::new(backend.clone()).layer(handler.clone());
+    let waiters = IdempotencyLayer::new(backend.clone())
+        .wait_for_in_flight(WAIT)
+        .layer(handler);
+    let first = {
+        let mut holder = holder.clone();
+        tokio::spawn(async move { send(&mut holder, post("/p", Some("\"handover\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // The first waiter takes the poller's role; a second waits behind it.
+    let poller = {
+        let mut svc = waiters.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"handover\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let behind = {
+        let mut svc = waiters.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"handover\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let polls_before = backend.begins();
+    poller.abort();
+    assert!(poller.await.is_err_and(|e| e.is_cancelled()));
+    let behind = behind.await.unwrap();
+    assert_eq!((behind.status, behind.replayed()), (StatusCode::CREATED, true));
+    assert!(backend.begins() > polls_before, "someone kept polling");
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    assert_eq!(runs.get(), 1);
+}
