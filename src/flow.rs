@@ -342,7 +342,15 @@ async fn execute<S, B, ReqBody, ResBody>(
             response,
         } => {
             let retention = config.retention_header.as_ref();
-            store(&mut guard, (record, ttl), response, atomic, retention, &mut delivery).await;
+            store(
+                &mut guard,
+                (record, ttl),
+                response,
+                atomic,
+                retention,
+                &mut delivery,
+            )
+            .await;
         }
     }
 }

@@ -220,7 +220,8 @@ impl Waiting {
                     }
                 }
                 Next::Poll => {
-                    let polled = observe::backend("begin", backend.begin(key, fingerprint, lock_ttl));
+                    let polled =
+                        observe::backend("begin", backend.begin(key, fingerprint, lock_ttl));
                     let found = polled.await;
                     let now = Instant::now();
                     let mut state = lock(&room.state);

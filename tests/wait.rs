@@ -138,7 +138,11 @@ async fn a_thousand_waiters_poll_as_one() {
     let answers = tasks.join_all().await;
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
     assert_eq!(runs.get(), 1);
-    assert!(answers.iter().all(|a| a.status == StatusCode::CREATED && a.replayed()));
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.status == StatusCode::CREATED && a.replayed())
+    );
     let polls = backend.begins() - 1001;
     // 600 ms at 25 ms growing by half (±25 %): about ten.
     println!("{polls} polls for a thousand waiters");
@@ -224,14 +228,24 @@ async fn a_released_key_is_taken_by_a_waiter() {
     tokio::time::sleep(Duration::from_millis(1)).await;
     let started = tokio::time::Instant::now();
     let waiter = send(&mut svc.clone(), post("/p", Some("\"released\""), "{}")).await;
-    assert_eq!(first.await.unwrap().status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        first.await.unwrap().status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
     assert_eq!(waiter.status, StatusCode::CREATED);
     assert_eq!(waiter.body, "run 2");
     assert!(!waiter.replayed());
     // Woken by the release, not by a poll 500 ms later.
-    assert!(started.elapsed() < Duration::from_millis(803), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(803),
+        "{:?}",
+        started.elapsed()
+    );
     let again = send(&mut svc.clone(), post("/p", Some("\"released\""), "{}")).await;
-    assert_eq!((again.status, again.replayed()), (StatusCode::CREATED, true));
+    assert_eq!(
+        (again.status, again.replayed()),
+        (StatusCode::CREATED, true)
+    );
     assert_eq!(runs.get(), 2);
 }
 
@@ -245,12 +259,16 @@ async fn a_waiter_with_another_request_gets_422() {
         .layer(slow_payment(runs.clone(), Duration::from_millis(300)));
     let first = {
         let mut svc = svc.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"other\""), "{\"a\":1}")).await })
+        tokio::spawn(
+            async move { send(&mut svc, post("/p", Some("\"other\""), "{\"a\":1}")).await },
+        )
     };
     tokio::time::sleep(Duration::from_millis(1)).await;
     let same = {
         let mut svc = svc.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"other\""), "{\"a\":1}")).await })
+        tokio::spawn(
+            async move { send(&mut svc, post("/p", Some("\"other\""), "{\"a\":1}")).await },
+        )
     };
     let other = send(&mut svc.clone(), post("/p", Some("\"other\""), "{\"a\":2}")).await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -281,7 +299,11 @@ async fn a_shutdown_ends_the_waits() {
     let started = tokio::time::Instant::now();
     let waiter = waiter.await.unwrap();
     assert_eq!(waiter.status, StatusCode::CONFLICT);
-    assert!(started.elapsed() < Duration::from_millis(10), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(10),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
     assert!(stopping.await.unwrap().is_clean());
     assert_eq!(runs.get(), 1);
@@ -319,7 +341,10 @@ async fn a_dropped_poller_hands_its_role_on() {
     poller.abort();
     assert!(poller.await.is_err_and(|e| e.is_cancelled()));
     let behind = behind.await.unwrap();
-    assert_eq!((behind.status, behind.replayed()), (StatusCode::CREATED, true));
+    assert_eq!(
+        (behind.status, behind.replayed()),
+        (StatusCode::CREATED, true)
+    );
     assert!(backend.begins() > polls_before, "someone kept polling");
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
     assert_eq!(runs.get(), 1);
