@@ -31,12 +31,32 @@
 //! ```
 //! To see a concurrent duplicate answered `409`, slow the handler down:
 //! `PAYMENT_DELAY_MS=3000 cargo run --example payments`, then send the same
-//! request from two terminals.
+//! request from two terminals. With `IDEMPOTENCY_WAIT_MS` the duplicate
+//! waits (up to that long) for the first one's response and replays it:
+//!
+//! ```sh
+//! PAYMENT_DELAY_MS=3000 IDEMPOTENCY_WAIT_MS=10000 cargo run --example payments
+//! curl -i -H 'Idempotency-Key: "k3"' -H 'content-type: application/json' \
+//!      -d '{"amount":5,"currency":"EUR"}' localhost:3000/payments &
+//! curl -i -H 'Idempotency-Key: "k3"' -H 'content-type: application/json' \
+//!      -d '{"amount":5,"currency":"EUR"}' localhost:3000/payments   # 201, replayed
+//! ```
+//!
+//! With `IDEMPOTENCY_RETENTION_HEADER=1` every answer to a keyed request
+//! says how long its key is kept, in seconds:
+//!
+//! ```sh
+//! IDEMPOTENCY_RETENTION_HEADER=1 cargo run --example payments
+//! curl -si -H 'Idempotency-Key: "k4"' -H 'content-type: application/json' \
+//!      -d '{"amount":5,"currency":"EUR"}' localhost:3000/payments | grep -i idempotency-ttl
+//! # idempotency-ttl: 86400
+//! ```
 //!
 //! Environment: `ADDR` (default `127.0.0.1:3000`; `127.0.0.1:0` picks a free
 //! port, and the bound address is printed as `listening on <addr>`),
 //! `PAYMENT_DELAY_MS` (default 0), `IDEMPOTENCY_FINGERPRINT` (`raw`, the
-//! default, or `json`), `SHUTDOWN_GRACE_SECS` (how long a `SIGTERM` waits
+//! default, or `json`), `IDEMPOTENCY_WAIT_MS` (default: no wait),
+//! `IDEMPOTENCY_RETENTION_HEADER` (`1`; default off), `SHUTDOWN_GRACE_SECS` (how long a `SIGTERM` waits
 //! for payments in flight; default 10), `RUST_LOG` (default `info`),
 //! `IDEMPOTENCY=off` (no layer: the baseline
 //! for load comparisons), `MIN_RETENTION_SECS` (how long a record is kept at

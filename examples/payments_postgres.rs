@@ -42,7 +42,7 @@
 //! `postgres://postgres@127.0.0.1:5432/test`), `IDEMPOTENCY_TABLE` (default
 //! `idempotency_records`), `PG_MODE`, `PAYMENTS_TABLE`, `PG_PREPARED=1`
 //! (prepared statements: a direct connection, no transaction pooler), `ADDR`,
-//! `PAYMENT_DELAY_MS`, `IDEMPOTENCY_FINGERPRINT`, `SHUTDOWN_GRACE_SECS`, `RUST_LOG` and `IDEMPOTENCY=off` as in `payments`. The pool has
+//! `PAYMENT_DELAY_MS`, `IDEMPOTENCY_FINGERPRINT`, `IDEMPOTENCY_WAIT_MS`, `IDEMPOTENCY_RETENTION_HEADER`, `SHUTDOWN_GRACE_SECS`, `RUST_LOG` and `IDEMPOTENCY=off` as in `payments`. The pool has
 //! `PG_POOL_SIZE` connections (default 64); in advisory and transaction
 //! modes each request in flight holds one.
 

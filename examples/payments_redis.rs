@@ -15,7 +15,7 @@
 //!
 //! Environment: `REDIS_URL` (default `redis://127.0.0.1:6379`),
 //! `REDIS_PREFIX` (the keys' prefix; default the crate's), `ADDR`,
-//! `PAYMENT_DELAY_MS`, `IDEMPOTENCY_FINGERPRINT`, `SHUTDOWN_GRACE_SECS`, `RUST_LOG` and `IDEMPOTENCY=off` as in `payments`. Configure the
+//! `PAYMENT_DELAY_MS`, `IDEMPOTENCY_FINGERPRINT`, `IDEMPOTENCY_WAIT_MS`, `IDEMPOTENCY_RETENTION_HEADER`, `SHUTDOWN_GRACE_SECS`, `RUST_LOG` and `IDEMPOTENCY=off` as in `payments`. Configure the
 //! Redis server with `maxmemory-policy noeviction`.
 
 #[path = "support/payments_app.rs"]

@@ -85,19 +85,38 @@ pub async fn serve<B: Backend>(
 }
 
 /// `layer` with the settings the environment asks for:
-/// `IDEMPOTENCY_FINGERPRINT=json` fingerprints bodies as canonical JSON (a
-/// retry whose JSON was re-serialised replays), `raw` (the default) by
-/// their bytes.
+///
+/// - `IDEMPOTENCY_FINGERPRINT=json` fingerprints bodies as canonical JSON (a
+///   retry whose JSON was re-serialised replays), `raw` (the default) by
+///   their bytes;
+/// - `IDEMPOTENCY_WAIT_MS=<ms>` lets a duplicate of a payment in flight wait
+///   that long for its response instead of the immediate `409`;
+/// - `IDEMPOTENCY_RETENTION_HEADER=1` adds `Idempotency-TTL` (seconds the
+///   key is kept) to every answer to a keyed request.
 pub fn configured<B>(
     layer: IdempotencyLayer<B>,
 ) -> Result<IdempotencyLayer<B>, Box<dyn std::error::Error>> {
-    Ok(match std::env::var("IDEMPOTENCY_FINGERPRINT").as_deref() {
+    let mut layer = match std::env::var("IDEMPOTENCY_FINGERPRINT").as_deref() {
         Err(_) | Ok("raw") => layer,
         Ok("json") => layer.fingerprint_json(),
         Ok(other) => {
             return Err(format!("IDEMPOTENCY_FINGERPRINT={other:?}: use raw or json").into());
         }
-    })
+    };
+    if let Ok(wait) = std::env::var("IDEMPOTENCY_WAIT_MS") {
+        let ms: u64 = wait
+            .parse()
+            .map_err(|_| format!("IDEMPOTENCY_WAIT_MS={wait:?}: not a number of milliseconds"))?;
+        layer = layer.wait_for_in_flight(Duration::from_millis(ms));
+    }
+    match std::env::var("IDEMPOTENCY_RETENTION_HEADER").as_deref() {
+        Err(_) | Ok("0" | "") => {}
+        Ok("1") => layer = layer.retention_header(),
+        Ok(other) => {
+            return Err(format!("IDEMPOTENCY_RETENTION_HEADER={other:?}: use 1 or 0").into());
+        }
+    }
+    Ok(layer)
 }
 
 /// Serves the payments API with `protect` wrapped around its routes (unless
