@@ -149,7 +149,10 @@
 //! 5. The [`Backend`] looks the key up and locks it in one step:
 //!    a stored response with the same fingerprint is replayed; with a
 //!    different fingerprint the answer is `422`; a key held by a request in
-//!    flight gets `409` with `Retry-After`; otherwise the handler runs.
+//!    flight gets `409` with `Retry-After` (or, with
+//!    [`wait_for_in_flight`](IdempotencyLayer::wait_for_in_flight), waits for
+//!    its response); otherwise the handler runs, with the lock's
+//!    [`FencingToken`] in its request extensions.
 //! 6. The handler runs in a task of its own: if the client goes away (the
 //!    socket closes, an outer timeout fires), it still runs to the end and its
 //!    response is stored for the retry (see [`on_disconnect`](IdempotencyLayer::on_disconnect)).
@@ -174,6 +177,7 @@
 //! | retry of a response too large (or otherwise unfit) to store | [response not kept](problem#response-not-kept), original status | no |
 //! | retry of a `5xx` | runs again by default; the `5xx` replayed, or [outcome unknown](problem#outcome-unknown), as [`server_errors`](IdempotencyLayer::server_errors) says | by default |
 //! | retry while the first is in flight (or its client left and it is still running) | `409` + `Retry-After` | no |
+//! | the same with [`wait_for_in_flight`](IdempotencyLayer::wait_for_in_flight) | the first one's response once stored; `409` at the bound | no (yes if the first stored nothing) |
 //! | key reused with a different request | `422` | no |
 //! | malformed or repeated key | `400` | no |
 //! | [scope](IdempotencyLayer::scope) cannot identify the caller | `400` | no |
@@ -310,6 +314,15 @@
 //!   unreachable — is tried again in the background, fenced by the lock's
 //!   token, until the lock would lapse: the client got its response, and
 //!   its retry replays once the record lands (`409` until then).
+//! - **A handler can fence its own writes.** Every lock the built-in
+//!   backends grant carries a [`FencingToken`] larger than that of every
+//!   lock granted on the key before it; a handler whose lock lapsed while it
+//!   was paused cannot overwrite a newer holder's write fenced with it (see
+//!   [`fence`]). The layer's own store is fenced by the lock.
+//! - **Waiting never runs twice.** A duplicate waiting with
+//!   [`wait_for_in_flight`](IdempotencyLayer::wait_for_in_flight) replays the
+//!   stored response; only if the request in flight ended without storing
+//!   does it take the key, as any new request would.
 //! - **No stuck keys.** A handler panic or an inner `Err` releases the key
 //!   and stores nothing; a streamed response whose client left is read for
 //!   at most [`drain_timeout`](IdempotencyLayer::drain_timeout); a crashed process's key is free after `lock_ttl`
@@ -374,6 +387,7 @@
 //! |---|---|---|---|
 //! | `idempotency_requests_total` | counter | `outcome` | one per request the layer looked at (below) |
 //! | `idempotency_stores_total` | counter | `result` | what became of a response produced under the lock: `stored`, `not_kept` (a "response not kept" marker stored in its place), `not_stored` (`5xx`, `429`, [`Persist::Never`], handler error, a failed body, a cancelled handler; the key released), `lock_lost`, `failed` (the backend refused or failed the save), `interrupted` (cut off by a shutdown; an interrupted answer stored), `aborted` (the handler's own transaction failed; nothing stored), `stored_late`, `late_lost` and `late_gave_up` (a store retried after an outage: landed, found the lock gone, gave up) |
+//! | `idempotency_waits_total` | counter | `result` | how a wait of [`wait_for_in_flight`](IdempotencyLayer::wait_for_in_flight) ended: `replayed`, `acquired` (the key was freed; the request runs), `exhausted` (the bound or a shutdown: `409`), `failed` (a poll's backend error) |
 //! | `idempotency_backend_duration_seconds` | histogram | `operation` | time of each backend call: `begin`, `complete`, `release`, `extend` |
 //! | `idempotency_backend_errors_total` | counter | `operation`, `kind` | failed backend calls by [`BackendErrorKind`]: `unavailable`, `timeout`, `rejected`, `corrupt`, `incompatible`, `misconfigured`, `other` |
 //!

@@ -284,3 +284,45 @@ async fn postgres_fenced_write_refuses_a_stale_holder() {
         .await
         .unwrap();
 }
+
+/// A table migrated by an earlier version (no fencing sequence): `verify`
+/// says to migrate, and a `begin` that acquires fails as misconfigured
+/// (the layer answers `503`), never a lock without its token.
+#[tokio::test]
+async fn postgres_without_the_fence_sequence_is_misconfigured() {
+    let table = format!("fence_upgrade_{}", std::process::id());
+    let backend =
+        postgres_support::backend_on_table(&table, PostgresMode::Lease, "fence_upgrade").await;
+    let admin = postgres_support::admin().await;
+    admin
+        .batch_execute(&format!("DROP SEQUENCE {table}_fence"))
+        .await
+        .unwrap();
+    let error = backend.verify().await.unwrap_err();
+    assert_eq!(
+        error.kind(),
+        tower_idempotency::BackendErrorKind::Misconfigured
+    );
+    let key = conformance::fresh_key();
+    let error = backend
+        .begin(&key, &conformance::fingerprint(3), Duration::from_secs(5))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        error.kind(),
+        tower_idempotency::BackendErrorKind::Misconfigured
+    );
+    backend.migrate().await.unwrap();
+    let Begin::Acquired(lock) = backend
+        .begin(&key, &conformance::fingerprint(3), Duration::from_secs(5))
+        .await
+        .unwrap()
+    else {
+        panic!("the failed begin rolled back the lease it wrote with its statement");
+    };
+    backend.release(lock).await.unwrap();
+    admin
+        .batch_execute(&format!("DROP TABLE {table} CASCADE"))
+        .await
+        .unwrap();
+}

@@ -14,7 +14,9 @@ use super::{
 use crate::StorageKey;
 
 impl PostgresBackend {
-    /// Creates the table, its index and the functions if they do not exist,
+    /// Creates the table, its index, the functions and the sequence the
+    /// [fencing tokens](crate::fence) are drawn from (`<table>_fence`) if they
+    /// do not exist,
     /// upgrades a table made by an earlier version (safe to run on every
     /// start, from several instances at once), then runs
     /// [`verify`](Self::verify).

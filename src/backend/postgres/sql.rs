@@ -149,7 +149,11 @@ impl Sql {
                   LIMIT $1 FOR UPDATE SKIP LOCKED) \
                  AND expires_at <= clock_timestamp()"
             ),
-            exists: format!("SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1) AS probe"),
+            // The table, and the sequence of this version's fencing tokens.
+            exists: format!(
+                "SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1) AS probe; \
+                 SELECT last_value FROM {fence_sequence}"
+            ),
             table,
             fence_sequence,
             begin_session,
