@@ -11,8 +11,9 @@
 //!
 //! Every lock the built-in backends grant carries one, and the layer puts it
 //! into the request's extensions just before it calls the handler (and, with
-//! the `axum` feature, it is an extractor). Fence the row your handler
-//! writes, so that a write made under an older lock is refused:
+//! the `axum` feature, it is an extractor). Fence the rows that belong to
+//! the key — the ones a retry of the same request would write — so that a
+//! write made under an older lock of that key is refused:
 //!
 //! ```sql
 //! -- payments(idempotency_key text primary key, fence bigint not null, ...)
@@ -21,9 +22,14 @@
 //! WHERE payments.fence < EXCLUDED.fence;
 //! -- 0 rows: a newer holder of the key already wrote; answer an error.
 //!
-//! UPDATE accounts SET balance = balance - $3, fence = $2
-//! WHERE id = $4 AND fence < $2;
+//! UPDATE payments SET status = 'captured', fence = $2
+//! WHERE idempotency_key = $1 AND fence <= $2;
 //! ```
+//!
+//! Compare tokens of one key only. Tokens of different keys are not ordered
+//! by when their locks were granted (on Redis Cluster they come from
+//! different servers' clocks), so a row shared by many keys — an account
+//! balance — cannot be fenced with them.
 //!
 //! ```
 //! use http::Request;
@@ -40,12 +46,18 @@
 //! | backend | token | grows |
 //! |---|---|---|
 //! | memory | the lock's sequence number | across every key of the backend |
-//! | Redis | the server's clock in microseconds, and at least one more than the key's last token | per key; across keys with the server's clock |
+//! | Redis | the server's clock (`TIME`) in microseconds, and at least one more than the key's last token | per key |
 //! | PostgreSQL | `nextval` of the table's sequence `<table>_fence` | across every key of the table |
 //!
 //! Tokens are positive and fit an `i64` (a PostgreSQL `bigint`). A token
-//! granted later on the same key is always larger, also after a takeover of
-//! a lapsed lock, after a release, and after the key's record expired. In
+//! granted later on the same key is larger, also after a takeover of a
+//! lapsed lock, after a release, and after the key's record expired. On
+//! Redis that rests on the server's clock: the key's last token is kept ten
+//! minutes past its lock's TTL, which covers a clock stepped back by less
+//! than that; a clock stepped back further, on a server that also lost the
+//! key's last token (a failover to a replica that had not received it),
+//! could hand out a smaller one. The memory and PostgreSQL tokens are
+//! counters and have no such limit. In
 //! PostgreSQL's transaction mode the handler's writes commit only together
 //! with the record, under the lock; the token is given there too, but a
 //! write in the request's transaction needs no fence.

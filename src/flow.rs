@@ -17,8 +17,8 @@ use crate::backend::{Backend, BackendError, BackendErrorKind, Begin};
 use crate::body::{Collected, IdempotencyBody, TeeEnd, collect_limited, follow_tee};
 use crate::config::{Config, OnDisconnect, Unstorable};
 use crate::headers::{
-    IDEMPOTENCY_TTL, declared_length, is_event_stream, known_length, problem, replay,
-    retention_left, set_retention,
+    IDEMPOTENCY_TTL, declared_length, is_event_stream, keep_retention_back, known_length, problem,
+    replay, retention_left, set_retention,
 };
 use crate::lock::{Cancellation, Delivery, LockGuard, run_detached};
 use crate::observe;
@@ -130,7 +130,7 @@ where
     .await;
     if let (Ok(Begin::Busy { retry_after }), Some(waiting)) = (&begun, &config.waiting) {
         tracing::debug!("request with this key in flight; waiting for its result");
-        begun = waiting
+        begun = Ok(waiting
             .wait(
                 &backend,
                 &storage_key,
@@ -139,7 +139,7 @@ where
                 *retry_after,
                 config.shutdown.started(),
             )
-            .await;
+            .await);
     }
     let retention = config.retention_header.as_ref();
     let lock = match begun {
@@ -151,12 +151,15 @@ where
         Ok(Begin::Completed(record)) if record.fingerprint == fingerprint => {
             observe::request("replayed");
             tracing::debug!(kept = record.kept, "replaying stored response");
-            let left = retention.map(|name| retention_left(&record, name, config.ttl));
+            let left = retention.and_then(|name| retention_left(&record, name));
             let mut response = replay(record);
-            match (retention, left) {
-                (Some(name), Some(left)) => set_retention(response.headers_mut(), Some(name), left),
-                // Stored while the header was on: not a promise any more.
-                _ => drop(response.headers_mut().remove(IDEMPOTENCY_TTL)),
+            // A record stored while the header was on carries it: it is no
+            // promise once the time has passed, or with the header off.
+            for name in retention.into_iter().chain([&IDEMPOTENCY_TTL]) {
+                response.headers_mut().remove(name);
+            }
+            if let Some(left) = left {
+                set_retention(response.headers_mut(), retention, left);
             }
             return Ok(response);
         }
@@ -168,9 +171,8 @@ where
                 "this Idempotency-Key was used with a different request; use a new key",
                 None,
             );
-            if let Some(name) = retention {
-                let left = retention_left(&record, name, config.ttl);
-                set_retention(response.headers_mut(), Some(name), left);
+            if let Some(left) = retention.and_then(|name| retention_left(&record, name)) {
+                set_retention(response.headers_mut(), retention, left);
             }
             return Ok(response);
         }
@@ -421,8 +423,9 @@ where
         );
     }
     if known.is_none() && !atomic {
-        // Forward as it arrives; store the copy at the end.
-        let headers = parts.headers.clone();
+        // Forward as it arrives; store the copy at the end. Kept or not is
+        // known only then: the retention header goes into the copy alone.
+        let headers = keep_retention_back(&mut parts.headers, config.retention_header.as_ref());
         let (events, mut copies) = tokio::sync::mpsc::unbounded_channel();
         let hand_over = config.on_disconnect == OnDisconnect::Complete;
         let settled = delivery.settled();

@@ -43,19 +43,32 @@ pub(crate) fn set_retention(headers: &mut HeaderMap, name: Option<&HeaderName>, 
     }
 }
 
+/// A copy of `headers` for the record, and the retention header `name` (if
+/// configured) taken off the ones sent: for a response sent before it is
+/// known to be kept.
+pub(crate) fn keep_retention_back(headers: &mut HeaderMap, name: Option<&HeaderName>) -> HeaderMap {
+    let copy = headers.clone();
+    if let Some(name) = name {
+        headers.remove(name);
+    }
+    copy
+}
+
 /// How long `record` is still kept: the TTL its fresh answer announced in
-/// the retention header `name` (stored with it), else `ttl`, less its age.
-pub(crate) fn retention_left(record: &Record, name: &HeaderName, ttl: Duration) -> Duration {
+/// the retention header `name` (stored with it), less its age. `None` for a
+/// record stored without it (while the header was off, or a "not kept"
+/// marker): better no header than a guess.
+pub(crate) fn retention_left(record: &Record, name: &HeaderName) -> Option<Duration> {
     let kept_for = record
         .headers
         .get(name)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
-        .map_or(ttl, Duration::from_secs);
+        .map(Duration::from_secs)?;
     let age = std::time::SystemTime::now()
         .duration_since(record.created_at)
         .unwrap_or_default();
-    kept_for.saturating_sub(age)
+    Some(kept_for.saturating_sub(age))
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1 and the ones proxies still send):

@@ -357,18 +357,28 @@ impl<B> IdempotencyLayer<B> {
     /// [`retention_header`](Self::retention_header) under another name.
     /// The value is whole seconds (`delta-seconds`, like `Retry-After`):
     ///
-    /// - a fresh response that was stored: the TTL it was stored for;
-    /// - a fresh response that was not stored (a `5xx` under
-    ///   [`ServerErrors::Retry`], an error the layer answered): `0`, the key
-    ///   is not kept and a retry runs again;
+    /// - a fresh response that is stored: the TTL it is stored for (a
+    ///   [`Persist::For`](crate::Persist::For) of its own included);
+    /// - a fresh response that is not stored (a `5xx` under
+    ///   [`ServerErrors::Retry`](crate::ServerErrors::Retry), a lock lost):
+    ///   `0`, the key is not kept and a retry runs again;
+    /// - a response whose store failed (its outcome unknown), and a
+    ///   streamed response (sent before it is stored): no header;
     /// - a replay, and a `422` for a key used with another request: the
-    ///   seconds left until the stored record expires;
-    /// - a `409`: the TTL the response will be kept for once the request in
-    ///   flight stores it.
+    ///   seconds left until the stored record expires, counted down from
+    ///   the TTL its fresh answer announced (which is stored with it); no
+    ///   header for a record stored while the header was off, or a
+    ///   "response not kept" marker;
+    /// - a `409`: the layer's [`ttl`](Self::ttl), the longest the response
+    ///   will be kept once the request in flight stores it (it may store
+    ///   nothing, or keep its response for less).
     ///
     /// The memory backend may drop records before their TTL under memory
     /// pressure (not before its
     /// [minimum retention](crate::MemoryBackendBuilder::min_retention)).
+    /// Turned off, the header is no longer sent, and `Idempotency-TTL` is
+    /// taken off replays of records stored while it was on (a renamed
+    /// header is not: it is replayed as the handler's own).
     pub fn retention_header_named(self, name: HeaderName) -> Self {
         self.with(|c| c.retention_header = Some(name))
     }

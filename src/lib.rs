@@ -387,7 +387,7 @@
 //! |---|---|---|---|
 //! | `idempotency_requests_total` | counter | `outcome` | one per request the layer looked at (below) |
 //! | `idempotency_stores_total` | counter | `result` | what became of a response produced under the lock: `stored`, `not_kept` (a "response not kept" marker stored in its place), `not_stored` (`5xx`, `429`, [`Persist::Never`], handler error, a failed body, a cancelled handler; the key released), `lock_lost`, `failed` (the backend refused or failed the save), `interrupted` (cut off by a shutdown; an interrupted answer stored), `aborted` (the handler's own transaction failed; nothing stored), `stored_late`, `late_lost` and `late_gave_up` (a store retried after an outage: landed, found the lock gone, gave up) |
-//! | `idempotency_waits_total` | counter | `result` | how a wait of [`wait_for_in_flight`](IdempotencyLayer::wait_for_in_flight) ended: `replayed`, `acquired` (the key was freed; the request runs), `exhausted` (the bound or a shutdown: `409`), `failed` (a poll's backend error) |
+//! | `idempotency_waits_total` | counter | `result` | how a wait of [`wait_for_in_flight`](IdempotencyLayer::wait_for_in_flight) ended: `replayed`, `acquired` (the key was freed; the request runs), `exhausted` (the bound or a shutdown: `409`; a poll that fails counts as busy) |
 //! | `idempotency_backend_duration_seconds` | histogram | `operation` | time of each backend call: `begin`, `complete`, `release`, `extend` |
 //! | `idempotency_backend_errors_total` | counter | `operation`, `kind` | failed backend calls by [`BackendErrorKind`]: `unavailable`, `timeout`, `rejected`, `corrupt`, `incompatible`, `misconfigured`, `other` |
 //!

@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::backend::{Backend, BackendError, Begin};
+use crate::backend::{Backend, Begin};
 use crate::observe;
 use crate::{Fingerprint, Record, StorageKey};
 
@@ -39,7 +39,8 @@ const LONGEST_POLL: Duration = Duration::from_millis(500);
 pub(crate) struct Waiting {
     /// How long a duplicate waits at most.
     pub(crate) max: Duration,
-    rooms: Mutex<HashMap<StorageKey, Arc<Room>>>,
+    /// Each room with the number of waiters seated in it.
+    rooms: Mutex<HashMap<StorageKey, (Arc<Room>, usize)>>,
 }
 
 /// The duplicates of one key waiting in this process.
@@ -60,6 +61,9 @@ struct RoomState {
     record: Option<Record>,
     /// When the holder's lock runs out, as the last poll saw it.
     busy_until: Instant,
+    /// How often a holder in this process settled the key: one that did
+    /// during a poll makes the next poll happen at once.
+    settles: u64,
 }
 
 impl Default for RoomState {
@@ -71,6 +75,7 @@ impl Default for RoomState {
             interval: FIRST_POLL,
             record: None,
             busy_until: now,
+            settles: 0,
         }
     }
 }
@@ -99,9 +104,11 @@ struct Seat<'a> {
 impl Drop for Seat<'_> {
     fn drop(&mut self) {
         let mut rooms = lock(&self.waiting.rooms);
-        // The map's reference and this one: nobody else waits.
-        if Arc::strong_count(&self.room) == 2 {
-            rooms.remove(&self.key);
+        if let Some((_, seated)) = rooms.get_mut(&self.key) {
+            *seated -= 1;
+            if *seated == 0 {
+                rooms.remove(&self.key);
+            }
         }
     }
 }
@@ -132,7 +139,11 @@ impl Waiting {
     }
 
     fn enter(&self, key: &StorageKey) -> Seat<'_> {
-        let room = Arc::clone(lock(&self.rooms).entry(*key).or_default());
+        let mut rooms = lock(&self.rooms);
+        let (room, seated) = rooms.entry(*key).or_default();
+        *seated += 1;
+        let room = Arc::clone(room);
+        drop(rooms);
         Seat {
             waiting: self,
             key: *key,
@@ -143,13 +154,14 @@ impl Waiting {
     /// The holder of `key` in this process stored or released it: the
     /// room's next poll happens now.
     pub(crate) fn settled(&self, key: &StorageKey) {
-        let Some(room) = lock(&self.rooms).get(key).cloned() else {
+        let Some(room) = lock(&self.rooms).get(key).map(|(room, _)| Arc::clone(room)) else {
             return;
         };
         {
             let mut state = lock(&room.state);
             state.next_poll = Instant::now();
             state.interval = FIRST_POLL;
+            state.settles += 1;
         }
         room.changed.notify_waiters();
     }
@@ -158,7 +170,8 @@ impl Waiting {
     /// stored or freed, up to [`max`](Self::max) or until `stop` resolves.
     /// Answers what the last look found: `Completed` (shared by the room),
     /// `Acquired` (this request now holds the key), or `Busy` (the bound
-    /// was reached), or the poll's error.
+    /// was reached, or a shutdown started). A poll that fails counts as
+    /// busy: the wait goes on.
     pub(crate) async fn wait<B: Backend>(
         &self,
         backend: &B,
@@ -167,7 +180,7 @@ impl Waiting {
         lock_ttl: Duration,
         busy_for: Duration,
         stop: impl Future<Output = ()>,
-    ) -> Result<Begin<B::Lock>, BackendError> {
+    ) -> Begin<B::Lock> {
         let started = Instant::now();
         let deadline = started + self.max;
         let seat = self.enter(key);
@@ -186,14 +199,14 @@ impl Waiting {
                 let mut state = lock(&room.state);
                 if let Some(record) = &state.record {
                     observe::wait("replayed");
-                    return Ok(Begin::Completed(record.clone()));
+                    return Begin::Completed(record.clone());
                 }
                 let now = Instant::now();
                 if now >= deadline {
                     observe::wait("exhausted");
-                    return Ok(Begin::Busy {
+                    return Begin::Busy {
                         retry_after: state.busy_until.saturating_duration_since(now),
-                    });
+                    };
                 }
                 if role.is_none() && !state.polling {
                     state.polling = true;
@@ -213,32 +226,31 @@ impl Waiting {
                         () = &mut stop => {
                             observe::wait("exhausted");
                             let state = lock(&room.state);
-                            return Ok(Begin::Busy {
+                            return Begin::Busy {
                                 retry_after: state.busy_until.saturating_duration_since(Instant::now()),
-                            });
+                            };
                         }
                     }
                 }
                 Next::Poll => {
+                    let settles = lock(&room.state).settles;
                     let polled =
                         observe::backend("begin", backend.begin(key, fingerprint, lock_ttl));
-                    let found = polled.await;
+                    // A slow poll ends with the wait; the backend releases
+                    // what a dropped `begin` may have taken.
+                    let found = tokio::time::timeout_at(deadline, polled).await;
                     let now = Instant::now();
                     let mut state = lock(&room.state);
-                    match found {
-                        Ok(Begin::Busy { retry_after }) => {
-                            state.busy_until = now + retry_after;
-                            state.interval = (state.interval * 3 / 2).min(LONGEST_POLL);
-                            state.next_poll = now + jittered(state.interval);
-                        }
-                        Ok(Begin::Completed(record)) => {
+                    let busy_for = match found {
+                        Ok(Ok(Begin::Busy { retry_after })) => Some(retry_after),
+                        Ok(Ok(Begin::Completed(record))) => {
                             observe::wait("replayed");
                             state.record = Some(record.clone());
                             drop(state);
                             drop(role);
-                            return Ok(Begin::Completed(record));
+                            return Begin::Completed(record);
                         }
-                        Ok(Begin::Acquired(lock)) => {
+                        Ok(Ok(Begin::Acquired(lock))) => {
                             observe::wait("acquired");
                             // The others wait for this request now; it wakes
                             // them when it settles.
@@ -246,15 +258,27 @@ impl Waiting {
                             state.next_poll = now + LONGEST_POLL;
                             drop(state);
                             drop(role);
-                            return Ok(Begin::Acquired(lock));
+                            return Begin::Acquired(lock);
                         }
-                        other => {
-                            observe::wait("failed");
-                            drop(state);
-                            drop(role);
-                            return other;
+                        // The key was busy a moment ago: a poll that failed
+                        // (or timed out) changes nothing about that, and is
+                        // never a reason to run the handler (not even with
+                        // fail-open). The wait goes on, backing off.
+                        Ok(Err(error)) => {
+                            tracing::debug!(%error, "polling a key in flight failed; still waiting");
+                            None
                         }
+                        Err(_) => None,
+                    };
+                    if let Some(busy_for) = busy_for {
+                        state.busy_until = now + busy_for;
                     }
+                    state.interval = (state.interval * 3 / 2).min(LONGEST_POLL);
+                    state.next_poll = if state.settles == settles {
+                        now + jittered(state.interval)
+                    } else {
+                        now
+                    };
                 }
             }
         }

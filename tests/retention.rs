@@ -149,3 +149,54 @@ async fn the_header_is_opt_in_and_can_be_renamed() {
     assert_eq!(seconds(&fresh, "x-key-retention"), Some(86_400));
     assert!(!fresh.headers.contains_key("idempotency-ttl"));
 }
+
+/// A body of one chunk that does not say its length: the layer streams it.
+struct Unsized(Option<Bytes>);
+
+impl http_body::Body for Unsized {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.take().map(|data| Ok(http_body::Frame::data(data))))
+    }
+}
+
+/// A streamed response is sent before it is stored, so it carries no
+/// promise; its replay does, counted from the TTL it was stored for. A
+/// record stored while the header was off gets none when it is turned on:
+/// no guess.
+#[tokio::test]
+async fn no_promise_before_it_is_known() {
+    let backend = MemoryBackend::new();
+    let streaming = IdempotencyLayer::new(backend.clone())
+        .retention_header()
+        .layer(tower::service_fn(|_req: InnerReq| async {
+            let mut res = Response::new(Unsized(Some(Bytes::from_static(b"streamed"))));
+            *res.status_mut() = StatusCode::CREATED;
+            Ok::<_, std::convert::Infallible>(res)
+        }));
+    let key = unique("streamed");
+    let fresh = send(&mut streaming.clone(), post("/p", Some(&key), "{}")).await;
+    assert_eq!(
+        (fresh.status, &fresh.body[..]),
+        (StatusCode::CREATED, &b"streamed"[..])
+    );
+    assert!(!fresh.headers.contains_key("idempotency-ttl"));
+    let replay = send(&mut streaming.clone(), post("/p", Some(&key), "{}")).await;
+    assert!(replay.replayed());
+    assert!(seconds(&replay, "idempotency-ttl").unwrap() <= 86_400);
+
+    let off = IdempotencyLayer::new(backend.clone()).layer(handler());
+    let on = IdempotencyLayer::new(backend)
+        .retention_header()
+        .layer(handler());
+    let key = unique("stored-off");
+    send(&mut off.clone(), post("/p", Some(&key), "{}")).await;
+    let replay = send(&mut on.clone(), post("/p", Some(&key), "{}")).await;
+    assert!(replay.replayed());
+    assert!(!replay.headers.contains_key("idempotency-ttl"));
+}

@@ -349,3 +349,81 @@ async fn a_dropped_poller_hands_its_role_on() {
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
     assert_eq!(runs.get(), 1);
 }
+
+/// Polls that fail (the backend went away while the duplicate waited) never
+/// run the handler, not even with fail-open: the key was busy a moment ago.
+/// The wait backs off through the outage and replays once the backend
+/// answers again.
+#[tokio::test(start_paused = true)]
+async fn failed_polls_never_run_the_handler() {
+    let runs = Runs::default();
+    let memory = MemoryBackend::new();
+    let handler = slow_payment(runs.clone(), Duration::from_millis(600));
+    let holder = IdempotencyLayer::new(memory.clone()).layer(handler.clone());
+    let flaky = common::Flaky {
+        inner: memory,
+        ..common::Flaky::default()
+    };
+    let fail_begin = Arc::clone(&flaky.fail_begin);
+    let waiters = IdempotencyLayer::new(flaky)
+        .wait_for_in_flight(WAIT)
+        .fail_open()
+        .layer(handler);
+    let first = {
+        let mut holder = holder.clone();
+        tokio::spawn(async move { send(&mut holder, post("/p", Some("\"outage\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let waiting = {
+        let mut svc = waiters.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"outage\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    fail_begin.store(true, Ordering::SeqCst);
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(runs.get(), 1, "a failed poll ran the handler");
+    fail_begin.store(false, Ordering::SeqCst);
+    let waited = waiting.await.unwrap();
+    assert_eq!(
+        (waited.status, waited.replayed()),
+        (StatusCode::CREATED, true)
+    );
+    assert_eq!(runs.get(), 1);
+}
+
+/// Rooms close with their last waiter, on a multi-threaded runtime where a
+/// local holder wakes many at once: a room left behind would keep the
+/// stored response and hand it to a later wait on the same key (here after
+/// `forget`, when the key runs again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rooms_close_with_their_last_waiter() {
+    let runs = Runs::default();
+    let backend = MemoryBackend::new();
+    let svc = IdempotencyLayer::new(backend.clone())
+        .wait_for_in_flight(WAIT)
+        .layer(slow_payment(runs.clone(), Duration::from_millis(300)));
+    for round in 1..=3 {
+        let first = {
+            let mut svc = svc.clone();
+            tokio::spawn(async move { send(&mut svc, post("/p", Some("\"rooms\""), "{}")).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let mut svc = svc.clone();
+            tasks.spawn(async move { send(&mut svc, post("/p", Some("\"rooms\""), "{}")).await });
+        }
+        let expected = format!("payment {round}");
+        assert_eq!(first.await.unwrap().body, expected);
+        for a in tasks.join_all().await {
+            assert_eq!(a.body, expected, "round {round}: a stale replay");
+        }
+        let scope = tower_idempotency::ScopeValue::anonymous();
+        let key =
+            tower_idempotency::IdempotencyKey::parse(&http::HeaderValue::from_static("\"rooms\""))
+                .unwrap();
+        assert!(backend.forget(&StorageKey::derive(&scope, &key)));
+    }
+    assert_eq!(runs.get(), 3);
+}

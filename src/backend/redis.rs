@@ -951,8 +951,6 @@ fn collect_info_policies(value: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// Milliseconds for `PX` / `PEXPIRE`, within [`MAX_TTL`](crate::MAX_TTL)
-/// (Redis refuses expiries past its clock's range).
 /// How long a key's last fencing token is kept after its lock's TTL (ms):
 /// long enough to outlast a server clock that stepped back.
 const FENCE_OUTLIVES_LOCK_MS: u64 = 10 * 60 * 1000;
@@ -972,6 +970,8 @@ fn parse_fence(value: &Value) -> Result<FencingToken, BackendError> {
         .ok_or_else(|| unexpected("begin (fencing token)"))
 }
 
+/// Milliseconds for `PX` / `PEXPIRE`, within [`MAX_TTL`](crate::MAX_TTL)
+/// (Redis refuses expiries past its clock's range).
 fn millis(d: Duration) -> u64 {
     u64::try_from(crate::config::clamp_ttl(d).as_millis())
         .unwrap_or(u64::MAX)
