@@ -318,7 +318,24 @@ impl<B> IdempotencyLayer<B> {
     /// (25 ms growing to 500 ms, jittered) per key and process, however many
     /// requests wait — and hold no backend connection between polls. A
     /// holder in the same process wakes them the moment it stores or
-    /// releases. A shutdown ends the waits at once with the `409`.
+    /// releases. A shutdown ends the waits at once with the `409`. A poll
+    /// that fails counts as busy: the wait goes on, and never runs the
+    /// handler, not even with [`fail_open`](Self::fail_open).
+    ///
+    /// Why polling, and not Redis pub/sub or keyspace notifications, or
+    /// PostgreSQL's `LISTEN`/`NOTIFY`: the poll is the `begin` every backend
+    /// already has, so it works the same on Redis, on each PostgreSQL mode,
+    /// on the memory backend and on a backend of your own; it needs no
+    /// connection kept open per instance, no server configuration
+    /// (keyspace notifications need `notify-keyspace-events`, which managed
+    /// Redis services often refuse) and works behind PgBouncer's
+    /// transaction mode, where `LISTEN` does not; and it adds nothing to
+    /// requests that do not wait (a `NOTIFY` on every store would serialise
+    /// PostgreSQL's commits). Its cost is bounded per key and process, not
+    /// per waiter: about seven polls over a 600 ms wait whether one or a
+    /// thousand requests wait (see `BENCHMARKS.md`). A duplicate on another
+    /// instance sees the response at its room's next poll: at most 625 ms
+    /// (500 ms and its jitter) after it was stored.
     ///
     /// ```
     /// use std::time::Duration;
