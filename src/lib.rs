@@ -128,6 +128,17 @@
 //! - Your own: implement [`Backend`]; the crate's conformance suite
 //!   (`tests/conformance/`) states the semantics.
 //!
+//! The Redis and PostgreSQL constructors take pools of the `deadpool-redis`
+//! and `deadpool-postgres` versions this crate was built with. They are
+//! re-exported as `tower_idempotency::deadpool_redis`
+//! and `tower_idempotency::deadpool_postgres`, with the client crates they
+//! re-export in turn (`deadpool_redis::redis`,
+//! `deadpool_postgres::tokio_postgres`): build the pool through them and it
+//! is of the type the constructor expects, whatever versions your own
+//! dependencies name. This release pins `deadpool-redis` 0.23 (`redis` 1)
+//! and `deadpool-postgres` 0.14 (`tokio-postgres` 0.7); a release that moves
+//! to another minor version of either says so in its changelog.
+//!
 //! # How a request is handled
 //!
 //! 1. Methods other than `POST` and `PATCH` (configurable with
@@ -464,6 +475,41 @@ pub use backend::redis::{RedisBackend, RedisBackendBuilder, RedisLock};
 pub use backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 pub use body::IdempotencyBody;
 pub use config::{MAX_TTL, OnDisconnect, Persist, ServerErrors, Unstorable};
+/// The `deadpool-postgres` this crate's PostgreSQL backend takes its pool
+/// from (with `tokio-postgres` as `deadpool_postgres::tokio_postgres`).
+///
+/// ```no_run
+/// use tower_idempotency::deadpool_postgres::{Config, Runtime};
+/// use tower_idempotency::deadpool_postgres::tokio_postgres::NoTls;
+/// use tower_idempotency::PostgresBackend;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let config = Config { url: Some("postgres://postgres@127.0.0.1/test".into()), ..Config::default() };
+/// let backend = PostgresBackend::new(config.create_pool(Some(Runtime::Tokio1), NoTls)?);
+/// # let _ = backend;
+/// # Ok(())
+/// # }
+/// ```
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use deadpool_postgres;
+/// The `deadpool-redis` this crate's Redis backend takes its pool from
+/// (with `redis` as `deadpool_redis::redis`).
+///
+/// ```no_run
+/// use tower_idempotency::deadpool_redis::{Config, Runtime};
+/// use tower_idempotency::RedisBackend;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let pool = Config::from_url("redis://127.0.0.1:6379").create_pool(Some(Runtime::Tokio1))?;
+/// let backend = RedisBackend::new(pool);
+/// # let _ = backend;
+/// # Ok(())
+/// # }
+/// ```
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use deadpool_redis;
 #[cfg(feature = "axum")]
 pub use extract::MissingIdempotencyKey;
 pub use fence::FencingToken;

@@ -170,7 +170,7 @@ async fn begin_sees_the_record_committed_just_before_its_lock() {
                 backend.release(lock).await.unwrap();
                 panic!("{mode}: a begin took the key although its record was committed");
             }
-            other => panic!("{mode}: {other:?}"),
+            other @ Begin::Busy { .. } => panic!("{mode}: {other:?}"),
         }
     }
     admin
@@ -621,7 +621,7 @@ async fn freed_within_seconds(backend: &PostgresBackend, key: &StorageKey) {
         {
             Begin::Acquired(lock) => return backend.release(lock).await.unwrap(),
             Begin::Busy { .. } => {}
-            other => panic!("{other:?}"),
+            other @ Begin::Completed(_) => panic!("{other:?}"),
         }
         assert!(
             std::time::Instant::now() < deadline,
@@ -1459,7 +1459,7 @@ async fn a_lease_extension_in_flight_keeps_other_modes_out() {
         match begin.await.unwrap().unwrap() {
             Begin::Busy { .. } => {}
             Begin::Acquired(_) => panic!("{mode}: took a key whose lease was being extended"),
-            other => panic!("{mode}: {other:?}"),
+            other @ Begin::Completed(_) => panic!("{mode}: {other:?}"),
         }
         lease.release(held).await.unwrap();
     }

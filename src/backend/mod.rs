@@ -54,7 +54,6 @@ use crate::{BoxError, FencingToken, Fingerprint, Record, StorageKey};
 ///         assert_eq!(saved, Completion::Saved);
 ///     }
 ///     Begin::Completed(_) | Begin::Busy { .. } => unreachable!("the key is new"),
-///     _ => unreachable!(),
 /// }
 /// // The next `begin` finds the record.
 /// assert!(matches!(backend.begin(&key, &fp, ttl).await?, Begin::Completed(r) if r.body == "ok"));
@@ -62,7 +61,6 @@ use crate::{BoxError, FencingToken, Fingerprint, Record, StorageKey};
 /// # }
 /// ```
 #[derive(Debug)]
-#[non_exhaustive]
 pub enum Begin<L> {
     /// Nothing was stored and nobody held the key: the caller now holds it
     /// and must pass the lock to [`Backend::complete`] or [`Backend::release`].
@@ -88,13 +86,13 @@ pub enum Begin<L> {
 ///     match completion {
 ///         Completion::Saved => "stored",
 ///         Completion::Lost => "lock lost; nothing written",
-///         _ => "other",
+///         Completion::NotKept => "a \"not kept\" marker stored",
+///         Completion::Aborted => "the handler's transaction failed; nothing stored",
 ///     }
 /// }
 /// assert_eq!(log(Completion::Lost), "lock lost; nothing written");
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Completion {
     /// The record is stored and the lock released.
     Saved,
@@ -120,14 +118,78 @@ pub enum Completion {
 
 /// A storage backend for idempotency records and in-flight locks.
 ///
-/// Implementations must make `begin` atomic per key: of many concurrent
-/// `begin` calls on a free key, exactly one returns [`Begin::Acquired`].
-/// A record stored by `complete` must be visible to every `begin` that starts
-/// after `complete` returned, and `complete` must store only while the lock
-/// it is given is still the current holder of the key.
+/// # The contract
+///
+/// A key is, at any moment, in one of three states: **free**, **held** by
+/// one lock (until the lock's expiry), or **completed** with a record (until
+/// the record's expiry). Every rule below is what the layer relies on for
+/// "the handler runs once"; the crate's conformance suite checks them.
+///
+/// - **`begin` is atomic per key.** It looks the key up and, if it is free,
+///   holds it, in one indivisible step: of any number of concurrent `begin`
+///   calls on a free key (from any number of processes sharing the store)
+///   exactly one returns [`Begin::Acquired`]; the others see
+///   [`Begin::Busy`] (or the record, once stored). `Busy::retry_after` is at
+///   most the time until the holder's lock expires; the layer sends it as
+///   `Retry-After`.
+/// - **Visibility.** A record stored by `complete` is returned by every
+///   `begin` that starts after `complete` returned `Ok`, on every process.
+/// - **Expiry.** A record is returned until its `ttl` has passed and never
+///   after (the key is then free); a lock not extended expires `lock_ttl`
+///   after `begin` (or after its last `extend`), and the key is then free
+///   for the next `begin`. Durations up to [`MAX_TTL`](crate::MAX_TTL) must
+///   be accepted (shorten longer ones to it), never refused.
+/// - **Lapse.** `complete` stores only while its lock is still the key's
+///   current, unexpired holder. A lock that expired makes `complete` return
+///   [`Completion::Lost`] and write nothing, *even if nobody took the key
+///   over*; `extend` of such a lock returns `Ok(false)`; `release` of it
+///   does nothing and never touches a newer holder's lock.
+/// - **Fencing.** [`fencing_token`](Self::fencing_token), if the backend
+///   gives one, is larger than the token of every lock granted on the same
+///   key before it — after a release, a lapse, or an expired record too.
+/// - **Cancellation.** The future of every method may be dropped at any
+///   `.await` (the client left, a timeout fired, the runtime shut down).
+///   A dropped `begin` must not leave a lock nobody holds for longer than
+///   its `lock_ttl` (better: release it at once, as the built-in backends
+///   do); a dropped `complete` has stored the whole record or nothing, and
+///   its lock is released or left to expire; a dropped `release` or
+///   `extend` leaves the lock as it was or as asked. Nothing may be half
+///   written.
+/// - **Errors.** A method that fails returns a [`BackendError`] whose
+///   [`kind`](BackendError::kind) decides the layer's answer (below). `begin`
+///   must not fail after it has taken the key without releasing it (or
+///   leaving it to expire); `complete` that fails must not have stored a
+///   record it reports as not stored — if it cannot know, the layer treats
+///   the outcome as unknown and never answers the client as if nothing was
+///   done.
+/// - **`extend`.** `Ok(true)`: the lock now expires `lock_ttl` from now.
+///   `Ok(false)`: it was lost; the layer stops extending and will not store
+///   (the handler's response still reaches its client). `Err`: the layer
+///   logs it and tries again at the next heartbeat (every `lock_ttl / 3`),
+///   so one failed extension does not lose the lock.
+/// - **`abandon`** is called from `Drop`, outside any `.await`: it must not
+///   block. It should free the key soon (the default spawns `release`); if
+///   it cannot, the lock must still expire after `lock_ttl`.
+///
+/// What the layer answers for each error kind, on `begin` (on `complete`,
+/// the handler has run: the client gets its response, and the key is
+/// released or left to expire):
+///
+/// | [`BackendErrorKind`] | answer |
+/// |---|---|
+/// | `Unavailable`, `Timeout`, `Rejected`, `Misconfigured`, `Other` | `503` with `Retry-After` (or the handler unprotected with [`fail_open`](crate::IdempotencyLayer::fail_open)) |
+/// | `Corrupt` | `500` ([stored response unreadable](crate::problem#stored-response-unreadable)); never runs the handler, not even fail-open |
+/// | `Incompatible` | `503` ([stored response incompatible](crate::problem#stored-response-incompatible)); never runs the handler, not even fail-open |
+///
+/// [`Begin`] and [`Completion`] are exhaustive: they are the protocol
+/// between a backend and the layer, so a new variant is a breaking change
+/// (a major version), and a backend or wrapper that matches them is told by
+/// the compiler about every case. [`BackendErrorKind`] stays
+/// `#[non_exhaustive]`: a kind this crate does not know is answered like
+/// `Other`.
 ///
 /// A backend that wraps another one, here to count lookups; a backend of your
-/// own (a different database, say) implements the same five methods.
+/// own (a different database, say) implements the same methods.
 ///
 /// ```
 /// use std::sync::Arc;
