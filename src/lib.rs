@@ -125,8 +125,10 @@
 //!   lock (the fewest writes), or a transaction the handler writes through
 //!   and that commits with the record (`RequestTransaction`). See the
 //!   `backend::postgres` module.
-//! - Your own: implement [`Backend`]; the crate's conformance suite
-//!   (`tests/conformance/`) states the semantics.
+//! - Your own: implement [`Backend`] as its documentation says, and check it
+//!   with the conformance suite (feature `conformance`): one call runs every
+//!   case of the contract against your backend and reports each failure by
+//!   name.
 //!
 //! The Redis and PostgreSQL constructors take pools of the `deadpool-redis`
 //! and `deadpool-postgres` versions this crate was built with. They are
@@ -442,6 +444,9 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub mod backend;
 mod body;
 mod config;
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod extract;

@@ -121,8 +121,15 @@ async fn session_mode_pooler_works_in_advisory_mode() {
         .build()
         .unwrap();
     backend.migrate().await.unwrap();
-    conformance::complete_stores_and_unlocks(backend.clone()).await;
-    conformance::concurrent_begin_has_one_winner(backend).await;
+    conformance::run_only(
+        backend,
+        conformance::Locks::Session,
+        &[
+            "complete_stores_and_unlocks",
+            "concurrent_begin_has_one_winner",
+        ],
+    )
+    .await;
 }
 
 fn behind(bouncer: &PgBouncer, mode: PostgresMode) -> PostgresBackend {
