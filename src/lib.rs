@@ -477,6 +477,8 @@ pub use backend::postgres::{
 };
 #[cfg(feature = "redis")]
 pub use backend::redis::{RedisBackend, RedisBackendBuilder, RedisLock};
+#[cfg(feature = "sqlite")]
+pub use backend::sqlite::{SqliteBackend, SqliteBackendBuilder, SqliteLock};
 pub use backend::{Backend, BackendError, BackendErrorKind, Begin, Completion};
 pub use body::IdempotencyBody;
 pub use config::{MAX_TTL, OnDisconnect, Persist, ServerErrors, Unstorable};
