@@ -331,3 +331,33 @@ async fn a_dropped_begin_releases_its_lease_at_once() {
         }
     }
 }
+
+/// The fault cases that apply to a file (the network ones do not): three
+/// instances on one key, and retries with cancellations.
+mod faults {
+    use super::*;
+    use common::faults::{self, report, tag};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn same_key_across_three_instances() {
+        let db = TempDb::new("faults-same");
+        let mut instances = Vec::new();
+        for _ in 0..3 {
+            instances.push(SqliteBackend::open(db.path()).await.unwrap());
+        }
+        let instances: [SqliteBackend; 3] = instances.try_into().unwrap();
+        let counts = faults::same_key_across_instances(instances, &tag("sqlite-same")).await;
+        report("sqlite: 200 same-key requests, 3 instances", counts);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn retries_and_cancellations() {
+        let db = TempDb::new("faults-mix");
+        let backend = SqliteBackend::open(db.path()).await.unwrap();
+        let counts = faults::retries_and_cancellations(backend, &tag("sqlite-mix")).await;
+        report(
+            "sqlite: 1000 requests, 50 keys, retries and cancellations",
+            counts,
+        );
+    }
+}
