@@ -5,7 +5,8 @@
 //! Run with `scripts/load.sh [seconds] [connections]` (it builds the
 //! examples and the peers first). Configurations: `none`
 //! (`IDEMPOTENCY=off`), `memory`, `redis` (`REDIS_URL`, default
-//! 127.0.0.1:6379), `postgres`, `postgres-prepared`, `postgres-advisory`
+//! 127.0.0.1:6379), `sqlite` (a file in the temporary directory, removed
+//! after), `postgres`, `postgres-prepared`, `postgres-advisory`
 //! and `postgres-transaction` (the `PG_MODE`s, and lease mode with
 //! `PG_PREPARED=1`; `DATABASE_URL`, default the `test` database on
 //! 127.0.0.1:5432), and the same handler behind the peer crates
@@ -106,6 +107,8 @@ enum Cost {
     None,
     Redis(String),
     Postgres(String),
+    /// A SQLite file (with its WAL files), removed before and after.
+    File(PathBuf),
 }
 
 #[derive(Default)]
@@ -385,7 +388,7 @@ async fn main() {
     let mut costs = Vec::new();
     for config in &configs {
         match &config.cost {
-            Cost::None => {}
+            Cost::None | Cost::File(_) => {}
             Cost::Redis(url) => costs.push(redis_cost(config, url).await),
             Cost::Postgres(url) => costs.push(postgres_cost(config, url).await),
         }
@@ -529,6 +532,8 @@ const PG_POOL_SIZE: &str = "20";
 /// Every configuration, in the order they run.
 fn configs(redis_url: String, database_url: String) -> Vec<Config> {
     let examples = examples_dir();
+    let sqlite_path =
+        std::env::temp_dir().join(format!("tower-idempotency-load-{}.sqlite3", std::process::id()));
     let peers = peers_dir();
     let before = std::env::var_os("LOAD_BEFORE_BIN").map(|bin| Config {
         name: "memory-before",
@@ -559,6 +564,12 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
                 ("REDIS_PREFIX", REDIS_PREFIX.to_owned()),
             ],
             cost: Cost::Redis(redis_url),
+        },
+        Config {
+            name: "sqlite",
+            bin: examples.join("payments_sqlite"),
+            env: vec![("SQLITE_PATH", sqlite_path.display().to_string())],
+            cost: Cost::File(sqlite_path),
         },
         Config {
             name: "postgres",
@@ -630,6 +641,13 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
 async fn clean(config: &Config) {
     match &config.cost {
         Cost::None => {}
+        Cost::File(path) => {
+            for suffix in ["", "-wal", "-shm"] {
+                let mut file = path.clone().into_os_string();
+                file.push(suffix);
+                let _ = std::fs::remove_file(file);
+            }
+        }
         Cost::Redis(url) => {
             let client = redis::Client::open(url.as_str()).expect("REDIS_URL");
             let mut conn = client

@@ -18,8 +18,8 @@ dir="target/before-$short"
 [ -d "$dir" ] || git worktree add --detach "$dir" "$rev" >/dev/null
 cargo build --release --example payments --manifest-path "$dir/Cargo.toml" \
     --target-dir target/before-build
-cargo build --release --features redis,postgres --examples
+cargo build --release --features redis,postgres,sqlite --examples
 LOAD_BEFORE_BIN="$PWD/target/before-build/release/examples/payments" \
 LOAD_CONFIGS="${LOAD_CONFIGS:-none,memory,memory-before}" \
 LOAD_MODES="${LOAD_MODES:-fresh,replay,nokey}" \
-    cargo bench --features redis,postgres --bench load -- "$@"
+    cargo bench --features redis,postgres,sqlite --bench load -- "$@"
