@@ -5,8 +5,9 @@
 //! Run with `scripts/load.sh [seconds] [connections]` (it builds the
 //! examples and the peers first). Configurations: `none`
 //! (`IDEMPOTENCY=off`), `memory`, `redis` (`REDIS_URL`, default
-//! 127.0.0.1:6379), `sqlite` (a file in the temporary directory, removed
-//! after), `postgres`, `postgres-prepared`, `postgres-advisory`
+//! 127.0.0.1:6379), `sqlite` and `sqlite-relaxed` (`synchronous = FULL`
+//! and `NORMAL`; files in the temporary directory, removed after),
+//! `postgres`, `postgres-prepared`, `postgres-advisory`
 //! and `postgres-transaction` (the `PG_MODE`s, and lease mode with
 //! `PG_PREPARED=1`; `DATABASE_URL`, default the `test` database on
 //! 127.0.0.1:5432), and the same handler behind the peer crates
@@ -529,11 +530,38 @@ async fn measure_one(
 /// run side by side against a server that accepts 100.
 const PG_POOL_SIZE: &str = "20";
 
+/// The SQLite configurations: `synchronous = FULL` (the default) and
+/// `NORMAL`, each on a file of its own in the temporary directory.
+fn sqlite_configs(examples: &std::path::Path) -> Vec<Config> {
+    let file = |tag: &str| {
+        std::env::temp_dir().join(format!(
+            "tower-idempotency-load{tag}-{}.sqlite3",
+            std::process::id()
+        ))
+    };
+    let (sqlite_path, relaxed_path) = (file(""), file("-relaxed"));
+    vec![
+        Config {
+            name: "sqlite",
+            bin: examples.join("payments_sqlite"),
+            env: vec![("SQLITE_PATH", sqlite_path.display().to_string())],
+            cost: Cost::File(sqlite_path),
+        },
+        Config {
+            name: "sqlite-relaxed",
+            bin: examples.join("payments_sqlite"),
+            env: vec![
+                ("SQLITE_PATH", relaxed_path.display().to_string()),
+                ("SQLITE_SYNCHRONOUS", "normal".to_owned()),
+            ],
+            cost: Cost::File(relaxed_path),
+        },
+    ]
+}
+
 /// Every configuration, in the order they run.
 fn configs(redis_url: String, database_url: String) -> Vec<Config> {
     let examples = examples_dir();
-    let sqlite_path =
-        std::env::temp_dir().join(format!("tower-idempotency-load-{}.sqlite3", std::process::id()));
     let peers = peers_dir();
     let before = std::env::var_os("LOAD_BEFORE_BIN").map(|bin| Config {
         name: "memory-before",
@@ -564,12 +592,6 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
                 ("REDIS_PREFIX", REDIS_PREFIX.to_owned()),
             ],
             cost: Cost::Redis(redis_url),
-        },
-        Config {
-            name: "sqlite",
-            bin: examples.join("payments_sqlite"),
-            env: vec![("SQLITE_PATH", sqlite_path.display().to_string())],
-            cost: Cost::File(sqlite_path),
         },
         Config {
             name: "postgres",
@@ -632,6 +654,12 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
             cost: Cost::None,
         },
     ];
+    // After Redis, in the order the tables list the backends.
+    let after_redis = configs
+        .iter()
+        .position(|c| c.name == "redis")
+        .map_or(0, |i| i + 1);
+    configs.splice(after_redis..after_redis, sqlite_configs(&examples));
     configs.extend(before);
     configs
 }

@@ -16,7 +16,10 @@
 //! `GET /payments` show what each one ran.)
 //!
 //! Environment: `SQLITE_PATH` (the file; default
-//! `payments-idempotency.sqlite3` in the working directory), `ADDR`,
+//! `payments-idempotency.sqlite3` in the working directory),
+//! `SQLITE_SYNCHRONOUS` (`full`, the default: every stored record is on
+//! disk before it is answered; `normal`: fewer flushes, a record may be lost
+//! with the machine but not with the process), `ADDR`,
 //! `PAYMENT_DELAY_MS`, `IDEMPOTENCY_FINGERPRINT`, `IDEMPOTENCY_WAIT_MS`,
 //! `IDEMPOTENCY_RETENTION_HEADER`, `SHUTDOWN_GRACE_SECS`, `RUST_LOG` and
 //! `IDEMPOTENCY=off` as in `payments`.
@@ -32,7 +35,13 @@ use tower_idempotency::{IdempotencyLayer, SqliteBackend};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path =
         std::env::var("SQLITE_PATH").unwrap_or_else(|_| "payments-idempotency.sqlite3".to_owned());
-    let backend = SqliteBackend::open(&path).await?;
+    let mut builder = SqliteBackend::builder(&path);
+    match std::env::var("SQLITE_SYNCHRONOUS").as_deref() {
+        Err(_) | Ok("full") => {}
+        Ok("normal") => builder = builder.relaxed_durability(),
+        Ok(other) => return Err(format!("SQLITE_SYNCHRONOUS={other:?}: use full or normal").into()),
+    }
+    let backend = builder.open().await?;
     // Expired rows are never answered; deleting them keeps the file small.
     let purging = backend.clone();
     tokio::spawn(async move {

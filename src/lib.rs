@@ -125,6 +125,10 @@
 //!   lock (the fewest writes), or a transaction the handler writes through
 //!   and that commits with the record (`RequestTransaction`). See the
 //!   `backend::postgres` module.
+//! - `SqliteBackend` (feature `sqlite`): records and leases in one SQLite
+//!   file (WAL), shared by the processes of one host and kept across
+//!   restarts; built on this crate's public API alone. See the
+//!   `backend::sqlite` module.
 //! - Your own: implement [`Backend`] as its documentation says, and check it
 //!   with the conformance suite (feature `conformance`): one call runs every
 //!   case of the contract against your backend and reports each failure by

@@ -11,8 +11,9 @@
 //! 4. [`extend`](Backend::extend): push the lock's expiry further out (the
 //!    layer's heartbeat while a slow handler runs).
 //!
-//! The crate's own conformance suite (`tests/conformance/`) checks those
-//! semantics and runs unchanged against every backend.
+//! [`Backend`] states the whole contract; the conformance suite (feature
+//! `conformance`, `tower_idempotency::conformance`) checks it against any
+//! backend with one call, and every backend of this crate runs it unchanged.
 
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod late;

@@ -14,9 +14,8 @@
 //! ```
 //!
 //! It is written against this crate's public API only, as a backend of
-//! your own would be: the [`Backend`] contract and
-//! [`RecordCodec`], checked by the published
-//! [conformance suite](crate::backend#the-contract).
+//! your own would be: the [`Backend`] contract and [`RecordCodec`], checked
+//! by the published conformance suite (feature `conformance`).
 //!
 //! # What it keeps, and how
 //!
@@ -96,6 +95,11 @@ struct Inner {
     idle: Mutex<Vec<Connection>>,
     /// Bounds the connections in use to `max_connections`.
     permits: tokio::sync::Semaphore,
+    /// One write at a time from this process: SQLite runs one anyway, and
+    /// writers queued here do not spin in its busy handler (which sleeps
+    /// up to tens of milliseconds between tries). Other processes' writes
+    /// still meet the busy timeout.
+    writer: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for SqliteBackend {
@@ -192,6 +196,7 @@ impl SqliteBackendBuilder {
                 busy_timeout: self.busy_timeout,
                 max_connections: self.max_connections,
                 idle: Mutex::default(),
+                writer: tokio::sync::Mutex::new(()),
             }),
         };
         backend.call(|conn| conn.execute_batch(sql::SCHEMA)).await?;
@@ -228,7 +233,7 @@ impl SqliteBackend {
     ///
     /// A [`BackendError`] as for every call.
     pub async fn purge_expired(&self, limit: usize) -> Result<u64, BackendError> {
-        self.call(move |conn| sql::purge(conn, limit)).await
+        self.write(move |conn| sql::purge(conn, limit)).await
     }
 
     /// Deletes the record stored for `key` (not a lease in flight), so the
@@ -293,6 +298,62 @@ impl SqliteBackend {
         task.await.map_err(|e| {
             BackendError::new(BackendErrorKind::Other, "a SQLite call panicked").with_source(e)
         })?
+    }
+
+    /// Takes a free key in a write transaction; a lease taken for a caller
+    /// that is gone (the future dropped while the statement ran) is
+    /// released.
+    async fn take(
+        &self,
+        key: &StorageKey,
+        fp: [u8; 32],
+        lock_ttl: Duration,
+    ) -> Result<Found, BackendError> {
+        let _writing = self.inner.writer.lock().await;
+        let _permit = self
+            .inner
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| BackendError::new(BackendErrorKind::Other, "backend closed"))?;
+        let key_bytes = *key.as_bytes();
+        let inner = Arc::clone(&self.inner);
+        let task = tokio::task::spawn_blocking(move || {
+            let mut conn = Self::connect(&inner).map_err(|e| map_error(&inner.path, e))?;
+            let found = sql::take(&mut conn, &key_bytes, &fp, lock_ttl)
+                .map_err(|e| map_error(&inner.path, e));
+            if found.is_ok() {
+                inner
+                    .idle
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(conn);
+            }
+            found
+        });
+        let mut unclaimed = Unclaimed {
+            backend: Some(self.clone()),
+            task: Some(task),
+            key: *key,
+        };
+        let found = match unclaimed.task.as_mut() {
+            Some(task) => task.await,
+            None => return Err(BackendError::new(BackendErrorKind::Other, "no task")),
+        };
+        unclaimed.backend = None;
+        found.map_err(|e| {
+            BackendError::new(BackendErrorKind::Other, "a SQLite call panicked").with_source(e)
+        })?
+    }
+
+    /// [`call`](Self::call) for a write: one at a time from this process.
+    async fn write<T, F>(&self, work: F) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let _writing = self.inner.writer.lock().await;
+        self.call(work).await
     }
 
     fn decode(&self, blob: &[u8]) -> Result<Record, BackendError> {
@@ -370,41 +431,13 @@ impl Backend for SqliteBackend {
         fingerprint: &Fingerprint,
         lock_ttl: Duration,
     ) -> Result<Begin<SqliteLock>, BackendError> {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| BackendError::new(BackendErrorKind::Other, "backend closed"))?;
         let (key_bytes, fp) = (*key.as_bytes(), *fingerprint.as_bytes());
-        let lock_ttl = bounded(lock_ttl);
-        let inner = Arc::clone(&self.inner);
-        let task = tokio::task::spawn_blocking(move || {
-            let mut conn = Self::connect(&inner).map_err(|e| map_error(&inner.path, e))?;
-            let found = sql::begin(&mut conn, &key_bytes, &fp, lock_ttl)
-                .map_err(|e| map_error(&inner.path, e));
-            if found.is_ok() {
-                inner
-                    .idle
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(conn);
-            }
-            found
-        });
-        let mut unclaimed = Unclaimed {
-            backend: Some(self.clone()),
-            task: Some(task),
-            key: *key,
+        // A replay, or a key in flight: one read, beside the writer.
+        let peeked = self.call(move |conn| sql::peek(conn, &key_bytes)).await?;
+        let found = match peeked {
+            Some(found) => found,
+            None => self.take(key, fp, bounded(lock_ttl)).await?,
         };
-        let found = match unclaimed.task.as_mut() {
-            Some(task) => task.await,
-            None => return Err(BackendError::new(BackendErrorKind::Other, "no task")),
-        };
-        unclaimed.backend = None;
-        let found = found.map_err(|e| {
-            BackendError::new(BackendErrorKind::Other, "a SQLite call panicked").with_source(e)
-        })??;
         Ok(match found {
             Found::Record(blob) => Begin::Completed(self.decode(&blob)?),
             Found::Busy(expires_at) => Begin::Busy {
@@ -441,19 +474,20 @@ impl Backend for SqliteBackend {
         );
         let ttl = bounded(ttl);
         let stored = self
-            .call(move |conn| sql::complete(conn, &key, token, &fp, &blob, ttl))
+            .write(move |conn| sql::complete(conn, &key, token, &fp, &blob, ttl))
             .await?;
         Ok(if stored { completion } else { Completion::Lost })
     }
 
     async fn release(&self, lock: SqliteLock) -> Result<(), BackendError> {
         let (key, token) = (*lock.key.as_bytes(), lock.token);
-        self.call(move |conn| sql::release(conn, &key, token)).await
+        self.write(move |conn| sql::release(conn, &key, token))
+            .await
     }
 
     async fn extend(&self, lock: &SqliteLock, lock_ttl: Duration) -> Result<bool, BackendError> {
         let (key, token, lock_ttl) = (*lock.key.as_bytes(), lock.token, bounded(lock_ttl));
-        self.call(move |conn| sql::extend(conn, &key, token, lock_ttl))
+        self.write(move |conn| sql::extend(conn, &key, token, lock_ttl))
             .await
     }
 

@@ -91,17 +91,20 @@ fn look(conn: &Connection, key: &[u8], now: i64) -> rusqlite::Result<Option<Foun
     })
 }
 
-/// Looks the key up; if it is free, takes it in a write transaction that
-/// looks again (another process may have taken it since).
-pub(super) fn begin(
+/// A live row of `key` now, without taking the write lock (a replay, a
+/// key in flight).
+pub(super) fn peek(conn: &Connection, key: &[u8]) -> rusqlite::Result<Option<Found>> {
+    look(conn, key, now_ms())
+}
+
+/// Takes the key if it is still free, in a write transaction that looks
+/// again (another process may have taken it since the peek).
+pub(super) fn take(
     conn: &mut Connection,
     key: &[u8],
     fingerprint: &[u8],
     lock_ttl: Duration,
 ) -> rusqlite::Result<Found> {
-    if let Some(found) = look(conn, key, now_ms())? {
-        return Ok(found);
-    }
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // The clock is read under the write lock: every lease and record this
     // transaction compares with was written before it.
