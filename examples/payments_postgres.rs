@@ -58,6 +58,9 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde::Deserialize;
+// The pool crates through the crate's re-export: the pool is of the type
+// the backend takes.
+use tower_idempotency::deadpool_postgres::{self, tokio_postgres};
 use tower_idempotency::{IdempotencyLayer, PostgresBackend, PostgresMode, RequestTransaction};
 
 #[tokio::main]

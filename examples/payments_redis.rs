@@ -23,13 +23,14 @@ mod payments_app;
 
 use std::time::Duration;
 
+use tower_idempotency::deadpool_redis::{Config, Runtime};
 use tower_idempotency::{IdempotencyLayer, RedisBackend};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-    let pool =
-        deadpool_redis::Config::from_url(url).create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+    // Through the crate's re-export: the pool is of the type it takes.
+    let pool = Config::from_url(url).create_pool(Some(Runtime::Tokio1))?;
     let backend = match std::env::var("REDIS_PREFIX") {
         Ok(prefix) => RedisBackend::builder(pool).prefix(prefix).build()?,
         Err(_) => RedisBackend::new(pool),
