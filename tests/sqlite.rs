@@ -297,22 +297,31 @@ async fn a_process_killed_mid_handler_leaves_the_key_free_after_the_lease() {
     }
 }
 
-/// A `begin` dropped while its statement runs (the client left) releases
-/// the lease its blocking task took, at once: the key does not wait out a
-/// minute-long lock.
+/// A `begin` dropped while its write waits (the client left, a timeout
+/// fired) gives back the lease it takes, at once: the key does not wait out
+/// a minute-long lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_begin_releases_its_lease_at_once() {
     let db = TempDb::new("dropped");
-    let backend = SqliteBackend::open(db.path()).await.unwrap();
+    let backend = SqliteBackend::builder(db.path())
+        .busy_timeout(Duration::from_secs(10))
+        .open()
+        .await
+        .unwrap();
     let fp = conformance::fingerprint(3);
     let long = Duration::from_mins(1);
-    for _ in 0..20 {
+    for _ in 0..3 {
         let key = conformance::fresh_key();
-        tokio::select! {
-            biased;
-            _ = backend.begin(&key, &fp, long) => {}
-            () = std::future::ready(()) => {}
-        }
+        // Another process holds the write lock: the begin's write waits.
+        let holder = rusqlite::Connection::open(db.path()).unwrap();
+        holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(300), backend.begin(&key, &fp, long)).await;
+        assert!(
+            dropped.is_err(),
+            "the begin did not wait for the write lock"
+        );
+        holder.execute_batch("COMMIT").unwrap();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         loop {
             match backend.begin(&key, &fp, long).await.unwrap() {
@@ -359,5 +368,15 @@ mod faults {
             "sqlite: 1000 requests, 50 keys, retries and cancellations",
             counts,
         );
+    }
+}
+
+/// An in-memory database would be private to each pooled connection: it
+/// is refused with a clear error.
+#[tokio::test]
+async fn an_in_memory_database_is_refused() {
+    for path in ["", ":memory:", "file::memory:?cache=shared"] {
+        let error = SqliteBackend::open(path).await.unwrap_err();
+        assert_eq!(error.kind(), BackendErrorKind::Misconfigured, "{path:?}");
     }
 }

@@ -68,6 +68,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 use rusqlite::ffi::ErrorCode;
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 // Only what the crate exports: this backend is built the way a backend in
 // another crate would be.
@@ -91,15 +92,34 @@ struct Inner {
     busy_timeout: Duration,
     synchronous: &'static str,
     max_connections: usize,
-    /// Idle connections; at most `max_connections` are open at once.
+    /// Idle connections, at most `max_connections`.
     idle: Mutex<Vec<Connection>>,
-    /// Bounds the connections in use to `max_connections`.
-    permits: tokio::sync::Semaphore,
+    /// Bounds the connections in use to `max_connections`. A permit is
+    /// held by the blocking task, so a cancelled call keeps it until its
+    /// statement ends.
+    permits: Arc<Semaphore>,
     /// One write at a time from this process: SQLite runs one anyway, and
     /// writers queued here do not spin in its busy handler (which sleeps
-    /// up to tens of milliseconds between tries). Other processes' writes
-    /// still meet the busy timeout.
-    writer: tokio::sync::Mutex<()>,
+    /// up to tens of milliseconds between tries). Held by the blocking
+    /// task, like a permit; waited for at most the busy timeout. Other
+    /// processes' writes still meet SQLite's busy timeout.
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// Which calls queue behind this process's writer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Queue {
+    /// Writes that may wait their turn.
+    Writer,
+    /// Reads, and the heartbeat's `extend` (it must not wait behind a
+    /// queue of stores until its lock lapses).
+    Direct,
+}
+
+/// What a blocking task holds until its statement ends.
+struct Slots {
+    _permit: OwnedSemaphorePermit,
+    _writing: Option<OwnedMutexGuard<()>>,
 }
 
 impl fmt::Debug for SqliteBackend {
@@ -187,19 +207,32 @@ impl SqliteBackendBuilder {
     /// or created, is not a database, or is corrupt; another
     /// [`BackendError`] as for every call.
     pub async fn open(self) -> Result<SqliteBackend, BackendError> {
+        let name = self.path.as_os_str();
+        if name.is_empty()
+            || name == ":memory:"
+            || name.to_string_lossy().starts_with("file::memory:")
+        {
+            // Each pooled connection would get a database of its own.
+            return Err(BackendError::new(
+                BackendErrorKind::Misconfigured,
+                "an in-memory SQLite database is private to one connection; give a file path",
+            ));
+        }
         let backend = SqliteBackend {
             inner: Arc::new(Inner {
                 synchronous: if self.relaxed { "NORMAL" } else { "FULL" },
-                permits: tokio::sync::Semaphore::new(self.max_connections),
+                permits: Arc::new(Semaphore::new(self.max_connections)),
                 path: self.path,
                 codec: self.codec,
                 busy_timeout: self.busy_timeout,
                 max_connections: self.max_connections,
                 idle: Mutex::default(),
-                writer: tokio::sync::Mutex::new(()),
+                writer: Arc::new(tokio::sync::Mutex::new(())),
             }),
         };
-        backend.call(|conn| conn.execute_batch(sql::SCHEMA)).await?;
+        backend
+            .call(Queue::Writer, |conn| conn.execute_batch(sql::SCHEMA))
+            .await?;
         Ok(backend)
     }
 }
@@ -233,7 +266,8 @@ impl SqliteBackend {
     ///
     /// A [`BackendError`] as for every call.
     pub async fn purge_expired(&self, limit: usize) -> Result<u64, BackendError> {
-        self.write(move |conn| sql::purge(conn, limit)).await
+        self.call(Queue::Writer, move |conn| sql::purge(conn, limit))
+            .await
     }
 
     /// Deletes the record stored for `key` (not a lease in flight), so the
@@ -244,7 +278,7 @@ impl SqliteBackend {
     /// A [`BackendError`] as for every call.
     pub async fn forget(&self, key: &StorageKey) -> Result<bool, BackendError> {
         let key = *key;
-        self.call(move |conn| sql::forget(conn, key.as_bytes()))
+        self.call(Queue::Writer, move |conn| sql::forget(conn, key.as_bytes()))
             .await
     }
 
@@ -269,91 +303,113 @@ impl SqliteBackend {
         Ok(conn)
     }
 
-    /// Runs `work` on a pooled connection in a blocking task.
-    async fn call<T, F>(&self, work: F) -> Result<T, BackendError>
+    /// The slots a call on `queue` needs: this process's writer turn (for
+    /// at most the busy timeout) and a connection permit.
+    async fn slots(&self, queue: Queue) -> Result<Slots, BackendError> {
+        let writing = match queue {
+            Queue::Direct => None,
+            Queue::Writer => {
+                let turn = Arc::clone(&self.inner.writer).lock_owned();
+                Some(
+                    tokio::time::timeout(self.inner.busy_timeout, turn)
+                        .await
+                        .map_err(|_| {
+                            BackendError::new(
+                                BackendErrorKind::Timeout,
+                                format!(
+                                    "SQLite file {}: this process's writes queued past the busy timeout",
+                                    self.inner.path.display()
+                                ),
+                            )
+                        })?,
+                )
+            }
+        };
+        let permit = Arc::clone(&self.inner.permits)
+            .acquire_owned()
+            .await
+            .map_err(|_| BackendError::new(BackendErrorKind::Other, "backend closed"))?;
+        Ok(Slots {
+            _permit: permit,
+            _writing: writing,
+        })
+    }
+
+    /// Runs `work` on a pooled connection in a blocking task that holds
+    /// `slots` until it ends.
+    fn blocking<T, F>(
+        inner: Arc<Inner>,
+        slots: Slots,
+        work: F,
+    ) -> tokio::task::JoinHandle<Result<T, BackendError>>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| BackendError::new(BackendErrorKind::Other, "backend closed"))?;
-        let inner = Arc::clone(&self.inner);
-        let task = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
+            let _slots = slots;
             let mut conn = Self::connect(&inner).map_err(|e| map_error(&inner.path, e))?;
             let done = work(&mut conn).map_err(|e| map_error(&inner.path, e));
-            // A connection that failed is closed, not reused.
-            if done.is_ok() {
-                inner
-                    .idle
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(conn);
+            // A connection that failed, or is left inside a transaction, is
+            // closed, not reused.
+            if done.is_ok() && conn.is_autocommit() {
+                let mut idle = inner.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                if idle.len() < inner.max_connections {
+                    idle.push(conn);
+                }
             }
             done
-        });
-        task.await.map_err(|e| {
-            BackendError::new(BackendErrorKind::Other, "a SQLite call panicked").with_source(e)
-        })?
+        })
     }
 
-    /// Takes a free key in a write transaction; a lease taken for a caller
-    /// that is gone (the future dropped while the statement ran) is
-    /// released.
+    /// Runs `work` on a pooled connection in a blocking task.
+    async fn call<T, F>(&self, queue: Queue, work: F) -> Result<T, BackendError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let slots = self.slots(queue).await?;
+        Self::blocking(Arc::clone(&self.inner), slots, work)
+            .await
+            .map_err(panicked)?
+    }
+
+    /// Takes a free key in a write transaction. If the caller is gone by
+    /// the time the lease is written (its future dropped while the
+    /// statement ran), the lease is given back at once: by the task itself,
+    /// or from the dropped future through [`Backend::abandon`].
     async fn take(
         &self,
         key: &StorageKey,
         fp: [u8; 32],
         lock_ttl: Duration,
     ) -> Result<Found, BackendError> {
-        let _writing = self.inner.writer.lock().await;
-        let _permit = self
-            .inner
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| BackendError::new(BackendErrorKind::Other, "backend closed"))?;
+        let slots = self.slots(Queue::Writer).await?;
         let key_bytes = *key.as_bytes();
-        let inner = Arc::clone(&self.inner);
-        let task = tokio::task::spawn_blocking(move || {
-            let mut conn = Self::connect(&inner).map_err(|e| map_error(&inner.path, e))?;
-            let found = sql::take(&mut conn, &key_bytes, &fp, lock_ttl)
-                .map_err(|e| map_error(&inner.path, e));
-            if found.is_ok() {
-                inner
-                    .idle
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .push(conn);
-            }
-            found
-        });
+        let claim = Arc::new(Mutex::new(Claim::Waiting));
+        let task = {
+            let claim = Arc::clone(&claim);
+            Self::blocking(Arc::clone(&self.inner), slots, move |conn| {
+                let found = sql::take(conn, &key_bytes, &fp, lock_ttl)?;
+                if let Found::Acquired(token) = found {
+                    let mut claim = claim.lock().unwrap_or_else(PoisonError::into_inner);
+                    if *claim == Claim::Gone {
+                        sql::release(conn, &key_bytes, token)?;
+                    } else {
+                        *claim = Claim::Taken(token);
+                    }
+                }
+                Ok(found)
+            })
+        };
         let mut unclaimed = Unclaimed {
             backend: Some(self.clone()),
-            task: Some(task),
+            claim,
             key: *key,
         };
-        let found = match unclaimed.task.as_mut() {
-            Some(task) => task.await,
-            None => return Err(BackendError::new(BackendErrorKind::Other, "no task")),
-        };
+        let found = task.await.map_err(panicked)?;
         unclaimed.backend = None;
-        found.map_err(|e| {
-            BackendError::new(BackendErrorKind::Other, "a SQLite call panicked").with_source(e)
-        })?
-    }
-
-    /// [`call`](Self::call) for a write: one at a time from this process.
-    async fn write<T, F>(&self, work: F) -> Result<T, BackendError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
-    {
-        let _writing = self.inner.writer.lock().await;
-        self.call(work).await
+        found
     }
 
     fn decode(&self, blob: &[u8]) -> Result<Record, BackendError> {
@@ -395,31 +451,46 @@ fn map_error(path: &Path, error: rusqlite::Error) -> BackendError {
     BackendError::new(kind, format!("SQLite file {file} {what}: {error}")).with_source(error)
 }
 
-/// Releases the lease a `begin` took if its caller is gone before it
-/// learned of it (the future was dropped while the statement ran).
+/// Whether a `take` still has a caller to hand its lease to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Claim {
+    /// The statement runs; the caller waits.
+    Waiting,
+    /// The caller is gone: the task gives a lease back itself.
+    Gone,
+    /// The lease is written, under this token.
+    Taken(i64),
+}
+
+/// Gives back the lease of a `take` whose caller is gone (the `begin`
+/// future was dropped while the statement ran), unless disarmed.
 struct Unclaimed {
     backend: Option<SqliteBackend>,
-    task: Option<tokio::task::JoinHandle<Result<Found, BackendError>>>,
+    claim: Arc<Mutex<Claim>>,
     key: StorageKey,
 }
 
 impl Drop for Unclaimed {
     fn drop(&mut self) {
-        let (Some(backend), Some(task)) = (self.backend.take(), self.task.take()) else {
+        let Some(backend) = self.backend.take() else {
             return;
         };
-        let key = self.key;
-        // The default `abandon` is this crate's way to run a release from
-        // a synchronous context (and a graceful shutdown waits for it).
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        runtime.spawn(async move {
-            if let Ok(Ok(Found::Acquired(token))) = task.await {
-                backend.abandon(SqliteLock { key, token });
-            }
-        });
+        let mut claim = self.claim.lock().unwrap_or_else(PoisonError::into_inner);
+        match *claim {
+            // Released here, while the dropped request is still being
+            // dropped: a graceful shutdown counts the release it spawns.
+            Claim::Taken(token) => backend.abandon(SqliteLock {
+                key: self.key,
+                token,
+            }),
+            Claim::Waiting => *claim = Claim::Gone,
+            Claim::Gone => {}
+        }
     }
+}
+
+fn panicked(error: tokio::task::JoinError) -> BackendError {
+    BackendError::new(BackendErrorKind::Other, "a SQLite call panicked").with_source(error)
 }
 
 impl Backend for SqliteBackend {
@@ -433,7 +504,9 @@ impl Backend for SqliteBackend {
     ) -> Result<Begin<SqliteLock>, BackendError> {
         let (key_bytes, fp) = (*key.as_bytes(), *fingerprint.as_bytes());
         // A replay, or a key in flight: one read, beside the writer.
-        let peeked = self.call(move |conn| sql::peek(conn, &key_bytes)).await?;
+        let peeked = self
+            .call(Queue::Direct, move |conn| sql::peek(conn, &key_bytes))
+            .await?;
         let found = match peeked {
             Some(found) => found,
             None => self.take(key, fp, bounded(lock_ttl)).await?,
@@ -474,21 +547,25 @@ impl Backend for SqliteBackend {
         );
         let ttl = bounded(ttl);
         let stored = self
-            .write(move |conn| sql::complete(conn, &key, token, &fp, &blob, ttl))
+            .call(Queue::Writer, move |conn| {
+                sql::complete(conn, &key, token, &fp, &blob, ttl)
+            })
             .await?;
         Ok(if stored { completion } else { Completion::Lost })
     }
 
     async fn release(&self, lock: SqliteLock) -> Result<(), BackendError> {
         let (key, token) = (*lock.key.as_bytes(), lock.token);
-        self.write(move |conn| sql::release(conn, &key, token))
+        self.call(Queue::Writer, move |conn| sql::release(conn, &key, token))
             .await
     }
 
     async fn extend(&self, lock: &SqliteLock, lock_ttl: Duration) -> Result<bool, BackendError> {
         let (key, token, lock_ttl) = (*lock.key.as_bytes(), lock.token, bounded(lock_ttl));
-        self.write(move |conn| sql::extend(conn, &key, token, lock_ttl))
-            .await
+        self.call(Queue::Direct, move |conn| {
+            sql::extend(conn, &key, token, lock_ttl)
+        })
+        .await
     }
 
     /// The lease's token: drawn from the file's counter, which grows with

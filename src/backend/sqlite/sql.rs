@@ -16,7 +16,7 @@ CREATE TABLE IF NOT EXISTS idempotency_records (
     record BLOB,
     lock_token INTEGER,
     expires_at INTEGER NOT NULL
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS idempotency_records_expires_at
     ON idempotency_records (expires_at);
 CREATE TABLE IF NOT EXISTS idempotency_fence (
@@ -121,15 +121,18 @@ pub(super) fn take(
 
 /// Stores `blob` while the lease `token` holds `key`; whether it did.
 pub(super) fn complete(
-    conn: &Connection,
+    conn: &mut Connection,
     key: &[u8],
     token: i64,
     fingerprint: &[u8],
     blob: &[u8],
     ttl: Duration,
 ) -> rusqlite::Result<bool> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Read under the write lock: a lease that lapsed while this write
+    // waited for the lock is seen as lapsed.
     let now = now_ms();
-    let stored = conn.prepare_cached(COMPLETE)?.execute(params![
+    let stored = tx.prepare_cached(COMPLETE)?.execute(params![
         key,
         token,
         fingerprint,
@@ -137,6 +140,7 @@ pub(super) fn complete(
         after(now, ttl),
         now
     ])?;
+    tx.commit()?;
     Ok(stored == 1)
 }
 
@@ -146,15 +150,17 @@ pub(super) fn release(conn: &Connection, key: &[u8], token: i64) -> rusqlite::Re
 }
 
 pub(super) fn extend(
-    conn: &Connection,
+    conn: &mut Connection,
     key: &[u8],
     token: i64,
     lock_ttl: Duration,
 ) -> rusqlite::Result<bool> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let now = now_ms();
     let kept =
-        conn.prepare_cached(EXTEND)?
+        tx.prepare_cached(EXTEND)?
             .execute(params![key, token, after(now, lock_ttl), now])?;
+    tx.commit()?;
     Ok(kept == 1)
 }
 
