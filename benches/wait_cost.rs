@@ -7,7 +7,7 @@
 //! rooms. Counts do not move with the machine's load; the latency column
 //! (from the holder's answer to the last duplicate's) does.
 //!
-//! `cargo bench --bench wait_cost --features redis,postgres` with the
+//! `cargo bench --bench wait_cost --features redis,postgres,sqlite` with the
 //! servers the tests use (`REDIS_URL`, `DATABASE_URL`). Figures in
 //! BENCHMARKS.md.
 
@@ -26,7 +26,7 @@ use tower::{Layer, Service, ServiceExt};
 use tower_idempotency::{
     Backend, BackendError, Begin, Completion, FencingToken, Fingerprint, IdempotencyBody,
     IdempotencyLayer, MemoryBackend, PostgresBackend, PostgresMode, Record, RedisBackend,
-    StorageKey,
+    SqliteBackend, StorageKey,
 };
 
 const HOLD: Duration = Duration::from_millis(600);
@@ -220,6 +220,21 @@ async fn main() {
             backend
         })
         .await;
+    }
+    let sqlite_path = std::env::temp_dir().join(format!(
+        "tower-idempotency-wait-cost-{}.sqlite3",
+        std::process::id()
+    ));
+    table("sqlite", async || {
+        SqliteBackend::open(&sqlite_path)
+            .await
+            .expect("sqlite backend")
+    })
+    .await;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = sqlite_path.clone().into_os_string();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
     }
     // The keys expire with their records; the bench table is dropped.
     let config = deadpool_postgres::Config {

@@ -1,4 +1,5 @@
-//! `wait_for_in_flight` across instances on the real Redis and PostgreSQL:
+//! `wait_for_in_flight` across instances on the real Redis and PostgreSQL,
+//! and on a SQLite file two backends share:
 //! 20 duplicates of a 600 ms request split over two instances (two pools,
 //! two backends, two layers) all get the same `201` and the handler runs
 //! once; waiting requests hold no pooled connection.
@@ -12,7 +13,7 @@ use std::time::Duration;
 use common::{Answer, Runs, post, send, slow_payment};
 use http::StatusCode;
 use tower::Layer;
-use tower_idempotency::{Backend, IdempotencyLayer, PostgresMode, RedisBackend};
+use tower_idempotency::{Backend, IdempotencyLayer, PostgresMode, RedisBackend, SqliteBackend};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -69,6 +70,27 @@ async fn redis_twenty_duplicates_over_two_instances_get_one_answer() {
             .unwrap()
     };
     twenty_duplicates(make().await, make().await, "wait-redis").await;
+}
+
+/// Two processes' backends on one SQLite file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_twenty_duplicates_over_two_instances_get_one_answer() {
+    let path = std::env::temp_dir().join(format!(
+        "tower-idempotency-wait-{}-{}.sqlite3",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let a = SqliteBackend::open(&path).await.unwrap();
+    let b = SqliteBackend::open(&path).await.unwrap();
+    twenty_duplicates(a, b, "wait-sqlite").await;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.clone().into_os_string();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
 }
 
 /// In every mode. Instance `b` has a pool of two connections for its ten
