@@ -360,6 +360,12 @@
 //! - **Expiry.** A response is replayed until its TTL ends (at most
 //!   [`MAX_TTL`]; longer TTLs are shortened to it); after that the key is free
 //!   and the next request runs the handler.
+//! - **The SQLite backend keeps its records across restarts.** A record is
+//!   on disk (`synchronous = FULL`) before its response is answered, so it
+//!   survives the process and the machine crashing (with
+//!   `relaxed_durability()`, the process only); processes on one host share
+//!   the file, and a process killed mid-handler leaves a lease that lapses
+//!   after `lock_ttl`.
 //! - **[`MemoryBackend`] forgets no young record.** A record is kept at least
 //!   its [`min_retention`](MemoryBackendBuilder::min_retention)
 //!   (one hour by default) and up to its TTL while memory allows; when the
