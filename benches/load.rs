@@ -24,7 +24,9 @@
 //! `LOAD_ROUNDS=n` repeats that whole sequence `n` times, each round starting
 //! the configurations at another one, and reports, per configuration and
 //! mode, the median of the rounds (req/s, latencies, CPU) and the sums of the
-//! counts.
+//! counts. "vs none" is the ratio to the baseline measured in the same round
+//! and mode (neighbouring runs, so the machine's drift between rounds
+//! cancels out), as the median of the rounds with their range.
 //!
 //! `LOAD_BEFORE_BIN=<path>` adds the configuration `memory-before`: another
 //! build of the memory example (an earlier version of the crate, built by
@@ -132,6 +134,9 @@ struct Row {
     replayed: u64,
     handler_runs: u64,
     server_cpu_us_per_req: Option<f64>,
+    /// req/s over the `none` configuration's in the same round and mode,
+    /// one per round.
+    ratios: Vec<f64>,
 }
 
 fn peers_dir() -> PathBuf {
@@ -462,6 +467,22 @@ async fn measure(
             }
         }
     }
+    // Each round's ratio to the baseline measured in that same round and
+    // mode: the machine's state drifts between rounds, and a ratio of two
+    // neighbouring runs drifts less than either figure.
+    if let Some(base) = configs.iter().position(|c| c.name == "none") {
+        for m in 0..modes.len() {
+            let base_rps: Vec<f64> = rows[m * configs.len() + base]
+                .iter()
+                .map(|r| r.rps)
+                .collect();
+            for c in 0..configs.len() {
+                for (row, base) in rows[m * configs.len() + c].iter_mut().zip(&base_rps) {
+                    row.ratios = vec![row.rps / base];
+                }
+            }
+        }
+    }
     rows.into_iter().map(median_row).collect()
 }
 
@@ -476,7 +497,12 @@ fn median_row(mut rounds: Vec<Row>) -> Row {
     let p50_us = median(rounds.iter().map(|r| r.p50_us).collect());
     let p99_us = median(rounds.iter().map(|r| r.p99_us).collect());
     let cpu: Option<Vec<f64>> = rounds.iter().map(|r| r.server_cpu_us_per_req).collect();
+    let ratios: Vec<f64> = rounds
+        .iter()
+        .flat_map(|r| r.ratios.iter().copied())
+        .collect();
     let mut row = rounds.pop().expect("at least one round");
+    row.ratios = ratios;
     for other in &rounds {
         row.conflict += other.conflict;
         row.other += other.other;
@@ -523,6 +549,7 @@ async fn measure_one(
         replayed: out.replayed,
         handler_runs: runs,
         server_cpu_us_per_req: cpu.map(|c| c.as_secs_f64() * 1e6 / requests),
+        ratios: Vec::new(),
     }
 }
 
@@ -940,6 +967,18 @@ async fn postgres_cost(config: &Config, url: &str) -> String {
 }
 
 /// The results as a markdown table, each mode against its `none` baseline.
+/// The median of the per-round ratios, and their range when there were
+/// several rounds: `0.62x (0.60–0.65)`.
+fn ratio_cell(ratios: &[f64]) -> String {
+    let mut sorted = ratios.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.as_slice() {
+        [] => "-".to_owned(),
+        [one] => format!("{one:.2}x"),
+        [low, .., high] => format!("{:.2}x ({low:.2}–{high:.2})", sorted[sorted.len() / 2]),
+    }
+}
+
 fn print_table(rows: &[Row], modes: &[Mode], connections: usize) {
     println!();
     println!(
@@ -948,12 +987,8 @@ fn print_table(rows: &[Row], modes: &[Mode], connections: usize) {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
 
     for &mode in modes {
-        let base = rows
-            .iter()
-            .find(|r| r.mode == mode && r.config == "none")
-            .map(|r| r.rps);
         for row in rows.iter().filter(|r| r.mode == mode) {
-            let ratio = base.map_or_else(|| "-".to_owned(), |b| format!("{:.2}x", row.rps / b));
+            let ratio = ratio_cell(&row.ratios);
             let cpu = row
                 .server_cpu_us_per_req
                 .map_or_else(|| "-".to_owned(), |c| format!("{c:.0} µs"));
