@@ -427,3 +427,44 @@ async fn rooms_close_with_their_last_waiter() {
     }
     assert_eq!(runs.get(), 3);
 }
+
+/// A handler that panics on its first run and answers `201` after.
+fn panics_first(runs: Runs, delay: Duration) -> impl common::Handler {
+    tower::service_fn(move |_req: common::InnerReq| {
+        let n = runs.bump();
+        async move {
+            tokio::time::sleep(delay).await;
+            assert!(n != 1, "the first run fails");
+            let mut res = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                format!("run {n}"),
+            )));
+            *res.status_mut() = StatusCode::CREATED;
+            Ok(res)
+        }
+    })
+}
+
+/// The request in flight panics (its lock is abandoned, released in the
+/// background): the waiting duplicate is woken and takes the key within a
+/// few short polls, not at a poll up to 500 ms later.
+#[tokio::test(start_paused = true)]
+async fn an_abandoned_key_is_taken_by_a_waiter_promptly() {
+    let runs = Runs::default();
+    let svc = IdempotencyLayer::new(MemoryBackend::new())
+        .wait_for_in_flight(WAIT)
+        .layer(panics_first(runs.clone(), Duration::from_millis(1500)));
+    let first = {
+        let mut svc = svc.clone();
+        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"abandoned\""), "{}")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let started = tokio::time::Instant::now();
+    let waiter = send(&mut svc.clone(), post("/p", Some("\"abandoned\""), "{}")).await;
+    let _ = first.await;
+    assert_eq!(waiter.status, StatusCode::CREATED);
+    assert_eq!(waiter.body, "run 2");
+    // 1.5 s for the first run, then the second run's 1.5 s: the key was
+    // taken within 100 ms of the panic.
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_millis(3100), "{elapsed:?}");
+}
