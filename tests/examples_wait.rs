@@ -14,14 +14,6 @@ const ENV: [(&str, &str); 3] = [
     ("IDEMPOTENCY_RETENTION_HEADER", "1"),
 ];
 
-fn unique(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("\"{tag}-{nanos}\"")
-}
-
 async fn twenty_duplicates(example: &str, instances: usize, extra: &[(&str, &str)]) {
     let env: Vec<(&str, &str)> = ENV.iter().chain(extra).copied().collect();
     let mut servers = Vec::new();
@@ -29,7 +21,7 @@ async fn twenty_duplicates(example: &str, instances: usize, extra: &[(&str, &str
         servers.push(common::spawn_example(example, &env).await);
     }
     let addrs: Vec<_> = servers.iter().map(|(_, addr)| *addr).collect();
-    let key = unique(example);
+    let key = common::unique_key(example);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..20 {
         let addr = addrs[i % addrs.len()];

@@ -39,15 +39,6 @@ fn app<B: Backend>(backend: B) -> Router {
         .layer(IdempotencyLayer::new(backend))
 }
 
-/// A key no earlier run used (records outlive a test run on the servers).
-fn unique(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("\"{tag}-{nanos}\"")
-}
-
 async fn fence_answered(app: &Router, key: &str) -> (StatusCode, u64) {
     let answer = common::send(&mut app.clone(), common::post("/payments", Some(key), "{}")).await;
     let text = std::str::from_utf8(&answer.body).unwrap();
@@ -75,12 +66,16 @@ async fn handler_sees_a_growing_fence<B: Backend>(backend: B, key: &str) {
 
 #[tokio::test]
 async fn memory_handler_sees_a_growing_fence() {
-    handler_sees_a_growing_fence(MemoryBackend::new(), &unique("fence-memory")).await;
+    handler_sees_a_growing_fence(MemoryBackend::new(), &common::unique_key("fence-memory")).await;
 }
 
 #[tokio::test]
 async fn redis_handler_sees_a_growing_fence() {
-    handler_sees_a_growing_fence(redis_support::backend().await, &unique("fence-redis")).await;
+    handler_sees_a_growing_fence(
+        redis_support::backend().await,
+        &common::unique_key("fence-redis"),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -90,7 +85,7 @@ async fn postgres_handler_sees_a_growing_fence_in_every_mode() {
         PostgresMode::Advisory,
         PostgresMode::Transaction,
     ] {
-        let key = unique(&format!("fence-pg-{mode:?}"));
+        let key = common::unique_key(&format!("fence-pg-{mode:?}"));
         handler_sees_a_growing_fence(postgres_support::backend_in(mode).await, &key).await;
     }
 }

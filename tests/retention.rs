@@ -36,14 +36,6 @@ fn handler() -> impl common::Handler {
     })
 }
 
-fn unique(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("\"{tag}-{nanos}\"")
-}
-
 fn seconds(answer: &Answer, name: &str) -> Option<u64> {
     answer
         .headers
@@ -64,7 +56,7 @@ async fn every_answer_says_how_long_the_key_is_kept<B: Backend>(backend: B, tag:
 
     // Fresh and stored: the TTL. Replayed: what is left of it, counted
     // from when the response was recorded.
-    let key = unique(&format!("{tag}-stored"));
+    let key = common::unique_key(&format!("{tag}-stored"));
     let fresh = call(key.clone(), "{}").await;
     assert_eq!(fresh.status, StatusCode::CREATED);
     assert_eq!(seconds(&fresh, header), Some(TTL.as_secs()));
@@ -83,20 +75,20 @@ async fn every_answer_says_how_long_the_key_is_kept<B: Backend>(backend: B, tag:
     assert!(seconds(&mismatch, header).unwrap() <= left);
 
     // A response kept for its own TTL: announced and counted down from it.
-    let key = unique(&format!("{tag}-short"));
+    let key = common::unique_key(&format!("{tag}-short"));
     assert_eq!(seconds(&call(key.clone(), "short").await, header), Some(60));
     let replay = call(key, "short").await;
     assert!(replay.replayed());
     assert!(seconds(&replay, header).unwrap() <= 60);
 
     // Not stored: 0, a retry runs again.
-    let key = unique(&format!("{tag}-fail"));
+    let key = common::unique_key(&format!("{tag}-fail"));
     let failed = call(key, "fail").await;
     assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert_eq!(seconds(&failed, header), Some(0));
 
     // In flight: the TTL its response will be kept for.
-    let key = unique(&format!("{tag}-busy"));
+    let key = common::unique_key(&format!("{tag}-busy"));
     let first = tokio::spawn(call(key.clone(), "slow"));
     tokio::time::sleep(Duration::from_millis(150)).await;
     let busy = call(key, "slow").await;
@@ -129,13 +121,17 @@ async fn the_header_is_opt_in_and_can_be_renamed() {
         .retention_header()
         .layer(handler());
     let off = IdempotencyLayer::new(backend.clone()).layer(handler());
-    let key = unique("opt-in");
+    let key = common::unique_key("opt-in");
     let fresh = send(&mut on.clone(), post("/p", Some(&key), "{}")).await;
     assert!(fresh.headers.contains_key("idempotency-ttl"));
     let replay = send(&mut off.clone(), post("/p", Some(&key), "{}")).await;
     assert!(replay.replayed());
     assert!(!replay.headers.contains_key("idempotency-ttl"));
-    let fresh = send(&mut off.clone(), post("/p", Some(&unique("off")), "{}")).await;
+    let fresh = send(
+        &mut off.clone(),
+        post("/p", Some(&common::unique_key("off")), "{}"),
+    )
+    .await;
     assert!(!fresh.headers.contains_key("idempotency-ttl"));
 
     let renamed = IdempotencyLayer::new(backend)
@@ -143,7 +139,7 @@ async fn the_header_is_opt_in_and_can_be_renamed() {
         .layer(handler());
     let fresh = send(
         &mut renamed.clone(),
-        post("/p", Some(&unique("renamed")), "{}"),
+        post("/p", Some(&common::unique_key("renamed")), "{}"),
     )
     .await;
     assert_eq!(seconds(&fresh, "x-key-retention"), Some(86_400));
@@ -179,7 +175,7 @@ async fn no_promise_before_it_is_known() {
             *res.status_mut() = StatusCode::CREATED;
             Ok::<_, std::convert::Infallible>(res)
         }));
-    let key = unique("streamed");
+    let key = common::unique_key("streamed");
     let fresh = send(&mut streaming.clone(), post("/p", Some(&key), "{}")).await;
     assert_eq!(
         (fresh.status, &fresh.body[..]),
@@ -194,7 +190,7 @@ async fn no_promise_before_it_is_known() {
     let on = IdempotencyLayer::new(backend)
         .retention_header()
         .layer(handler());
-    let key = unique("stored-off");
+    let key = common::unique_key("stored-off");
     send(&mut off.clone(), post("/p", Some(&key), "{}")).await;
     let replay = send(&mut on.clone(), post("/p", Some(&key), "{}")).await;
     assert!(replay.replayed());

@@ -5,44 +5,14 @@
 mod common;
 mod conformance;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use common::{Runs, post, send, slow_payment};
+use common::{Runs, TempDb, post, send, slow_payment};
 use http::StatusCode;
 use tower::Layer;
 use tower_idempotency::{
     Backend, BackendErrorKind, Begin, Completion, IdempotencyLayer, SqliteBackend,
 };
-
-/// A file of its own for one test, removed (with its WAL files) on drop.
-struct TempDb(PathBuf);
-
-impl TempDb {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        Self(std::env::temp_dir().join(format!(
-            "tower-idempotency-{tag}-{}-{nanos}.sqlite3",
-            std::process::id()
-        )))
-    }
-    fn path(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDb {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut path = self.0.clone().into_os_string();
-            path.push(suffix);
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_conformance_suite_passes() {

@@ -83,6 +83,25 @@ impl<B: Backend> Backend for Counted<B> {
 
 const WAIT: Duration = Duration::from_secs(5);
 
+/// Sends `POST /p` with `key` and `body` through a clone of `svc` in a task
+/// of its own: a request in flight.
+fn in_flight<S, B>(
+    svc: &S,
+    key: &'static str,
+    body: &'static str,
+) -> tokio::task::JoinHandle<Answer>
+where
+    S: tower::Service<common::Req, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body + Send,
+    B::Data: Send,
+    B::Error: std::fmt::Debug,
+{
+    let mut svc = svc.clone();
+    tokio::spawn(async move { send(&mut svc, post("/p", Some(key), body)).await })
+}
+
 /// 20 duplicates of a 600 ms request, split over two layers (two instances:
 /// each has its own waiting rooms and only sees the other's result by
 /// polling), all get the same `201`; the handler runs once.
@@ -125,10 +144,7 @@ async fn a_thousand_waiters_poll_as_one() {
     let waiters = IdempotencyLayer::new(backend.clone())
         .wait_for_in_flight(WAIT)
         .layer(handler);
-    let first = {
-        let mut holder = holder.clone();
-        tokio::spawn(async move { send(&mut holder, post("/p", Some("\"thousand\""), "{}")).await })
-    };
+    let first = in_flight(&holder, "\"thousand\"", "{}");
     tokio::time::sleep(Duration::from_millis(5)).await;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..1000 {
@@ -157,10 +173,7 @@ async fn the_bound_ends_the_wait_with_409() {
     let svc = IdempotencyLayer::new(MemoryBackend::new())
         .wait_for_in_flight(Duration::from_millis(300))
         .layer(slow_payment(runs.clone(), Duration::from_secs(3)));
-    let first = {
-        let mut svc = svc.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"bound\""), "{}")).await })
-    };
+    let first = in_flight(&svc, "\"bound\"", "{}");
     tokio::time::sleep(Duration::from_millis(1)).await;
     let started = tokio::time::Instant::now();
     let answer = send(&mut svc.clone(), post("/p", Some("\"bound\""), "{}")).await;
@@ -181,10 +194,7 @@ async fn the_bound_ends_the_wait_with_409() {
 async fn without_the_setting_a_duplicate_is_answered_at_once() {
     let svc = IdempotencyLayer::new(MemoryBackend::new())
         .layer(slow_payment(Runs::default(), Duration::from_secs(3)));
-    let _first = {
-        let mut svc = svc.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"nowait\""), "{}")).await })
-    };
+    let _first = in_flight(&svc, "\"nowait\"", "{}");
     tokio::time::sleep(Duration::from_millis(1)).await;
     let started = tokio::time::Instant::now();
     let answer = send(&mut svc.clone(), post("/p", Some("\"nowait\""), "{}")).await;
@@ -192,21 +202,31 @@ async fn without_the_setting_a_duplicate_is_answered_at_once() {
     assert_eq!(started.elapsed(), Duration::ZERO);
 }
 
-/// A handler that answers `500` on its first run (not stored: the key is
-/// released) and `201` after, each after `delay`.
-fn fails_first(runs: Runs, delay: Duration) -> impl common::Handler {
+/// How a [`first_run_fails`] handler's first run ends.
+#[derive(Clone, Copy)]
+enum Failure {
+    /// `500`: not stored, the key is released.
+    ServerError,
+    /// A panic: the lock is abandoned.
+    Panic,
+}
+
+/// A handler whose first run fails as `failure` says and whose later runs
+/// answer `201` with `run <n>`, each after `delay`.
+fn first_run_fails(runs: Runs, delay: Duration, failure: Failure) -> impl common::Handler {
     tower::service_fn(move |_req: common::InnerReq| {
         let n = runs.bump();
         async move {
             tokio::time::sleep(delay).await;
+            let status = match (n, failure) {
+                (1, Failure::Panic) => panic!("the first run fails"),
+                (1, Failure::ServerError) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::CREATED,
+            };
             let mut res = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
                 format!("run {n}"),
             )));
-            *res.status_mut() = if n == 1 {
-                StatusCode::INTERNAL_SERVER_ERROR
-            } else {
-                StatusCode::CREATED
-            };
+            *res.status_mut() = status;
             Ok(res)
         }
     })
@@ -220,11 +240,12 @@ async fn a_released_key_is_taken_by_a_waiter() {
     let runs = Runs::default();
     let svc = IdempotencyLayer::new(MemoryBackend::new())
         .wait_for_in_flight(WAIT)
-        .layer(fails_first(runs.clone(), Duration::from_millis(400)));
-    let first = {
-        let mut svc = svc.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"released\""), "{}")).await })
-    };
+        .layer(first_run_fails(
+            runs.clone(),
+            Duration::from_millis(400),
+            Failure::ServerError,
+        ));
+    let first = in_flight(&svc, "\"released\"", "{}");
     tokio::time::sleep(Duration::from_millis(1)).await;
     let started = tokio::time::Instant::now();
     let waiter = send(&mut svc.clone(), post("/p", Some("\"released\""), "{}")).await;
@@ -285,15 +306,9 @@ async fn a_shutdown_ends_the_waits() {
     let layer = IdempotencyLayer::new(MemoryBackend::new()).wait_for_in_flight(WAIT);
     let shutdown = layer.shutdown_handle();
     let svc = layer.layer(slow_payment(runs.clone(), Duration::from_secs(2)));
-    let first = {
-        let mut svc = svc.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"stop\""), "{}")).await })
-    };
+    let first = in_flight(&svc, "\"stop\"", "{}");
     tokio::time::sleep(Duration::from_millis(1)).await;
-    let waiter = {
-        let mut svc = svc.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"stop\""), "{}")).await })
-    };
+    let waiter = in_flight(&svc, "\"stop\"", "{}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let stopping = tokio::spawn(async move { shutdown.shutdown(Duration::from_secs(10)).await });
     let started = tokio::time::Instant::now();
@@ -321,21 +336,12 @@ async fn a_dropped_poller_hands_its_role_on() {
     let waiters = IdempotencyLayer::new(backend.clone())
         .wait_for_in_flight(WAIT)
         .layer(handler);
-    let first = {
-        let mut holder = holder.clone();
-        tokio::spawn(async move { send(&mut holder, post("/p", Some("\"handover\""), "{}")).await })
-    };
+    let first = in_flight(&holder, "\"handover\"", "{}");
     tokio::time::sleep(Duration::from_millis(1)).await;
     // The first waiter takes the poller's role; a second waits behind it.
-    let poller = {
-        let mut svc = waiters.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"handover\""), "{}")).await })
-    };
+    let poller = in_flight(&waiters, "\"handover\"", "{}");
     tokio::time::sleep(Duration::from_millis(1)).await;
-    let behind = {
-        let mut svc = waiters.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"handover\""), "{}")).await })
-    };
+    let behind = in_flight(&waiters, "\"handover\"", "{}");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let polls_before = backend.begins();
     poller.abort();
@@ -369,15 +375,9 @@ async fn failed_polls_never_run_the_handler() {
         .wait_for_in_flight(WAIT)
         .fail_open()
         .layer(handler);
-    let first = {
-        let mut holder = holder.clone();
-        tokio::spawn(async move { send(&mut holder, post("/p", Some("\"outage\""), "{}")).await })
-    };
+    let first = in_flight(&holder, "\"outage\"", "{}");
     tokio::time::sleep(Duration::from_millis(1)).await;
-    let waiting = {
-        let mut svc = waiters.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"outage\""), "{}")).await })
-    };
+    let waiting = in_flight(&waiters, "\"outage\"", "{}");
     tokio::time::sleep(Duration::from_millis(10)).await;
     fail_begin.store(true, Ordering::SeqCst);
     assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
@@ -404,10 +404,7 @@ async fn rooms_close_with_their_last_waiter() {
         .wait_for_in_flight(WAIT)
         .layer(slow_payment(runs.clone(), Duration::from_millis(300)));
     for round in 1..=3 {
-        let first = {
-            let mut svc = svc.clone();
-            tokio::spawn(async move { send(&mut svc, post("/p", Some("\"rooms\""), "{}")).await })
-        };
+        let first = in_flight(&svc, "\"rooms\"", "{}");
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..50 {
@@ -428,22 +425,6 @@ async fn rooms_close_with_their_last_waiter() {
     assert_eq!(runs.get(), 3);
 }
 
-/// A handler that panics on its first run and answers `201` after.
-fn panics_first(runs: Runs, delay: Duration) -> impl common::Handler {
-    tower::service_fn(move |_req: common::InnerReq| {
-        let n = runs.bump();
-        async move {
-            tokio::time::sleep(delay).await;
-            assert!(n != 1, "the first run fails");
-            let mut res = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(
-                format!("run {n}"),
-            )));
-            *res.status_mut() = StatusCode::CREATED;
-            Ok(res)
-        }
-    })
-}
-
 /// The request in flight panics (its lock is abandoned, released in the
 /// background): the waiting duplicate is woken and takes the key within a
 /// few short polls, not at a poll up to 500 ms later.
@@ -452,11 +433,12 @@ async fn an_abandoned_key_is_taken_by_a_waiter_promptly() {
     let runs = Runs::default();
     let svc = IdempotencyLayer::new(MemoryBackend::new())
         .wait_for_in_flight(WAIT)
-        .layer(panics_first(runs.clone(), Duration::from_millis(1500)));
-    let first = {
-        let mut svc = svc.clone();
-        tokio::spawn(async move { send(&mut svc, post("/p", Some("\"abandoned\""), "{}")).await })
-    };
+        .layer(first_run_fails(
+            runs.clone(),
+            Duration::from_millis(1500),
+            Failure::Panic,
+        ));
+    let first = in_flight(&svc, "\"abandoned\"", "{}");
     tokio::time::sleep(Duration::from_millis(1)).await;
     let started = tokio::time::Instant::now();
     let waiter = send(&mut svc.clone(), post("/p", Some("\"abandoned\""), "{}")).await;

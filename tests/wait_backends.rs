@@ -17,15 +17,6 @@ use tower_idempotency::{Backend, IdempotencyLayer, PostgresMode, RedisBackend, S
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A key no earlier run used (records outlive a test run on the servers).
-fn unique(tag: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("\"{tag}-{nanos}\"")
-}
-
 /// 20 duplicates over `a` and `b`, the first sent a little ahead so that
 /// the others find it in flight.
 async fn twenty_duplicates<B: Backend>(a: B, b: B, tag: &str) {
@@ -39,7 +30,7 @@ async fn twenty_duplicates<B: Backend>(a: B, b: B, tag: &str) {
             .wait_for_in_flight(WAIT)
             .layer(handler),
     ];
-    let key = unique(tag);
+    let key = common::unique_key(tag);
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..20 {
         let mut svc = instances[i % 2].clone();
@@ -75,22 +66,10 @@ async fn redis_twenty_duplicates_over_two_instances_get_one_answer() {
 /// Two processes' backends on one SQLite file.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_twenty_duplicates_over_two_instances_get_one_answer() {
-    let path = std::env::temp_dir().join(format!(
-        "tower-idempotency-wait-{}-{}.sqlite3",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    let a = SqliteBackend::open(&path).await.unwrap();
-    let b = SqliteBackend::open(&path).await.unwrap();
+    let db = common::TempDb::new("wait");
+    let a = SqliteBackend::open(db.path()).await.unwrap();
+    let b = SqliteBackend::open(db.path()).await.unwrap();
     twenty_duplicates(a, b, "wait-sqlite").await;
-    for suffix in ["", "-wal", "-shm"] {
-        let mut file = path.clone().into_os_string();
-        file.push(suffix);
-        let _ = std::fs::remove_file(file);
-    }
 }
 
 /// In every mode. Instance `b` has a pool of two connections for its ten

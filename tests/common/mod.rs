@@ -62,6 +62,12 @@ pub fn counting(
     })
 }
 
+/// An `Idempotency-Key` header value (a quoted string) no other test or run
+/// uses: records outlive a run on the shared servers.
+pub fn unique_key(tag: &str) -> String {
+    format!("\"{}\"", faults::tag(tag))
+}
+
 /// A `POST` with an idempotency key header value (raw, as sent).
 pub fn post(path: &str, key: Option<&str>, body: &str) -> Req {
     let mut b = Request::post(path).header("content-type", "application/json");
@@ -602,6 +608,28 @@ pub async fn server_error_policies<B: Backend>(backend: B, tag: &str) {
                 assert_eq!(retry.problem_type(), "outcome-unknown", "{tag}");
                 assert_eq!(runs.get(), 1, "{tag} {name}");
             }
+        }
+    }
+}
+
+/// A file of its own for one test, removed (with its WAL files) on drop.
+pub struct TempDb(std::path::PathBuf);
+
+impl TempDb {
+    pub fn new(tag: &str) -> Self {
+        Self(std::env::temp_dir().join(format!("tower-idempotency-{}.sqlite3", faults::tag(tag))))
+    }
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut path = self.0.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
         }
     }
 }
