@@ -53,6 +53,21 @@ impl IntoResponse for MissingIdempotencyKey {
     }
 }
 
+/// The rejection of an extractor for something the layer lends a keyed
+/// request (a [`FencingToken`](crate::FencingToken), a `RequestTransaction`):
+/// without a key, the "missing key" problem (`400`); with one, `500` with
+/// `body` — the handler asked for what this setup never lends — and
+/// `error` logged.
+pub(crate) fn not_lent(keyed: bool, error: &str, body: &'static str) -> Response {
+    if !keyed {
+        return MissingIdempotencyKey.into_response();
+    }
+    tracing::error!("{error}");
+    let mut response = Response::new(axum_core::body::Body::from(body));
+    *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+    response
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
     type Rejection = MissingIdempotencyKey;
 

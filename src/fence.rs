@@ -150,18 +150,12 @@ mod extractor {
 
     impl IntoResponse for NoFencingToken {
         fn into_response(self) -> Response {
-            if self.keyed {
-                tracing::error!(
-                    "a handler asked for a fencing token, but the request holds none \
-                     (the backend gives none, or the request ran unprotected)"
-                );
-                let mut response = Response::new(axum_core::body::Body::from(
-                    "no fencing token: the request does not hold an idempotency lock",
-                ));
-                *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                return response;
-            }
-            crate::MissingIdempotencyKey.into_response()
+            crate::extract::not_lent(
+                self.keyed,
+                "a handler asked for a fencing token, but the request holds none \
+                 (the backend gives none, or the request ran unprotected)",
+                "no fencing token: the request does not hold an idempotency lock",
+            )
         }
     }
 

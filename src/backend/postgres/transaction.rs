@@ -352,18 +352,12 @@ mod extractor {
 
     impl IntoResponse for NoRequestTransaction {
         fn into_response(self) -> Response {
-            if self.keyed {
-                tracing::error!(
-                    "a handler asked for the request transaction, but the idempotency backend \
-                     is not in transaction mode (or ran the request unprotected)"
-                );
-                let mut response = Response::new(axum_core::body::Body::from(
-                    "no request transaction: the idempotency backend is not in transaction mode",
-                ));
-                *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                return response;
-            }
-            crate::MissingIdempotencyKey.into_response()
+            crate::extract::not_lent(
+                self.keyed,
+                "a handler asked for the request transaction, but the idempotency backend \
+                 is not in transaction mode (or ran the request unprotected)",
+                "no request transaction: the idempotency backend is not in transaction mode",
+            )
         }
     }
 
