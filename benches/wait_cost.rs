@@ -24,60 +24,17 @@ use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tower::{Layer, Service, ServiceExt};
 use tower_idempotency::{
-    Backend, BackendError, Begin, Completion, FencingToken, Fingerprint, IdempotencyBody,
-    IdempotencyLayer, MemoryBackend, PostgresBackend, PostgresMode, Record, RedisBackend,
-    SqliteBackend, StorageKey,
+    Backend, IdempotencyBody, IdempotencyLayer, MemoryBackend, PostgresBackend, PostgresMode,
+    RedisBackend, SqliteBackend,
 };
+
+#[path = "../tests/counted/mod.rs"]
+mod counted;
+
+use counted::Counted;
 
 const HOLD: Duration = Duration::from_millis(600);
 const WAITERS: [usize; 4] = [1, 10, 100, 1000];
-
-/// Counts the `begin` calls of the backend it wraps.
-#[derive(Clone)]
-struct Counted<B> {
-    inner: B,
-    begins: Arc<AtomicUsize>,
-}
-
-impl<B: Backend> Backend for Counted<B> {
-    type Lock = B::Lock;
-
-    async fn begin(
-        &self,
-        key: &StorageKey,
-        fp: &Fingerprint,
-        ttl: Duration,
-    ) -> Result<Begin<B::Lock>, BackendError> {
-        self.begins.fetch_add(1, Ordering::Relaxed);
-        self.inner.begin(key, fp, ttl).await
-    }
-    async fn complete(
-        &self,
-        lock: B::Lock,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<Completion, BackendError> {
-        self.inner.complete(lock, record, ttl).await
-    }
-    async fn release(&self, lock: B::Lock) -> Result<(), BackendError> {
-        self.inner.release(lock).await
-    }
-    async fn extend(&self, lock: &B::Lock, ttl: Duration) -> Result<bool, BackendError> {
-        self.inner.extend(lock, ttl).await
-    }
-    fn abandon(&self, lock: B::Lock) {
-        self.inner.abandon(lock);
-    }
-    fn fencing_token(&self, lock: &B::Lock) -> Option<FencingToken> {
-        self.inner.fencing_token(lock)
-    }
-    fn prepare_request(&self, lock: &B::Lock, extensions: &mut http::Extensions) {
-        self.inner.prepare_request(lock, extensions);
-    }
-    fn commits_handler_effects(&self) -> bool {
-        self.inner.commits_handler_effects()
-    }
-}
 
 async fn handler(
     _req: Request<IdempotencyBody<Full<Bytes>>>,
@@ -105,11 +62,8 @@ struct Row {
 async fn measure<B: Backend>(a: B, b: B, waiters: usize, key: &str) -> Row {
     let begins = Arc::new(AtomicUsize::new(0));
     let layer = |inner: B| {
-        IdempotencyLayer::new(Counted {
-            inner,
-            begins: Arc::clone(&begins),
-        })
-        .wait_for_in_flight(Duration::from_secs(10))
+        IdempotencyLayer::new(Counted::counting_into(inner, Arc::clone(&begins)))
+            .wait_for_in_flight(Duration::from_secs(10))
     };
     let instances = [
         layer(a).layer(tower::service_fn(handler)),

@@ -5,81 +5,17 @@
 //! while it polls hands its role on.
 
 mod common;
+mod counted;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{Answer, Runs, post, send, slow_payment};
+use counted::Counted;
 use http::StatusCode;
 use tower::Layer;
-use tower_idempotency::{
-    Backend, BackendError, Begin, Completion, FencingToken, Fingerprint, IdempotencyLayer,
-    MemoryBackend, Record, StorageKey,
-};
-
-/// Counts `begin` calls of the backend it wraps.
-#[derive(Clone)]
-struct Counted<B> {
-    inner: B,
-    begins: Arc<AtomicUsize>,
-    /// How long each `begin` takes, as a round trip would.
-    round_trip: Duration,
-}
-
-impl<B: Backend> Counted<B> {
-    fn new(inner: B) -> Self {
-        Self {
-            inner,
-            begins: Arc::default(),
-            round_trip: Duration::ZERO,
-        }
-    }
-    fn with_round_trip(mut self, round_trip: Duration) -> Self {
-        self.round_trip = round_trip;
-        self
-    }
-    fn begins(&self) -> usize {
-        self.begins.load(Ordering::SeqCst)
-    }
-}
-
-impl<B: Backend> Backend for Counted<B> {
-    type Lock = B::Lock;
-
-    async fn begin(
-        &self,
-        key: &StorageKey,
-        fp: &Fingerprint,
-        ttl: Duration,
-    ) -> Result<Begin<B::Lock>, BackendError> {
-        self.begins.fetch_add(1, Ordering::SeqCst);
-        if !self.round_trip.is_zero() {
-            tokio::time::sleep(self.round_trip).await;
-        }
-        self.inner.begin(key, fp, ttl).await
-    }
-    async fn complete(
-        &self,
-        lock: B::Lock,
-        record: Record,
-        ttl: Duration,
-    ) -> Result<Completion, BackendError> {
-        self.inner.complete(lock, record, ttl).await
-    }
-    async fn release(&self, lock: B::Lock) -> Result<(), BackendError> {
-        self.inner.release(lock).await
-    }
-    async fn extend(&self, lock: &B::Lock, ttl: Duration) -> Result<bool, BackendError> {
-        self.inner.extend(lock, ttl).await
-    }
-    fn abandon(&self, lock: B::Lock) {
-        self.inner.abandon(lock);
-    }
-    fn fencing_token(&self, lock: &B::Lock) -> Option<FencingToken> {
-        self.inner.fencing_token(lock)
-    }
-}
+use tower_idempotency::{IdempotencyLayer, MemoryBackend, StorageKey};
 
 const WAIT: Duration = Duration::from_secs(5);
 
