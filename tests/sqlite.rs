@@ -350,3 +350,14 @@ async fn an_in_memory_database_is_refused() {
         assert_eq!(error.kind(), BackendErrorKind::Misconfigured, "{path:?}");
     }
 }
+
+/// A client that closes its socket while its payment runs does not cause a
+/// second run: the handler finishes, its response is stored in the file,
+/// and the retry gets it.
+#[tokio::test]
+async fn the_example_survives_a_client_that_gives_up() {
+    let db = TempDb::new("gives-up");
+    let path = db.path().display().to_string();
+    common::example_survives_a_client_that_gives_up("payments_sqlite", &[("SQLITE_PATH", &path)])
+        .await;
+}
