@@ -43,6 +43,8 @@
 //! counts Redis commands (`INFO commandstats` deltas) and PostgreSQL round
 //! trips and statements (a protocol-reading proxy in front of the server).
 
+#[path = "load_limits/mod.rs"]
+mod load_limits;
 #[path = "../tests/postgres_wire/mod.rs"]
 mod postgres_wire;
 #[path = "../tests/redis_monitor/mod.rs"]
@@ -112,6 +114,18 @@ enum Cost {
     Postgres(String),
     /// A SQLite file (with its WAL files), removed before and after.
     File(PathBuf),
+    /// Not a server: what Redis allows for the scripts of the `redis`
+    /// configuration (see `load_limits`).
+    RedisLimit(String),
+    /// Not a server: what PostgreSQL allows for the statements of the
+    /// `postgres` configuration (lease mode).
+    PostgresLimit(String),
+}
+
+impl Cost {
+    fn is_limit(&self) -> bool {
+        matches!(self, Self::RedisLimit(_) | Self::PostgresLimit(_))
+    }
 }
 
 #[derive(Default)]
@@ -137,6 +151,9 @@ struct Row {
     /// req/s over the `none` configuration's in the same round and mode,
     /// one per round.
     ratios: Vec<f64>,
+    /// For `redis` and `postgres`: req/s over the backend's limit measured
+    /// in the same round and mode, one per round.
+    of_limit: Vec<f64>,
 }
 
 fn peers_dir() -> PathBuf {
@@ -307,6 +324,11 @@ async fn drive(addr: SocketAddr, mode: Mode, connections: usize, seconds: u64) -
             out
         });
     }
+    gather(tasks).await
+}
+
+/// The connections' outcomes as one.
+async fn gather(mut tasks: tokio::task::JoinSet<Outcome>) -> Outcome {
     let mut total = Outcome::default();
     while let Some(done) = tasks.join_next().await {
         let out = done.expect("load task");
@@ -391,16 +413,20 @@ async fn main() {
     }
     let rows = measure(&configs, &modes, connections, seconds, pin).await;
     print_table(&rows, &modes, connections);
+    print_limits(&rows, &modes);
     let mut costs = Vec::new();
     for config in &configs {
         match &config.cost {
-            Cost::None | Cost::File(_) => {}
+            Cost::None | Cost::File(_) | Cost::RedisLimit(_) | Cost::PostgresLimit(_) => {}
             Cost::Redis(url) => costs.push(redis_cost(config, url).await),
             Cost::Postgres(url) => costs.push(postgres_cost(config, url).await),
         }
     }
     let mut probes = Vec::new();
-    for config in configs.iter().filter(|c| c.name != "none") {
+    for config in configs
+        .iter()
+        .filter(|c| c.name != "none" && !c.cost.is_limit())
+    {
         probes.push(duplicates(config).await);
     }
     for config in &configs {
@@ -439,8 +465,13 @@ async fn measure(
 ) -> Vec<Row> {
     let mut servers = Vec::new();
     for config in configs {
-        servers.push(start(config, pin).await);
+        servers.push(if config.cost.is_limit() {
+            None
+        } else {
+            Some(start(config, pin).await)
+        });
     }
+    let limits = Limits::prepare(configs, &servers).await;
     let rounds: usize = std::env::var("LOAD_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
@@ -454,8 +485,15 @@ async fn measure(
             // measured first (or last) after the machine's state changed.
             for i in 0..configs.len() {
                 let c = (i + round) % configs.len();
-                let (config, (child, addr)) = (&configs[c], &servers[c]);
-                let row = measure_one(config, child, *addr, mode, connections, seconds).await;
+                let config = &configs[c];
+                let row = match &servers[c] {
+                    Some((child, addr)) => {
+                        measure_one(config, child, *addr, mode, connections, seconds).await
+                    }
+                    // What a request without a key costs the backend: nothing.
+                    None if mode == Mode::NoKey => continue,
+                    None => limits.measure(config, mode, connections, seconds).await,
+                };
                 eprintln!(
                     "done: round {} / {} / {} ({:.0} req/s)",
                     round + 1,
@@ -483,7 +521,23 @@ async fn measure(
             }
         }
     }
-    rows.into_iter().map(median_row).collect()
+    // The same for each backend against its limit.
+    for (backend, limit) in [("redis", "redis-limit"), ("postgres", "postgres-limit")] {
+        let find = |name| configs.iter().position(|c| c.name == name);
+        let (Some(b), Some(l)) = (find(backend), find(limit)) else {
+            continue;
+        };
+        for m in 0..modes.len() {
+            let limit_rps: Vec<f64> = rows[m * configs.len() + l].iter().map(|r| r.rps).collect();
+            for (row, limit) in rows[m * configs.len() + b].iter_mut().zip(&limit_rps) {
+                row.of_limit = vec![row.rps / limit];
+            }
+        }
+    }
+    rows.into_iter()
+        .filter(|rounds| !rounds.is_empty())
+        .map(median_row)
+        .collect()
 }
 
 /// One configuration's rounds as one row: medians of the rates and
@@ -501,8 +555,13 @@ fn median_row(mut rounds: Vec<Row>) -> Row {
         .iter()
         .flat_map(|r| r.ratios.iter().copied())
         .collect();
+    let of_limit: Vec<f64> = rounds
+        .iter()
+        .flat_map(|r| r.of_limit.iter().copied())
+        .collect();
     let mut row = rounds.pop().expect("at least one round");
     row.ratios = ratios;
+    row.of_limit = of_limit;
     for other in &rounds {
         row.conflict += other.conflict;
         row.other += other.other;
@@ -550,6 +609,108 @@ async fn measure_one(
         handler_runs: runs,
         server_cpu_us_per_req: cpu.map(|c| c.as_secs_f64() * 1e6 / requests),
         ratios: Vec::new(),
+        of_limit: Vec::new(),
+    }
+}
+
+/// The limit configurations' drivers, prepared once the servers run.
+#[derive(Default)]
+struct Limits {
+    redis: Option<load_limits::RedisLimit>,
+    postgres: Option<load_limits::PostgresLimit>,
+}
+
+impl Limits {
+    /// Each limit needs a record its backend's configuration stored: one
+    /// request with a new key to that server first.
+    async fn prepare(
+        configs: &[Config],
+        servers: &[Option<(tokio::process::Child, SocketAddr)>],
+    ) -> Self {
+        let mut limits = Self::default();
+        for config in configs {
+            let backend = match &config.cost {
+                Cost::RedisLimit(_) => "redis",
+                Cost::PostgresLimit(_) => "postgres",
+                _ => continue,
+            };
+            let Some((_, addr)) = configs
+                .iter()
+                .position(|c| c.name == backend)
+                .and_then(|i| servers[i].as_ref())
+            else {
+                panic!(
+                    "{} measures the {backend} configuration's work: run it too",
+                    config.name
+                )
+            };
+            let mut sender = connect(*addr).await;
+            let key = format!("\"limit-{}\"", nonce());
+            let (status, _) = post(&mut sender, Some(&key), &session_cookie(0)).await;
+            assert!(status.is_success(), "{backend} answered {status}");
+            match &config.cost {
+                Cost::RedisLimit(url) => {
+                    let limit = load_limits::RedisLimit::prepare(url, REDIS_PREFIX).await;
+                    eprintln!("redis-limit: a {}-byte record", limit.record_len());
+                    limits.redis = Some(limit);
+                }
+                Cost::PostgresLimit(url) => {
+                    let clients = PG_POOL_SIZE.parse().expect("a pool size");
+                    let limit = load_limits::PostgresLimit::prepare(url, TABLE, clients).await;
+                    eprintln!(
+                        "postgres-limit: a {}-byte record, table {}",
+                        limit.record_len(),
+                        limit.table()
+                    );
+                    limits.postgres = Some(limit);
+                }
+                _ => {}
+            }
+        }
+        limits
+    }
+
+    /// One limit configuration in one mode: Redis at the connections the
+    /// HTTP load uses, PostgreSQL at the example's pool size.
+    async fn measure(&self, config: &Config, mode: Mode, connections: usize, seconds: u64) -> Row {
+        let started = Instant::now();
+        let (mut out, rps) = match &config.cost {
+            Cost::RedisLimit(_) => {
+                let limit = self.redis.as_ref().expect("prepared");
+                let run = RUN.fetch_add(1, Ordering::Relaxed);
+                let out = limit.drive(run, mode, connections, seconds).await;
+                #[allow(clippy::cast_precision_loss)]
+                let rps = out.latencies_us.len() as f64 / started.elapsed().as_secs_f64();
+                (out, rps)
+            }
+            Cost::PostgresLimit(_) => {
+                let limit = self.postgres.as_ref().expect("prepared");
+                let clients = PG_POOL_SIZE.parse().expect("a pool size");
+                // Blocks this single-threaded generator, which has nothing
+                // else to drive meanwhile.
+                let out = limit.drive(mode, clients, seconds);
+                // pgbench's own clock: its run, without connecting.
+                #[allow(clippy::cast_precision_loss)]
+                let rps = out.latencies_us.len() as f64 / seconds as f64;
+                (out, rps)
+            }
+            _ => unreachable!("not a limit"),
+        };
+        out.latencies_us.sort_unstable();
+        Row {
+            config: config.name,
+            mode,
+            rps,
+            p50_us: percentile(&out.latencies_us, 0.50),
+            p99_us: percentile(&out.latencies_us, 0.99),
+            conflict: out.conflict,
+            other: out.other,
+            replayed: out.replayed,
+            handler_runs: 0,
+            server_cpu_us_per_req: None,
+            ratios: Vec::new(),
+            of_limit: Vec::new(),
+        }
     }
 }
 
@@ -681,21 +842,48 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
             cost: Cost::None,
         },
     ];
-    // After Redis, in the order the tables list the backends.
+    add_limits(&mut configs);
+    // After Redis and its limit, in the order the tables list the backends.
     let after_redis = configs
         .iter()
-        .position(|c| c.name == "redis")
+        .position(|c| c.name == "redis-limit")
         .map_or(0, |i| i + 1);
     configs.splice(after_redis..after_redis, sqlite_configs(&examples));
     configs.extend(before);
     configs
 }
 
+/// Each limit configuration beside its backend's.
+fn add_limits(configs: &mut Vec<Config>) {
+    for (backend, limit) in [("redis", "redis-limit"), ("postgres", "postgres-limit")] {
+        let at = configs
+            .iter()
+            .position(|c| c.name == backend)
+            .expect("a backend configuration");
+        let cost = match &configs[at].cost {
+            Cost::Redis(url) => Cost::RedisLimit(url.clone()),
+            Cost::Postgres(url) => Cost::PostgresLimit(url.clone()),
+            _ => unreachable!("a backend's cost"),
+        };
+        configs.insert(
+            at + 1,
+            Config {
+                name: limit,
+                bin: PathBuf::new(),
+                env: Vec::new(),
+                cost,
+            },
+        );
+    }
+}
+
 /// Removes what earlier runs stored: keys under [`REDIS_PREFIX`], the
 /// [`TABLE`] and its function.
 async fn clean(config: &Config) {
     match &config.cost {
-        Cost::None => {}
+        // Their keys and rows are under the `redis` and `postgres`
+        // configurations' prefix and table.
+        Cost::None | Cost::RedisLimit(_) | Cost::PostgresLimit(_) => {}
         Cost::File(path) => {
             for suffix in ["", "-wal", "-shm"] {
                 let mut file = path.clone().into_os_string();
@@ -976,6 +1164,37 @@ fn ratio_cell(ratios: &[f64]) -> String {
         [] => "-".to_owned(),
         [one] => format!("{one:.2}x"),
         [low, .., high] => format!("{:.2}x ({low:.2}–{high:.2})", sorted[sorted.len() / 2]),
+    }
+}
+
+/// Each backend's throughput as a share of what its server allows, per mode.
+fn print_limits(rows: &[Row], modes: &[Mode]) {
+    let pairs = [("redis", "redis-limit"), ("postgres", "postgres-limit")];
+    let find = |name: &str, mode: Mode| rows.iter().find(|r| r.config == name && r.mode == mode);
+    let mut lines = Vec::new();
+    for &mode in modes {
+        for (backend, limit) in pairs {
+            if let (Some(b), Some(l)) = (find(backend, mode), find(limit, mode)) {
+                lines.push(format!(
+                    "| {} | {backend} | {:.0} | {:.0} | {} |",
+                    mode.name(),
+                    b.rps,
+                    l.rps,
+                    ratio_cell(&b.of_limit).replace('x', "")
+                ));
+            }
+        }
+    }
+    if lines.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "| mode | backend | through the layer, req/s | the server's limit, req/s | share of the limit |"
+    );
+    println!("|---|---|---|---|---|");
+    for line in lines {
+        println!("{line}");
     }
 }
 

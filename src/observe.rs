@@ -3,8 +3,10 @@
 //! empty inline call. The names and labels are documented in the crate docs
 //! ("Metrics").
 
+#[cfg(feature = "metrics")]
 use std::future::Future;
 
+#[cfg(feature = "metrics")]
 use crate::backend::BackendError;
 
 /// Counts one guarded request (or one without a key) by what the layer did.
@@ -36,15 +38,56 @@ pub(crate) fn wait(result: &'static str) {
 
 /// Runs one backend operation, recording its duration and, on failure, its
 /// error kind.
+///
+/// A plain function returning a future, not an `async fn`: an `async fn`
+/// that awaits a future it was given keeps room for it twice (as the
+/// argument and as what it awaits), and the backends' futures are the
+/// largest part of a request's.
+#[cfg(not(feature = "metrics"))]
 #[inline]
-pub(crate) async fn backend<T>(
-    operation: &'static str,
-    call: impl Future<Output = Result<T, BackendError>>,
-) -> Result<T, BackendError> {
-    #[cfg(feature = "metrics")]
-    {
-        let started = std::time::Instant::now();
-        let result = call.await;
+pub(crate) fn backend<F>(operation: &'static str, call: F) -> F {
+    let _ = operation;
+    call
+}
+
+/// Runs one backend operation, recording its duration and, on failure, its
+/// error kind.
+///
+/// A future of its own rather than an `async fn`, which would keep room for
+/// the backend's future twice (see the version without metrics).
+#[cfg(feature = "metrics")]
+#[inline]
+pub(crate) fn backend<F>(operation: &'static str, call: F) -> Observed<F> {
+    Observed {
+        call,
+        operation,
+        started: None,
+    }
+}
+
+#[cfg(feature = "metrics")]
+pin_project_lite::pin_project! {
+    /// A backend call being timed: see [`backend`].
+    pub(crate) struct Observed<F> {
+        #[pin]
+        call: F,
+        operation: &'static str,
+        started: Option<std::time::Instant>,
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl<T, F: Future<Output = Result<T, BackendError>>> Future for Observed<F> {
+    type Output = Result<T, BackendError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let started = *this.started.get_or_insert_with(std::time::Instant::now);
+        let result = std::task::ready!(this.call.poll(cx));
+        let operation = *this.operation;
         metrics::histogram!("idempotency_backend_duration_seconds", "operation" => operation)
             .record(started.elapsed().as_secs_f64());
         if let Err(error) = &result {
@@ -55,12 +98,7 @@ pub(crate) async fn backend<T>(
             )
             .increment(1);
         }
-        result
-    }
-    #[cfg(not(feature = "metrics"))]
-    {
-        let _ = operation;
-        call.await
+        std::task::Poll::Ready(result)
     }
 }
 

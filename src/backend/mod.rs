@@ -29,6 +29,8 @@ pub mod redis;
 #[cfg(feature = "sqlite")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
 pub mod sqlite;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod token;
 
 use std::error::Error as StdError;
 use std::fmt;

@@ -25,7 +25,7 @@ impl PostgresBackend {
         fingerprint: &Fingerprint,
         lock_ttl: Duration,
     ) -> Result<Begin<PostgresLock>, BackendError> {
-        let token = new_token()?;
+        let token = crate::backend::token::next()?;
         // From here until the reply is read, a lease may exist on the
         // server that nobody will use: delete it if this future is dropped
         // or fails.
@@ -260,17 +260,6 @@ struct LateRecord {
     blob: Vec<u8>,
     ttl_ms: i64,
     completion: Completion,
-}
-
-fn new_token() -> Result<[u8; 16], BackendError> {
-    let mut token = [0; 16];
-    getrandom::fill(&mut token).map_err(|e| {
-        BackendError::new(
-            BackendErrorKind::Other,
-            format!("no randomness for a lease token: {e}"),
-        )
-    })?;
-    Ok(token)
 }
 
 fn not_a_lease() -> BackendError {

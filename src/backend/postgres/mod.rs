@@ -542,14 +542,39 @@ impl PostgresBackend {
         }
     }
 
-    async fn bounded<T>(
-        &self,
-        what: &str,
-        work: impl Future<Output = Result<T, BackendError>>,
-    ) -> Result<T, BackendError> {
-        tokio::time::timeout(self.timeout, work)
-            .await
-            .unwrap_or_else(|_| Err(timed_out(what, self.timeout)))
+    /// `work`, failing with a timeout after the backend's timeout. A future
+    /// of its own, not an `async fn`: one that awaits a future it was given
+    /// keeps room for it twice.
+    fn bounded<F: Future>(&self, what: &'static str, work: F) -> Bounded<F> {
+        Bounded {
+            work: tokio::time::timeout(self.timeout, work),
+            what,
+            timeout: self.timeout,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`PostgresBackend::bounded`].
+    struct Bounded<F> {
+        #[pin]
+        work: tokio::time::Timeout<F>,
+        what: &'static str,
+        timeout: Duration,
+    }
+}
+
+impl<T, F: Future<Output = Result<T, BackendError>>> Future for Bounded<F> {
+    type Output = Result<T, BackendError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        this.work
+            .poll(cx)
+            .map(|done| done.unwrap_or_else(|_| Err(timed_out(this.what, *this.timeout))))
     }
 }
 
@@ -650,8 +675,15 @@ impl Backend for PostgresBackend {
                 self.bounded("begin", self.lease_begin(key, fingerprint, lock_ttl))
                     .await
             }
-            PostgresMode::Advisory => self.bounded("begin", self.session_begin(key)).await,
-            PostgresMode::Transaction => self.bounded("begin", self.xact_begin(key)).await,
+            // The other modes' futures are boxed (here and in `complete`
+            // and `release`): the largest of the three would otherwise set
+            // the size of every request's future, in every mode.
+            PostgresMode::Advisory => {
+                Box::pin(self.bounded("begin", self.session_begin(key))).await
+            }
+            PostgresMode::Transaction => {
+                Box::pin(self.bounded("begin", self.xact_begin(key))).await
+            }
         }
     }
 
@@ -666,12 +698,10 @@ impl Backend for PostgresBackend {
             // come back from, not only an error.
             Held::Lease { .. } => self.lease_complete(lock, record, ttl).await,
             Held::Session { .. } => {
-                self.bounded("complete", self.session_complete(lock, record, ttl))
-                    .await
+                Box::pin(self.bounded("complete", self.session_complete(lock, record, ttl))).await
             }
             Held::Transaction(_) => {
-                self.bounded("complete", self.xact_complete(lock, record, ttl))
-                    .await
+                Box::pin(self.bounded("complete", self.xact_complete(lock, record, ttl))).await
             }
         }
     }
@@ -679,8 +709,12 @@ impl Backend for PostgresBackend {
     async fn release(&self, lock: PostgresLock) -> Result<(), BackendError> {
         match lock.held {
             Held::Lease { .. } => self.bounded("release", self.lease_release(lock)).await,
-            Held::Session { .. } => self.bounded("release", self.session_release(lock)).await,
-            Held::Transaction(_) => self.bounded("release", self.xact_release(lock)).await,
+            Held::Session { .. } => {
+                Box::pin(self.bounded("release", self.session_release(lock))).await
+            }
+            Held::Transaction(_) => {
+                Box::pin(self.bounded("release", self.xact_release(lock))).await
+            }
         }
     }
 

@@ -84,8 +84,10 @@ impl RedisBackend {
         }
         // The wait for another task's attempt counts against the timeout
         // too: against a silent server, requests must not queue behind one
-        // another's attempts.
-        tokio::time::timeout(self.inner.timeout, self.connect())
+        // another's attempts. Boxed: taking a connection from the pool is a
+        // future of about 7 KB that every script call would otherwise carry
+        // (and copy) for a path it takes once per connection.
+        tokio::time::timeout(self.inner.timeout, Box::pin(self.connect()))
             .await
             .map_err(|_| {
                 BackendError::new(

@@ -115,12 +115,5 @@ impl Drop for Unsettled<'_> {
 }
 
 pub(super) fn token() -> Result<String, BackendError> {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).map_err(|e| {
-        BackendError::new(
-            BackendErrorKind::Other,
-            format!("no randomness for a lock token: {e}"),
-        )
-    })?;
-    Ok(crate::key::hex(&bytes))
+    Ok(crate::key::hex(&crate::backend::token::next()?))
 }

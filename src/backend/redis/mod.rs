@@ -356,13 +356,20 @@ impl RedisBackend {
 
     /// The Redis keys of a storage key: (record, lock, fence).
     fn keys(&self, key: &StorageKey) -> (String, String, String) {
+        // Built by hand: three `format!`s cost more than the script call's
+        // own encoding.
         let hex = key.to_hex();
         let prefix = &self.inner.prefix;
-        (
-            format!("{prefix}{{{hex}}}:rec"),
-            format!("{prefix}{{{hex}}}:lock"),
-            format!("{prefix}{{{hex}}}:fence"),
-        )
+        let named = |suffix: &str| {
+            let mut name = String::with_capacity(prefix.len() + hex.len() + 2 + suffix.len());
+            name.push_str(prefix);
+            name.push('{');
+            name.push_str(&hex);
+            name.push('}');
+            name.push_str(suffix);
+            name
+        };
+        (named(":rec"), named(":lock"), named(":fence"))
     }
 }
 

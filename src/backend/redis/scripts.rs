@@ -8,54 +8,17 @@ use redis::{Cmd, ToRedisArgs, Value};
 use super::{BackendError, BackendErrorKind};
 use crate::FencingToken;
 
-pub(super) const BEGIN: &str = r"
--- KEYS[1] record, KEYS[2] lock, KEYS[3] fence; ARGV[1] token,
--- ARGV[2] lock TTL (ms), ARGV[3] how long the fence outlives it (ms)
-local record = redis.call('GET', KEYS[1])
-if record then
-  return {1, record}
-end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {2, redis.call('PTTL', KEYS[2])}
-end
--- The fencing token: the server clock in microseconds, and past the key's
--- last token should the clock have stepped back.
-local now = redis.call('TIME')
-local fence = tonumber(now[1]) * 1000000 + tonumber(now[2])
-local last = tonumber(redis.call('GET', KEYS[3]))
-if last and last >= fence then
-  fence = last + 1
-end
-fence = string.format('%.0f', fence)
-redis.call('SET', KEYS[3], fence, 'PX', ARGV[2] + ARGV[3])
-return {0, fence}
-";
+// The scripts live in files of their own, which the load harness
+// (`benches/load.rs`) runs too when it measures what Redis allows.
 
-pub(super) const COMPLETE: &str = r"
--- KEYS[1] record, KEYS[2] lock; ARGV[1] token, ARGV[2] record, ARGV[3] TTL (ms)
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-redis.call('DEL', KEYS[2])
-return 1
-";
-
-pub(super) const RELEASE: &str = r"
--- KEYS[1] lock; ARGV[1] token
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-";
-
-pub(super) const EXTEND: &str = r"
--- KEYS[1] lock; ARGV[1] token, ARGV[2] lock TTL (ms)
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-";
+/// Look up, lock, draw the fencing token.
+pub(super) const BEGIN: &str = include_str!("lua/begin.lua");
+/// Store while holding the lock, then unlock.
+pub(super) const COMPLETE: &str = include_str!("lua/complete.lua");
+/// Unlock while holding the lock.
+pub(super) const RELEASE: &str = include_str!("lua/release.lua");
+/// Push the lock's expiry out while holding it.
+pub(super) const EXTEND: &str = include_str!("lua/extend.lua");
 
 /// A Lua script and its SHA-1, for `EVALSHA`.
 pub(super) struct Lua {
