@@ -65,7 +65,7 @@
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -111,16 +111,93 @@ pub struct MemoryBackend {
 }
 
 struct Inner {
-    // Randomly keyed per backend (std's SipHash), both for choosing a shard
-    // and inside each map: a client knows its own scope and could otherwise
-    // grind keys that all land in one shard or one bucket.
-    hasher: RandomState,
+    // Randomly keyed per backend, both for choosing a shard and inside each
+    // map: a client knows its own scope and could otherwise grind keys that
+    // all land in one shard or one bucket.
+    hasher: KeyHash,
     shards: Box<[Mutex<Shard>]>,
     /// Mask over a key's hash that picks its shard (shard count − 1).
     shard_mask: u64,
     /// What one shard may hold.
     limits: Limits,
     next_token: AtomicU64,
+}
+
+/// Hashes a [`StorageKey`] for the shard and the maps: a SHA-256 output
+/// already, so mixing its four words with four secret ones is enough, at a
+/// fraction of what SipHash costs (three hashes per `begin` and per
+/// `complete`).
+///
+/// The keys are random per backend and the hashes never leave the process,
+/// so a client that grinds its keys' SHA-256 values still cannot choose
+/// where they land: each word is combined with a secret by a folded 128-bit
+/// multiplication (the mixing step of foldhash, hashbrown's default hasher),
+/// which makes every output bit depend on every input bit and on the
+/// secrets.
+#[derive(Clone, Copy)]
+struct KeyHash {
+    secrets: [u64; 4],
+}
+
+impl KeyHash {
+    fn new() -> Self {
+        // Four words from std's per-process randomness, as `RandomState`
+        // draws them.
+        let random = RandomState::new();
+        let secrets = [0u8, 1, 2, 3].map(|i| random.hash_one(i) | 1);
+        Self { secrets }
+    }
+}
+
+impl BuildHasher for KeyHash {
+    type Hasher = KeyHasher;
+
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher {
+            secrets: self.secrets,
+            hash: 0,
+        }
+    }
+}
+
+/// See [`KeyHash`].
+struct KeyHasher {
+    secrets: [u64; 4],
+    hash: u64,
+}
+
+/// The high and low halves of the 128-bit product, folded together.
+fn fold(a: u64, b: u64) -> u64 {
+    let product = u128::from(a) * u128::from(b);
+    // Truncation is the point: the two halves.
+    #[allow(clippy::cast_possible_truncation)]
+    let folded = (product as u64) ^ ((product >> 64) as u64);
+    folded
+}
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // A storage key is 32 bytes; anything else (the array's length
+        // prefix, should `Hash` write one) is mixed in word by word.
+        for (i, chunk) in bytes.chunks(8).enumerate() {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            let secret = self.secrets[i % 4];
+            self.hash = fold(
+                u64::from_le_bytes(word) ^ secret,
+                self.hash ^ self.secrets[(i + 1) % 4],
+            )
+            .rotate_left(23);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write(&n.to_le_bytes());
+    }
+
+    fn finish(&self) -> u64 {
+        fold(self.hash, self.secrets[2])
+    }
 }
 
 /// One shard's share of the bounds, and the retention promise.
@@ -133,14 +210,13 @@ struct Limits {
     min_retention: Duration,
 }
 
-#[derive(Default)]
 struct Shard {
-    records: HashMap<StorageKey, Stored>,
+    records: HashMap<StorageKey, Stored, KeyHash>,
     /// Keys in the order they were stored, each with the sequence number of
     /// that store: an entry whose number no longer matches the record's is
     /// stale (the record was removed or stored again) and is skipped.
     order: VecDeque<(StorageKey, u64)>,
-    locks: HashMap<StorageKey, LockState>,
+    locks: HashMap<StorageKey, LockState, KeyHash>,
     /// Bytes of the records held.
     bytes: u64,
     next_seq: u64,
@@ -260,10 +336,13 @@ impl MemoryBackendBuilder {
             .min(self.max_bytes / MIN_BYTES_PER_SHARD)
             .clamp(1, MAX_SHARDS);
         let shards = 1u64 << fit.ilog2();
+        let hasher = KeyHash::new();
         MemoryBackend {
             inner: Arc::new(Inner {
-                hasher: RandomState::new(),
-                shards: (0..shards).map(|_| Mutex::default()).collect(),
+                hasher,
+                shards: (0..shards)
+                    .map(|_| Mutex::new(Shard::new(hasher)))
+                    .collect(),
                 shard_mask: shards - 1,
                 limits: Limits {
                     entries: self.max_entries / shards,
@@ -390,6 +469,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shard {
+    fn new(hasher: KeyHash) -> Self {
+        Self {
+            records: HashMap::with_hasher(hasher),
+            order: VecDeque::new(),
+            locks: HashMap::with_hasher(hasher),
+            bytes: 0,
+            next_seq: 0,
+            last_sweep: None,
+        }
+    }
+
     /// The live record under `key`; an expired one is removed.
     fn lookup(&mut self, key: &StorageKey, now: Instant) -> Option<Arc<Record>> {
         let stored = self.records.get(key)?;
@@ -603,6 +693,43 @@ mod tests {
             b[..4].copy_from_slice(&n.to_le_bytes());
             b
         })
+    }
+
+    /// Keys that share all but a few bits (as a client grinding SHA-256
+    /// outputs could make them) still spread over the shards and buckets,
+    /// and two backends place the same key independently.
+    #[test]
+    fn key_hash_spreads_keys_that_differ_in_few_bits() {
+        // Per shard (the low bits) and per hashbrown control byte (the top
+        // ones), 100 keys expected in each of 64.
+        let counts = |hasher: KeyHash, vary: usize, shift: u32| {
+            let mut counts = [0u32; 64];
+            for n in 0..6400u32 {
+                let mut bytes = [0xa5u8; 32];
+                bytes[vary..vary + 2].copy_from_slice(&n.to_le_bytes()[..2]);
+                let hash = hasher.hash_one(StorageKey::from_bytes(bytes));
+                counts[usize::try_from((hash >> shift) & 63).unwrap()] += 1;
+            }
+            counts
+        };
+        for vary in [0, 7, 8, 30] {
+            for shift in [0, 58] {
+                let counts = counts(KeyHash::new(), vary, shift);
+                let (low, high) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
+                assert!(
+                    *low >= 50 && *high <= 150,
+                    "keys varying at byte {vary}, bits from {shift}: {low}..{high} of 100 expected"
+                );
+            }
+        }
+        let (a, b) = (KeyHash::new(), KeyHash::new());
+        let same = (0..1000u32)
+            .filter(|n| a.hash_one(key(*n)) & 63 == b.hash_one(key(*n)) & 63)
+            .count();
+        assert!(
+            same < 60,
+            "{same} of 1000 keys in the same shard in two backends"
+        );
     }
 
     /// Records removed out of order leave stale entries in the order queue;
