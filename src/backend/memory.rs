@@ -125,7 +125,7 @@ struct Inner {
 
 /// Hashes a [`StorageKey`] for the shard and the maps: a SHA-256 output
 /// already, so mixing its four words with four secret ones is enough, at a
-/// fraction of what SipHash costs (three hashes per `begin` and per
+/// fraction of what `SipHash` costs (three hashes per `begin` and per
 /// `complete`).
 ///
 /// The keys are random per backend and the hashes never leave the process,
