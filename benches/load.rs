@@ -1167,22 +1167,31 @@ fn ratio_cell(ratios: &[f64]) -> String {
     }
 }
 
-/// Each backend's throughput as a share of what its server allows, per mode.
+/// Each backend's throughput as a share of what its server allows, per
+/// mode, beside the bare server (no configuration can beat either), and
+/// the application's CPU per request over the bare server's.
 fn print_limits(rows: &[Row], modes: &[Mode]) {
     let pairs = [("redis", "redis-limit"), ("postgres", "postgres-limit")];
     let find = |name: &str, mode: Mode| rows.iter().find(|r| r.config == name && r.mode == mode);
     let mut lines = Vec::new();
     for &mode in modes {
         for (backend, limit) in pairs {
-            if let (Some(b), Some(l)) = (find(backend, mode), find(limit, mode)) {
-                lines.push(format!(
-                    "| {} | {backend} | {:.0} | {:.0} | {} |",
-                    mode.name(),
-                    b.rps,
-                    l.rps,
-                    ratio_cell(&b.of_limit).replace('x', "")
-                ));
-            }
+            let (Some(b), Some(l)) = (find(backend, mode), find(limit, mode)) else {
+                continue;
+            };
+            let none = find("none", mode);
+            let cpu = b
+                .server_cpu_us_per_req
+                .zip(none.and_then(|n| n.server_cpu_us_per_req))
+                .map_or_else(|| "-".to_owned(), |(b, n)| format!("{:+.0} µs", b - n));
+            lines.push(format!(
+                "| {} | {backend} | {:.0} | {:.0} | {} | {} | {cpu} |",
+                mode.name(),
+                b.rps,
+                l.rps,
+                none.map_or_else(|| "-".to_owned(), |n| format!("{:.0}", n.rps)),
+                ratio_cell(&b.of_limit).replace('x', ""),
+            ));
         }
     }
     if lines.is_empty() {
@@ -1190,9 +1199,9 @@ fn print_limits(rows: &[Row], modes: &[Mode]) {
     }
     println!();
     println!(
-        "| mode | backend | through the layer, req/s | the server's limit, req/s | share of the limit |"
+        "| mode | backend | through the layer, req/s | the server's limit, req/s | bare handler, req/s | share of the limit | server CPU/req over none |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for line in lines {
         println!("{line}");
     }
