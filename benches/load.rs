@@ -28,6 +28,11 @@
 //! and mode (neighbouring runs, so the machine's drift between rounds
 //! cancels out), as the median of the rounds with their range.
 //!
+//! `redis-limit` and `postgres-limit` are not servers: they drive Redis and
+//! PostgreSQL directly with the `redis` and `postgres` configurations' own
+//! scripts and statements (see `load_limits`), in the same rounds, and the
+//! last table shows each backend's rate as a share of its limit.
+//!
 //! `LOAD_BEFORE_BIN=<path>` adds the configuration `memory-before`: another
 //! build of the memory example (an earlier version of the crate, built by
 //! `scripts/before-after.sh`), measured in the same run as `memory`.
