@@ -7,10 +7,13 @@
 //!   calls them: a fresh request is the begin script on a new key then the
 //!   complete script with a real stored record; a replay is the begin script
 //!   on a stored key. The client is written for this: commands encoded once
-//!   per request by hand, one in flight per connection, replies parsed
-//!   without copying, so it costs the generator's core a small part of what
-//!   the server spends (as `redis-benchmark -c N` does, which cannot chain
-//!   the complete script to the begin script's reply).
+//!   per request by hand, one in flight per connection, replies parsed in
+//!   place, so it costs the generator's core a small part of what the
+//!   server spends (as `redis-benchmark -c N -P 1` does, which cannot chain
+//!   the complete script to the begin script's reply). The backend pipelines
+//!   its requests over one shared connection instead, which costs Redis
+//!   less per command: this limit is what Redis allows 32 clients that wait
+//!   for each answer, and a layer may exceed it.
 //! - **PostgreSQL**: `pgbench` (extended protocol, unnamed statements, as
 //!   the backend sends them by default) with lease mode's two statements
 //!   per fresh request and its one per replay, against the table and
@@ -29,9 +32,9 @@ use super::{Mode, Outcome};
 
 const BEGIN: &str = include_str!("../../src/backend/redis/lua/begin.lua");
 const COMPLETE: &str = include_str!("../../src/backend/redis/lua/complete.lua");
-/// The backend's defaults: the lock's TTL and how long a fence key
-/// outlives it (see `FENCE_OUTLIVES_LOCK_MS`), and the examples' record TTL.
-const LOCK_TTL_MS: &str = "30000";
+/// The layer's default lock TTL, how long a fence key outlives it (the
+/// backend's `FENCE_OUTLIVES_LOCK_MS`), and the examples' record TTL.
+const LOCK_TTL_MS: &str = "10000";
 const FENCE_OUTLIVES_MS: &str = "600000";
 const RECORD_TTL_MS: &str = "86400000";
 

@@ -200,6 +200,9 @@ impl Hasher for KeyHasher {
     }
 }
 
+/// Where in a key's hash its shard is read (see [`MemoryBackend::shard`]).
+const SHARD_SHIFT: u32 = 32;
+
 /// One shard's share of the bounds, and the retention promise.
 #[derive(Clone, Copy, Debug)]
 struct Limits {
@@ -436,9 +439,13 @@ impl MemoryBackend {
 
     fn shard(&self, key: &StorageKey) -> MutexGuard<'_, Shard> {
         let hash = self.inner.hasher.hash_one(key);
-        // The mask keeps the index below the shard count, which is ≤ 64.
+        // The maps inside the shard start their probes at the hash's low
+        // bits and tag entries with its top seven: the shard comes from
+        // bits in between, or every key of a shard would start its probe in
+        // the same sixty-fourth of the table. The mask keeps the index below
+        // the shard count, which is ≤ 64.
         #[allow(clippy::cast_possible_truncation)]
-        let index = (hash & self.inner.shard_mask) as usize;
+        let index = ((hash >> SHARD_SHIFT) & self.inner.shard_mask) as usize;
         lock(&self.inner.shards[index])
     }
 
@@ -722,9 +729,27 @@ mod tests {
                 );
             }
         }
+        // Within one shard, the keys' probes still start all over the
+        // table: the shard is not read from the bits the table uses.
+        let hasher = KeyHash::new();
+        let mut starts = std::collections::HashSet::new();
+        for n in 0..6400u32 {
+            let hash = hasher.hash_one(key(n));
+            if (hash >> SHARD_SHIFT) & 63 == 0 {
+                starts.insert(hash & 63);
+            }
+        }
+        assert!(
+            starts.len() >= 35,
+            "the keys of one shard start their probes at {} of 64 places",
+            starts.len()
+        );
         let (a, b) = (KeyHash::new(), KeyHash::new());
         let same = (0..1000u32)
-            .filter(|n| a.hash_one(key(*n)) & 63 == b.hash_one(key(*n)) & 63)
+            .filter(|n| {
+                (a.hash_one(key(*n)) >> SHARD_SHIFT) & 63
+                    == (b.hash_one(key(*n)) >> SHARD_SHIFT) & 63
+            })
             .count();
         assert!(
             same < 60,
