@@ -1243,6 +1243,6 @@ fn print_table(rows: &[Row], modes: &[Mode], connections: usize) {
     }
     println!();
     println!(
-        "Handler runs include each connection's warm-up request ({connections} per run): in `hot`, a layer that deduplicates runs the handler {connections} + 1 times."
+        "Handler runs are summed over the rounds and include each connection's warm-up request ({connections} per run and round): in `hot`, a layer that deduplicates runs the handler {connections} + 1 times per round."
     );
 }

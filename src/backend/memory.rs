@@ -200,8 +200,16 @@ impl Hasher for KeyHasher {
     }
 }
 
-/// Where in a key's hash its shard is read (see [`MemoryBackend::shard`]).
-const SHARD_SHIFT: u32 = 32;
+/// The shard of a key's hash. The maps inside a shard start their probes at
+/// the hash's low bits and tag entries with its top seven: the shard comes
+/// from bits in between, or every key of a shard would start its probe in
+/// the same sixty-fourth of the table. The mask keeps the index below the
+/// shard count, which is ≤ 64.
+fn shard_index(hash: u64, shard_mask: u64) -> usize {
+    #[allow(clippy::cast_possible_truncation)]
+    let index = ((hash >> 32) & shard_mask) as usize;
+    index
+}
 
 /// One shard's share of the bounds, and the retention promise.
 #[derive(Clone, Copy, Debug)]
@@ -438,14 +446,7 @@ impl MemoryBackend {
     }
 
     fn shard(&self, key: &StorageKey) -> MutexGuard<'_, Shard> {
-        let hash = self.inner.hasher.hash_one(key);
-        // The maps inside the shard start their probes at the hash's low
-        // bits and tag entries with its top seven: the shard comes from
-        // bits in between, or every key of a shard would start its probe in
-        // the same sixty-fourth of the table. The mask keeps the index below
-        // the shard count, which is ≤ 64.
-        #[allow(clippy::cast_possible_truncation)]
-        let index = ((hash >> SHARD_SHIFT) & self.inner.shard_mask) as usize;
+        let index = shard_index(self.inner.hasher.hash_one(key), self.inner.shard_mask);
         lock(&self.inner.shards[index])
     }
 
@@ -707,8 +708,9 @@ mod tests {
     /// and two backends place the same key independently.
     #[test]
     fn key_hash_spreads_keys_that_differ_in_few_bits() {
-        // Per shard (the low bits) and per hashbrown control byte (the top
-        // ones), 100 keys expected in each of 64.
+        // Per starting bucket (the low bits), per shard (bits from 32) and
+        // per hashbrown control byte (the top ones): 100 keys expected in
+        // each of 64.
         let counts = |hasher: KeyHash, vary: usize, shift: u32| {
             let mut counts = [0u32; 64];
             for n in 0..6400u32 {
@@ -720,7 +722,7 @@ mod tests {
             counts
         };
         for vary in [0, 7, 8, 30] {
-            for shift in [0, 58] {
+            for shift in [0, 32, 58] {
                 let counts = counts(KeyHash::new(), vary, shift);
                 let (low, high) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
                 assert!(
@@ -735,7 +737,7 @@ mod tests {
         let mut starts = std::collections::HashSet::new();
         for n in 0..6400u32 {
             let hash = hasher.hash_one(key(n));
-            if (hash >> SHARD_SHIFT).trailing_zeros() >= 6 {
+            if shard_index(hash, 63) == 0 {
                 starts.insert(hash & 63);
             }
         }
@@ -747,8 +749,7 @@ mod tests {
         let (a, b) = (KeyHash::new(), KeyHash::new());
         let same = (0..1000u32)
             .filter(|n| {
-                (a.hash_one(key(*n)) >> SHARD_SHIFT) & 63
-                    == (b.hash_one(key(*n)) >> SHARD_SHIFT) & 63
+                shard_index(a.hash_one(key(*n)), 63) == shard_index(b.hash_one(key(*n)), 63)
             })
             .count();
         assert!(

@@ -5,10 +5,11 @@
 //! lock; it never leaves the backend (the handler's
 //! [`FencingToken`](crate::FencingToken) is another number). A random base
 //! per process plus a counter would spare the system call, but a process
-//! that is forked or restored from a snapshot more than once would hand out
-//! the same sequence twice, and a holder whose lease lapsed could then
-//! complete over a newer holder with the same token. The kernel reseeds its
-//! generator on a snapshot restore; a call per lock keeps that guarantee.
+//! that is forked, or a virtual machine restored from one snapshot more than
+//! once, would hand out the same sequence twice, and a holder whose lease
+//! lapsed could then complete over a newer holder with the same token. A
+//! forked process draws fresh bytes here, and Linux reseeds its generator
+//! when a virtual machine with a generation ID (vmgenid) is restored.
 
 use super::{BackendError, BackendErrorKind};
 
