@@ -20,6 +20,10 @@
 //! (`benches/layer.rs`): a 61-byte JSON body, `Content-Type` and
 //! `Authorization`; the handler answers 41 bytes of JSON.
 
+#[cfg(feature = "sqlite")]
+#[path = "../tests/sqlite_files/mod.rs"]
+mod sqlite_files;
+
 use std::convert::Infallible;
 
 use bytes::Bytes;
@@ -130,11 +134,7 @@ fn main() {
                     .await
                     .expect("a SQLite file");
                 count(backend, &mode, n, run).await;
-                for suffix in ["", "-wal", "-shm"] {
-                    let mut file = path.clone().into_os_string();
-                    file.push(suffix);
-                    let _ = std::fs::remove_file(file);
-                }
+                sqlite_files::remove(&path);
             }
             other => panic!("unknown backend {other} (or its feature is off)"),
         }

@@ -54,6 +54,8 @@ mod load_limits;
 mod postgres_wire;
 #[path = "../tests/redis_monitor/mod.rs"]
 mod redis_monitor;
+#[path = "../tests/sqlite_files/mod.rs"]
+mod sqlite_files;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -527,7 +529,7 @@ async fn measure(
         }
     }
     // The same for each backend against its limit.
-    for (backend, limit) in [("redis", "redis-limit"), ("postgres", "postgres-limit")] {
+    for (backend, limit) in LIMITS {
         let find = |name| configs.iter().position(|c| c.name == name);
         let (Some(b), Some(l)) = (find(backend), find(limit)) else {
             continue;
@@ -617,6 +619,9 @@ async fn measure_one(
         of_limit: Vec::new(),
     }
 }
+
+/// Each backend configuration and the one that measures its server's limit.
+const LIMITS: [(&str, &str); 2] = [("redis", "redis-limit"), ("postgres", "postgres-limit")];
 
 /// The limit configurations' drivers, prepared once the servers run.
 #[derive(Default)]
@@ -860,7 +865,7 @@ fn configs(redis_url: String, database_url: String) -> Vec<Config> {
 
 /// Each limit configuration beside its backend's.
 fn add_limits(configs: &mut Vec<Config>) {
-    for (backend, limit) in [("redis", "redis-limit"), ("postgres", "postgres-limit")] {
+    for (backend, limit) in LIMITS {
         let at = configs
             .iter()
             .position(|c| c.name == backend)
@@ -890,11 +895,7 @@ async fn clean(config: &Config) {
         // configurations' prefix and table.
         Cost::None | Cost::RedisLimit(_) | Cost::PostgresLimit(_) => {}
         Cost::File(path) => {
-            for suffix in ["", "-wal", "-shm"] {
-                let mut file = path.clone().into_os_string();
-                file.push(suffix);
-                let _ = std::fs::remove_file(file);
-            }
+            sqlite_files::remove(path);
         }
         Cost::Redis(url) => {
             let client = redis::Client::open(url.as_str()).expect("REDIS_URL");
@@ -1176,11 +1177,10 @@ fn ratio_cell(ratios: &[f64]) -> String {
 /// mode, beside the bare server (no configuration can beat either), and
 /// the application's CPU per request over the bare server's.
 fn print_limits(rows: &[Row], modes: &[Mode]) {
-    let pairs = [("redis", "redis-limit"), ("postgres", "postgres-limit")];
     let find = |name: &str, mode: Mode| rows.iter().find(|r| r.config == name && r.mode == mode);
     let mut lines = Vec::new();
     for &mode in modes {
-        for (backend, limit) in pairs {
+        for (backend, limit) in LIMITS {
             let (Some(b), Some(l)) = (find(backend, mode), find(limit, mode)) else {
                 continue;
             };

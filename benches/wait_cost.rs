@@ -14,6 +14,9 @@
 // Statistics over counts far below 2^52.
 #![allow(clippy::cast_precision_loss)]
 
+#[path = "../tests/sqlite_files/mod.rs"]
+mod sqlite_files;
+
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -185,11 +188,7 @@ async fn main() {
             .expect("sqlite backend")
     })
     .await;
-    for suffix in ["", "-wal", "-shm"] {
-        let mut file = sqlite_path.clone().into_os_string();
-        file.push(suffix);
-        let _ = std::fs::remove_file(file);
-    }
+    sqlite_files::remove(&sqlite_path);
     // The keys expire with their records; the bench table is dropped.
     let config = deadpool_postgres::Config {
         url: Some(database_url),

@@ -3,6 +3,8 @@
 
 pub mod fault_proxy;
 pub mod faults;
+#[path = "../sqlite_files/mod.rs"]
+pub mod sqlite_files;
 pub mod stepped;
 
 use std::convert::Infallible;
@@ -626,10 +628,6 @@ impl TempDb {
 
 impl Drop for TempDb {
     fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let mut path = self.0.clone().into_os_string();
-            path.push(suffix);
-            let _ = std::fs::remove_file(path);
-        }
+        sqlite_files::remove(&self.0);
     }
 }
