@@ -11,7 +11,7 @@
 # the cost of one request in this process, whatever else the machine does
 # (runs of the same binary differ by a few hundred instructions: the hash
 # maps are randomly keyed). "over none" subtracts the bare handler's count.
-# An earlier revision is counted on the memory backend only. Needs valgrind
+# An earlier revision must have the backends' features. Needs valgrind
 # (Debian package valgrind), and Redis / PostgreSQL for those backends
 # (REDIS_URL, DATABASE_URL).
 set -euo pipefail
@@ -39,9 +39,11 @@ if [ -n "$rev" ]; then
     dir="target/before-$short"
     [ -d "$dir" ] || git worktree add --detach "$dir" "$rev" >/dev/null
     cp benches/instructions.rs "$dir/benches/instructions.rs"
+    mkdir -p "$dir/tests/sqlite_files"
+    cp tests/sqlite_files/mod.rs "$dir/tests/sqlite_files/mod.rs"
     grep -q 'name = "instructions"' "$dir/Cargo.toml" ||
         printf '\n[[bench]]\nname = "instructions"\nharness = false\n' >>"$dir/Cargo.toml"
-    programs+=("$short:$(build "$dir" "$PWD/target/before-build")")
+    programs+=("$short:$(build "$dir" "$PWD/target/before-build" "$features")")
 fi
 echo "| backend | mode | build | instructions per request | over none |"
 echo "|---|---|---|---|---|"
@@ -51,7 +53,6 @@ for backend in ${backends//,/ }; do
         for entry in "${programs[@]}"; do
             name=${entry%%:*}
             program=${entry#*:}
-            [ "$name" = this ] || [ "$backend" = memory ] || continue
             zero=$(count "$program" "$mode" 0 "$backend")
             many=$(count "$program" "$mode" "$n" "$backend")
             per=$(( (many - zero) / n ))
