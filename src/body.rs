@@ -200,8 +200,8 @@ pub(crate) enum TeeEvent<B> {
     /// The body passed the limit: no more copies follow, and the storing
     /// task settles the key at once.
     Overflow,
-    /// The body ended with trailers.
-    Trailers,
+    /// The body ended with these trailers.
+    Trailers(HeaderMap),
     /// The body ended.
     End,
     /// The body failed.
@@ -261,8 +261,13 @@ impl<B: Body> Tee<B> {
         };
         if let Some(data) = frame.data_ref() {
             self.copy(data);
-        } else if frame.is_trailers() {
-            self.finish(TeeEvent::Trailers);
+        } else if let Some(trailers) = frame.trailers_ref() {
+            let copy = if self.overflowed {
+                HeaderMap::new()
+            } else {
+                trailers.clone()
+            };
+            self.finish(TeeEvent::Trailers(copy));
             self.ending = Some(Last::Trailers(frame));
             return self.poll_frame(cx);
         }
@@ -320,10 +325,10 @@ impl<B: Body> Drop for Tee<B> {
 
 /// How a teed body ended, as seen by the task that stores it.
 pub(crate) enum TeeEnd {
-    /// The whole body, within the limit, without trailers.
-    Complete(Bytes),
-    /// The body was complete but cannot be stored (over the limit, or with
-    /// trailers), and why.
+    /// The whole body, within the limit, and its trailers.
+    Complete(Bytes, Option<HeaderMap>),
+    /// The body was complete but cannot be stored (over the limit), and
+    /// why.
     Unstorable(&'static str),
     /// The body failed.
     Failed,
@@ -355,8 +360,10 @@ pub(crate) async fn follow_tee<B: Body>(
             TeeEvent::Overflow => {
                 return TeeEnd::Unstorable("response larger than the store limit");
             }
-            TeeEvent::Trailers => return TeeEnd::Unstorable("response has trailers"),
-            TeeEvent::End => return TeeEnd::Complete(concat(chunks, total)),
+            TeeEvent::Trailers(trailers) => {
+                return TeeEnd::Complete(concat(chunks, total), Some(trailers));
+            }
+            TeeEvent::End => return TeeEnd::Complete(concat(chunks, total), None),
             TeeEvent::Failed => return TeeEnd::Failed,
             TeeEvent::Abandoned(mut rest) => {
                 let room = limit.saturating_sub(total);
@@ -371,13 +378,10 @@ pub(crate) async fn follow_tee<B: Body>(
                     );
                 };
                 return match rest {
-                    Collected::Complete {
-                        trailers: Some(_), ..
-                    } => TeeEnd::Unstorable("response has trailers"),
-                    Collected::Complete { data, .. } => {
+                    Collected::Complete { data, trailers } => {
                         let len = data.len();
                         chunks.push(data);
-                        TeeEnd::Complete(concat(chunks, total + len))
+                        TeeEnd::Complete(concat(chunks, total + len), trailers)
                     }
                     // The rest is not read: it cannot be stored anyway.
                     Collected::Overflow { .. } => {

@@ -37,6 +37,7 @@ pub(crate) fn clamp_ttl(ttl: Duration) -> Duration {
 }
 
 type PersistFn = dyn Fn(&response::Parts) -> bool + Send + Sync;
+pub(crate) type GrpcPersistFn = dyn Fn(i32) -> bool + Send + Sync;
 
 /// What happens to a handler that already started when the client goes away
 /// (the response future is dropped: the socket closed, an outer timeout
@@ -188,6 +189,11 @@ pub(crate) struct Config {
     pub(crate) scope: Scope,
     pub(crate) shared_anonymous_scope: bool,
     pub(crate) persist_if: Arc<PersistFn>,
+    /// Which `grpc-status` codes are stored.
+    pub(crate) grpc_persist_if: Arc<GrpcPersistFn>,
+    /// gRPC methods (`/package.Service/Method`) whose requests stream:
+    /// passed through untouched.
+    pub(crate) grpc_streaming_requests: Vec<Box<str>>,
     pub(crate) server_errors: ServerErrors,
     pub(crate) fail_open: bool,
     pub(crate) on_disconnect: OnDisconnect,
@@ -222,6 +228,8 @@ impl Default for Config {
             scope: Scope::AuthorizationOrCookie,
             shared_anonymous_scope: false,
             persist_if: Arc::new(default_persist),
+            grpc_persist_if: Arc::new(crate::grpc::persist_by_default),
+            grpc_streaming_requests: Vec::new(),
             server_errors: ServerErrors::Retry,
             fail_open: false,
             on_disconnect: OnDisconnect::Complete,

@@ -15,7 +15,8 @@ use tracing::Instrument;
 
 use crate::backend::{Backend, BackendError, BackendErrorKind, Begin};
 use crate::body::{Collected, IdempotencyBody, TeeEnd, collect_limited, follow_tee};
-use crate::config::{Config, OnDisconnect, Unstorable};
+use crate::config::{Config, OnDisconnect, Persist, Unstorable};
+use crate::grpc;
 use crate::headers::{
     IDEMPOTENCY_TTL, declared_length, is_event_stream, keep_retention_back, known_length, problem,
     replay, retention_left, set_retention,
@@ -33,6 +34,36 @@ pub(crate) async fn run<S, B, ReqBody, ResBody>(
     config: Arc<Config>,
     req: Request<ReqBody>,
     key: IdempotencyKey,
+) -> Answer<ResBody, S::Error>
+where
+    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send,
+    S::Error: Send + 'static,
+    B: Backend,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError> + Send,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Send,
+{
+    let grpc = grpc::is_grpc(req.headers());
+    let answer = guard(inner, backend, config, req, key, grpc).await;
+    if grpc {
+        answer.map(grpc::answer)
+    } else {
+        answer
+    }
+}
+
+/// Buffers and fingerprints a keyed request, then [`decide`]s.
+async fn guard<S, B, ReqBody, ResBody>(
+    inner: S,
+    backend: B,
+    config: Arc<Config>,
+    req: Request<ReqBody>,
+    key: IdempotencyKey,
+    grpc: bool,
 ) -> Answer<ResBody, S::Error>
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -71,7 +102,10 @@ where
             ));
         }
     };
-    let fingerprinted = match config.body_fingerprint.apply(&parts, &data) {
+    // A gRPC body is framed protobuf (or another codec): never JSON-canonical.
+    let raw = crate::fingerprint::BodyFingerprint::Raw;
+    let body_fingerprint = if grpc { &raw } else { &config.body_fingerprint };
+    let fingerprinted = match body_fingerprint.apply(&parts, &data) {
         Ok(body) => body,
         Err(reason) => {
             observe::request("invalid_body");
@@ -281,6 +315,7 @@ async fn execute<S, B, ReqBody, ResBody>(
         atomic,
     } = held;
     let progress = Progress::default();
+    let grpc = grpc::is_grpc(req.headers());
     let (produced, lost) = {
         let work = pin!(produce(
             &mut inner,
@@ -299,7 +334,7 @@ async fn execute<S, B, ReqBody, ResBody>(
         interrupted(
             &mut guard,
             &config,
-            fingerprint,
+            (fingerprint, grpc),
             atomic,
             &progress,
             &mut delivery,
@@ -375,12 +410,21 @@ where
     ResBody: Body + Send + 'static,
 {
     progress.called.store(true, Ordering::SeqCst);
+    let grpc = grpc::is_grpc(req.headers());
     let (mut parts, body) = match inner.call(req).await {
         Ok(response) => response.into_parts(),
         Err(error) => return Produced::Failed(error),
     };
     let stream = |parts, body| Response::from_parts(parts, IdempotencyBody::stream(body));
-    let ttl = match announced(&mut parts, config, fingerprint) {
+    // A gRPC response's own status comes at its end, in its trailers,
+    // unless the handler decided for itself.
+    let by_grpc_status = grpc && parts.extensions.get::<Persist>().is_none();
+    let refused = |headers: &HeaderMap, trailers: Option<&HeaderMap>| {
+        by_grpc_status
+            .then(|| grpc::refused(headers, trailers, &*config.grpc_persist_if))
+            .flatten()
+    };
+    let ttl = match announced(&mut parts, config, (fingerprint, grpc)) {
         Keep::For(ttl) => ttl,
         Keep::Release(why) => {
             return Produced::Release {
@@ -433,8 +477,14 @@ where
         progress.streaming.store(status.as_u16(), Ordering::SeqCst);
         delivery.send(Ok(Response::from_parts(parts, body)));
         return match follow_tee(&mut copies, limit, config.drain_timeout()).await {
-            TeeEnd::Complete(data) => Produced::Store {
-                record: Record::new(status, headers, data, fingerprint),
+            TeeEnd::Complete(_, trailers) if refused(&headers, trailers.as_ref()).is_some() => {
+                Produced::Release {
+                    response: None,
+                    why: refused(&headers, trailers.as_ref()).unwrap_or_default(),
+                }
+            }
+            TeeEnd::Complete(data, trailers) => Produced::Store {
+                record: with_trailers(Record::new(status, headers, data, fingerprint), trailers),
                 ttl,
                 response: None,
             },
@@ -453,16 +503,19 @@ where
     // an atomic backend, before the handler's effects commit).
     let mut body = Box::pin(body);
     match collect_limited(body.as_mut(), limit).await {
-        Collected::Complete {
-            data,
-            trailers: None,
-        } => Produced::Store {
-            record: Record::from_parts(&parts, data.clone(), fingerprint),
-            ttl,
-            response: Some(full(parts, data, None)),
-        },
         Collected::Complete { data, trailers } => {
-            unstorable(Some(full(parts, data, trailers)), "response has trailers")
+            if let Some(why) = refused(&parts.headers, trailers.as_ref()) {
+                return Produced::Release {
+                    response: Some(full(parts, data, trailers)),
+                    why,
+                };
+            }
+            let record = Record::from_parts(&parts, data.clone(), fingerprint);
+            Produced::Store {
+                record: with_trailers(record, trailers.clone()),
+                ttl,
+                response: Some(full(parts, data, trailers)),
+            }
         }
         // The length it announced was wrong.
         Collected::Overflow { prefix } => unstorable(
@@ -482,11 +535,18 @@ where
     }
 }
 
+fn with_trailers(record: Record, trailers: Option<HeaderMap>) -> Record {
+    match trailers {
+        Some(trailers) => record.with_trailers(trailers),
+        None => record,
+    }
+}
+
 /// What becomes of the handler's response ([`keep`]), announced in the
 /// retention header when one is configured. The header is stored with the
 /// record, so a replay counts down from the TTL this response was kept for.
-fn announced(parts: &mut response::Parts, config: &Config, fingerprint: Fingerprint) -> Keep {
-    let kept = keep(parts, config, fingerprint);
+fn announced(parts: &mut response::Parts, config: &Config, request: (Fingerprint, bool)) -> Keep {
+    let kept = keep(parts, config, request);
     let retention = config.retention_header.as_ref();
     match &kept {
         Keep::For(ttl) => set_retention(&mut parts.headers, retention, *ttl),

@@ -121,13 +121,14 @@ pub(crate) fn strip_unreplayable(headers: &mut HeaderMap) {
 
 /// Builds the replay of a stored record: its status, its headers in their
 /// order, a `Content-Length` for the stored body, `Idempotent-Replayed:
-/// true`. A "not kept" marker is answered with its problem document.
+/// true`, the body and its trailers. A "not kept" marker is answered with its problem document.
 pub(crate) fn replay<B: Body>(record: Record) -> Response<IdempotencyBody<B>> {
     let Record {
         status,
         mut headers,
         body,
         kept,
+        mut trailers,
         ..
     } = record;
     if !kept {
@@ -144,6 +145,9 @@ pub(crate) fn replay<B: Body>(record: Record) -> Response<IdempotencyBody<B>> {
     }
     // Records from remote stores may have been written by other code.
     strip_unreplayable(&mut headers);
+    if let Some(trailers) = &mut trailers {
+        strip_unreplayable(trailers);
+    }
     if !(status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED)
@@ -151,7 +155,7 @@ pub(crate) fn replay<B: Body>(record: Record) -> Response<IdempotencyBody<B>> {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     mark_replayed(&mut headers);
-    let mut response = Response::new(IdempotencyBody::full(body, None));
+    let mut response = Response::new(IdempotencyBody::full(body, trailers));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response

@@ -287,6 +287,52 @@ impl<B> IdempotencyLayer<B> {
         self.with(|c| c.persist_if = Arc::new(predicate))
     }
 
+    /// Decides which gRPC responses are stored, by their `grpc-status`
+    /// (default [`grpc::persist_by_default`](crate::grpc::persist_by_default):
+    /// `OK` and the definite failures, not the retryable or ambiguous
+    /// codes). See [gRPC](crate::grpc#which-statuses-are-stored).
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+    ///
+    /// // Store successes only: every gRPC error runs again on retry.
+    /// let layer = IdempotencyLayer::new(MemoryBackend::new())
+    ///     .grpc_persist_if(|code| code == tonic::Code::Ok as i32);
+    /// # let _ = layer;
+    /// ```
+    pub fn grpc_persist_if<F>(self, predicate: F) -> Self
+    where
+        F: Fn(i32) -> bool + Send + Sync + 'static,
+    {
+        self.with(|c| c.grpc_persist_if = Arc::new(predicate))
+    }
+
+    /// gRPC methods whose requests are streams (client-streaming and
+    /// bidirectional RPCs), as paths `/package.Service/Method`: their calls
+    /// pass through untouched, with or without a key. Every other gRPC
+    /// method is guarded; see [streaming
+    /// requests](crate::grpc#streaming-requests) for why that is the
+    /// default. Adds to the methods named before.
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryBackend::new())
+    ///     .grpc_streaming_requests(["/chat.v1.Chat/Converse", "/files.v1.Files/Upload"]);
+    /// # let _ = layer;
+    /// ```
+    pub fn grpc_streaming_requests<I, M>(self, methods: I) -> Self
+    where
+        I: IntoIterator<Item = M>,
+        M: Into<String>,
+    {
+        let methods: Vec<Box<str>> = methods
+            .into_iter()
+            .map(|m| m.into().into_boxed_str())
+            .collect();
+        self.with(|c| c.grpc_streaming_requests.extend(methods))
+    }
+
     /// When the backend fails, run the handler unprotected instead of
     /// answering `503`. Choose this only where a duplicate is cheaper than an
     /// outage.

@@ -420,7 +420,9 @@
 //! `stored_unreadable` (`500`), `stored_incompatible` (`503`),
 //! `body_too_large` (`413`),
 //! `body_error` and `invalid_body` (`400`), `backend_unavailable` (`503`),
-//! `shutting_down` (`503`), `fail_open` (the handler ran unprotected). Labels take only these fixed values: keys and
+//! `shutting_down` (`503`), `fail_open` (the handler ran unprotected),
+//! `grpc_streaming` (a gRPC method named in
+//! [`grpc_streaming_requests`](IdempotencyLayer::grpc_streaming_requests), passed through). Labels take only these fixed values: keys and
 //! callers never become label values, so cardinality stays bounded.
 //!
 //! [`metrics`]: https://docs.rs/metrics
@@ -464,6 +466,7 @@ pub mod fence;
 mod fingerprint;
 mod flow;
 mod future;
+pub mod grpc;
 mod headers;
 mod key;
 mod layer;

@@ -266,6 +266,14 @@ pub(crate) fn response(
     response_with_status(kind, kind.status(), detail, retry_after)
 }
 
+/// Marks a response as the layer's own problem answer, so that it can be
+/// answered in gRPC's terms to a gRPC request.
+#[derive(Clone, Debug)]
+pub(crate) struct Answered {
+    pub(crate) kind: ProblemKind,
+    pub(crate) detail: Box<str>,
+}
+
 /// [`response`] with a status other than the kind's own (the original
 /// status of a response that was not kept).
 pub(crate) fn response_with_status(
@@ -283,6 +291,10 @@ pub(crate) fn response_with_status(
     );
     let mut res = Response::new(Bytes::from(body));
     *res.status_mut() = status;
+    res.extensions_mut().insert(Answered {
+        kind,
+        detail: detail.into(),
+    });
     res.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),

@@ -53,6 +53,9 @@ pub struct Record {
     pub headers: HeaderMap,
     /// The whole response body.
     pub body: Bytes,
+    /// The trailers the body ended with (a gRPC response's `grpc-status`,
+    /// say), replayed after the body; `None` for a body without trailers.
+    pub trailers: Option<HeaderMap>,
     /// The fingerprint of the request that produced the response.
     pub fingerprint: Fingerprint,
     /// When the response was recorded.
@@ -82,6 +85,7 @@ impl Record {
             status,
             headers,
             body,
+            trailers: None,
             fingerprint,
             created_at: now_millis(),
             kept: true,
@@ -105,10 +109,32 @@ impl Record {
             status,
             headers: HeaderMap::new(),
             body: Bytes::new(),
+            trailers: None,
             fingerprint,
             created_at: now_millis(),
             kept: false,
         }
+    }
+
+    /// The record with the trailers its body ended with, dropping the same
+    /// fields [`Record::new`] drops from headers.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use http::{HeaderMap, HeaderValue, StatusCode};
+    /// use tower_idempotency::{Fingerprint, Record};
+    ///
+    /// let mut trailers = HeaderMap::new();
+    /// trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    /// let record = Record::new(StatusCode::OK, HeaderMap::new(), Bytes::new(), Fingerprint::from_bytes([0; 32]))
+    ///     .with_trailers(trailers);
+    /// assert_eq!(record.trailers.unwrap()["grpc-status"], "0");
+    /// ```
+    #[must_use]
+    pub fn with_trailers(mut self, mut trailers: HeaderMap) -> Self {
+        strip_unreplayable(&mut trailers);
+        self.trailers = Some(trailers);
+        self
     }
 
     /// Makes a record from the parts of a response and its buffered body.
@@ -123,6 +149,7 @@ impl Record {
         let headers: usize = self
             .headers
             .iter()
+            .chain(self.trailers.iter().flat_map(HeaderMap::iter))
             .map(|(n, v)| n.as_str().len() + v.len() + 32)
             .sum();
         self.body.len() + headers + 96
@@ -225,15 +252,14 @@ struct WireRef<'a> {
     body: &'a serde_bytes::Bytes,
     fingerprint: &'a serde_bytes::Bytes,
     created_at_ms: u64,
-    // Written only for markers, so a kept record is encoded exactly as by
-    // the versions before markers existed, and those versions read it.
-    #[serde(skip_serializing_if = "is_false")]
-    not_kept: bool,
-}
-
-#[allow(clippy::trivially_copy_pass_by_ref)] // serde's signature
-const fn is_false(b: &bool) -> bool {
-    !*b
+    // Fields are written by position: these two are written only when
+    // needed (a marker; a body with trailers, which needs `not_kept` before
+    // it), so a kept record without trailers is encoded exactly as by the
+    // versions before they existed, and those versions read it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    not_kept: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trailers: Option<Vec<(&'a str, &'a serde_bytes::Bytes)>>,
 }
 
 #[derive(Deserialize)]
@@ -245,6 +271,8 @@ struct Wire {
     created_at_ms: u64,
     #[serde(default)]
     not_kept: bool,
+    #[serde(default)]
+    trailers: Option<Vec<(String, serde_bytes::ByteBuf)>>,
 }
 
 impl RecordCodec {
@@ -284,17 +312,15 @@ impl RecordCodec {
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
             .as_millis();
+        let trailers = record.trailers.as_ref().map(fields);
         let wire = WireRef {
             status: record.status.as_u16(),
-            headers: record
-                .headers
-                .iter()
-                .map(|(n, v)| (n.as_str(), serde_bytes::Bytes::new(v.as_bytes())))
-                .collect(),
+            headers: fields(&record.headers),
             body: serde_bytes::Bytes::new(&record.body),
             fingerprint: serde_bytes::Bytes::new(record.fingerprint.as_bytes()),
             created_at_ms: u64::try_from(created_at_ms).unwrap_or(u64::MAX),
-            not_kept: !record.kept,
+            not_kept: (!record.kept || trailers.is_some()).then_some(!record.kept),
+            trailers,
         };
         let mut out = vec![VERSION, 0, 0, 0, 0, 0];
         rmp_serde::encode::write(&mut out, &wire)
@@ -390,23 +416,38 @@ impl Wire {
             .as_slice()
             .try_into()
             .map_err(|_| malformed("fingerprint is not 32 bytes"))?;
-        let mut headers = HeaderMap::with_capacity(self.headers.len());
-        for (name, value) in self.headers {
-            let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| malformed("invalid header name"))?;
-            let value =
-                HeaderValue::from_bytes(&value).map_err(|_| malformed("invalid header value"))?;
-            headers.append(name, value);
-        }
+        let headers = header_map(self.headers)?;
+        let trailers = self.trailers.map(header_map).transpose()?;
         Ok(Record {
             status,
             headers,
             body: Bytes::from(self.body.into_vec()),
+            trailers,
             fingerprint: Fingerprint::from_bytes(fingerprint),
             created_at: UNIX_EPOCH + Duration::from_millis(self.created_at_ms),
             kept: !self.not_kept,
         })
     }
+}
+
+/// A header map as name and value pairs, in order.
+fn fields(map: &HeaderMap) -> Vec<(&str, &serde_bytes::Bytes)> {
+    map.iter()
+        .map(|(n, v)| (n.as_str(), serde_bytes::Bytes::new(v.as_bytes())))
+        .collect()
+}
+
+fn header_map(fields: Vec<(String, serde_bytes::ByteBuf)>) -> Result<HeaderMap, CodecError> {
+    let malformed = |what: &str| CodecError::Malformed(what.to_owned());
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for (name, value) in fields {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| malformed("invalid header name"))?;
+        let value =
+            HeaderValue::from_bytes(&value).map_err(|_| malformed("invalid header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
 }
 
 #[cfg(test)]
@@ -480,6 +521,38 @@ mod tests {
         assert_eq!(bytes[HEADER_LEN], 0x95, "fixarray of 5");
         let bytes = codec.encode(&marker).unwrap();
         assert_eq!(bytes[HEADER_LEN], 0x96, "fixarray of 6");
+    }
+
+    #[test]
+    fn trailers_round_trip_after_the_fields_before_them() {
+        let codec = RecordCodec::new();
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        trailers.append("x-cost", HeaderValue::from_static("1"));
+        trailers.append("x-cost", HeaderValue::from_static("2"));
+        let with = record(b"\0\0\0\0\x02hi").with_trailers(trailers);
+        let bytes = codec.encode(&with).unwrap();
+        assert_eq!(bytes[HEADER_LEN], 0x97, "fixarray of 7");
+        let back = codec.decode(&bytes).unwrap();
+        assert_eq!(back, with);
+        let values: Vec<_> = back
+            .trailers
+            .as_ref()
+            .unwrap()
+            .get_all("x-cost")
+            .iter()
+            .collect();
+        assert_eq!(values, ["1", "2"], "order and multiplicity kept");
+        // An empty trailer block is not the same as none.
+        let empty = record(b"").with_trailers(HeaderMap::new());
+        assert_eq!(codec.decode(&codec.encode(&empty).unwrap()).unwrap(), empty);
+        // A marker with trailers keeps both.
+        let mut marker = Record::not_kept(StatusCode::OK, Fingerprint::from_bytes([1; 32]));
+        marker.trailers = Some(HeaderMap::new());
+        assert_eq!(
+            codec.decode(&codec.encode(&marker).unwrap()).unwrap(),
+            marker
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::future::ResponseFuture;
 use crate::headers::problem;
 use crate::key::IdempotencyKey;
 use crate::problem::ProblemKind;
-use crate::{BoxError, IdempotencyLayer, flow, observe};
+use crate::{BoxError, IdempotencyLayer, flow, grpc, observe};
 
 /// Middleware that runs each keyed request exactly once. Made by
 /// [`IdempotencyLayer`](crate::IdempotencyLayer).
@@ -126,6 +126,21 @@ where
         if !self.config.methods.contains(req.method()) {
             return ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)));
         }
+        let grpc = grpc::is_grpc(req.headers());
+        if grpc
+            && (self.config.grpc_streaming_requests.iter())
+                .any(|method| **method == *req.uri().path())
+        {
+            observe::request("grpc_streaming");
+            return ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)));
+        }
+        let answer = |response| {
+            ResponseFuture::ready(if grpc {
+                grpc::answer(response)
+            } else {
+                response
+            })
+        };
         match IdempotencyKey::from_headers(req.headers()) {
             Ok(Some(key)) => {
                 // The guarded flow calls the inner service later: take the
@@ -148,7 +163,7 @@ where
             }
             Ok(None) => {
                 observe::request("missing_key");
-                ResponseFuture::ready(problem(
+                answer(problem(
                     ProblemKind::MissingKey,
                     "send an Idempotency-Key header with this request",
                     None,
@@ -157,7 +172,7 @@ where
             Err(error) => {
                 observe::request("invalid_key");
                 tracing::debug!(%error, "rejected malformed Idempotency-Key");
-                ResponseFuture::ready(problem(ProblemKind::InvalidKey, &error.to_string(), None))
+                answer(problem(ProblemKind::InvalidKey, &error.to_string(), None))
             }
         }
     }

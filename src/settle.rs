@@ -16,7 +16,7 @@ use crate::config::{Config, Persist, ServerErrors, clamp_ttl};
 use crate::headers::{problem, set_retention};
 use crate::lock::{Delivery, LockGuard};
 use crate::observe;
-use crate::problem::ProblemKind;
+use crate::problem::{Answered, ProblemKind};
 use crate::{Fingerprint, Record};
 
 /// What the task running a handler delivers: the response, or the inner
@@ -108,7 +108,7 @@ pub(crate) struct Progress {
 pub(crate) async fn interrupted<B: Backend, ResBody: Body, E>(
     guard: &mut LockGuard<B>,
     config: &Config,
-    fingerprint: Fingerprint,
+    (fingerprint, grpc): (Fingerprint, bool),
     atomic: bool,
     progress: &Progress,
     delivery: &mut Delivery<Answer<ResBody, E>>,
@@ -141,7 +141,7 @@ pub(crate) async fn interrupted<B: Backend, ResBody: Body, E>(
             ProblemKind::Interrupted,
             ProblemKind::Interrupted.status(),
             "the request was cut off by a shutdown while it was processed; its outcome is unknown and it will not run again with this key",
-            fingerprint,
+            (fingerprint, grpc),
         );
         (record, Some((parts, body)))
     };
@@ -174,12 +174,14 @@ pub(crate) enum Keep {
     Instead(Record),
 }
 
-pub(crate) fn keep(parts: &response::Parts, config: &Config, fingerprint: Fingerprint) -> Keep {
+/// `request` is the fingerprint of the request, and whether it is gRPC (a
+/// record stored instead of the response is then a gRPC answer).
+pub(crate) fn keep(parts: &response::Parts, config: &Config, request: (Fingerprint, bool)) -> Keep {
     match parts.extensions.get::<Persist>() {
         Some(Persist::Never) => Keep::Release("the handler opted out"),
         Some(Persist::For(ttl)) => Keep::For(clamp_ttl(*ttl)),
         None if parts.status.is_server_error() && config.server_errors == ServerErrors::Mark => {
-            Keep::Instead(outcome_unknown(parts.status, fingerprint))
+            Keep::Instead(outcome_unknown(parts.status, request))
         }
         None if parts.status.is_server_error() && config.server_errors == ServerErrors::Replay => {
             Keep::For(config.ttl)
@@ -191,25 +193,30 @@ pub(crate) fn keep(parts: &response::Parts, config: &Config, fingerprint: Finger
 
 /// The record a retry of a `5xx` gets under [`ServerErrors::Mark`]: the
 /// outcome-unknown problem, with the `5xx`'s status.
-fn outcome_unknown(status: http::StatusCode, fingerprint: Fingerprint) -> Record {
+fn outcome_unknown(status: http::StatusCode, request: (Fingerprint, bool)) -> Record {
     problem_record(
         ProblemKind::OutcomeUnknown,
         status,
         "the first attempt of this request failed with a server error; whether it took effect is unknown, and it will not run again with this key",
-        fingerprint,
+        request,
     )
     .0
 }
 
-/// A problem answer stored as the key's record, with the answer itself.
+/// A problem answer stored as the key's record, with the answer itself: in
+/// gRPC's terms for a gRPC request, so that a replay restores it as such.
 fn problem_record(
     kind: ProblemKind,
     status: http::StatusCode,
     detail: &str,
-    fingerprint: Fingerprint,
+    (fingerprint, grpc): (Fingerprint, bool),
 ) -> (Record, response::Parts, Bytes) {
-    let (parts, body) =
+    let (mut parts, mut body) =
         crate::problem::response_with_status(kind, status, detail, None).into_parts();
+    if grpc && let Some(answered) = parts.extensions.get::<Answered>().cloned() {
+        crate::grpc::convert(&mut parts.status, &mut parts.headers, &answered);
+        body = Bytes::new();
+    }
     let record = Record::from_parts(&parts, body.clone(), fingerprint);
     (record, parts, body)
 }
