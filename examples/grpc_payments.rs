@@ -1,1 +1,124 @@
-fn main() {}
+//! The payments API as a gRPC service (tonic), behind the same layer: a
+//! retried `Create` is charged once and answered with the first `Payment`.
+//!
+//! ```sh
+//! cargo run --features grpc --example grpc_payments
+//! ```
+//!
+//! Any gRPC client sends the key as metadata; with `grpcurl` and the proto
+//! in `examples/grpc/payments.rs`:
+//!
+//! ```sh
+//! grpcurl -plaintext -proto payments.proto -H 'idempotency-key: "k1"' \
+//!     -d '{"amount":5,"currency":"EUR"}' 127.0.0.1:50051 payments.v1.Payments/Create
+//! ```
+//!
+//! Run it again and the same payment comes back, with `idempotent-replayed:
+//! true` in the response headers; `Stats` shows the handler ran once. The
+//! same key with another amount is `FAILED_PRECONDITION`; a retry while the
+//! first call still runs is `ABORTED` (`PAYMENT_DELAY_MS=2000` to try it).
+//!
+//! Environment: `ADDR` (default `127.0.0.1:50051`), `PAYMENT_DELAY_MS`,
+//! `SHUTDOWN_GRACE_SECS`, `RUST_LOG`, and `REDIS_URL` (with the `redis`
+//! feature) or `DATABASE_URL` (with the `postgres` feature) to use that
+//! backend instead of memory. On `SIGTERM` or Ctrl-C it shuts down
+//! gracefully, like the HTTP examples: calls in flight finish and are
+//! stored, new keyed calls are answered `UNAVAILABLE`.
+
+#[path = "grpc/payments.rs"]
+mod payments;
+#[path = "support/payments_app.rs"]
+mod payments_app;
+
+use std::time::Duration;
+
+use tower_idempotency::{Backend, IdempotencyLayer, MemoryBackend};
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    if let Ok(url) = std::env::var("REDIS_URL") {
+        return redis(url).await;
+    }
+    if let Ok(url) = std::env::var("DATABASE_URL") {
+        return postgres(url).await;
+    }
+    serve(MemoryBackend::new()).await
+}
+
+#[cfg(feature = "redis")]
+async fn redis(url: String) -> Result<(), Box<dyn std::error::Error>> {
+    use tower_idempotency::deadpool_redis::{Config, Runtime};
+
+    let pool = Config::from_url(url).create_pool(Some(Runtime::Tokio1))?;
+    serve(tower_idempotency::RedisBackend::new(pool)).await
+}
+
+#[cfg(not(feature = "redis"))]
+async fn redis(_: String) -> Result<(), Box<dyn std::error::Error>> {
+    Err("REDIS_URL is set: build with --features grpc,redis".into())
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(url: String) -> Result<(), Box<dyn std::error::Error>> {
+    use tower_idempotency::deadpool_postgres::{self, tokio_postgres};
+
+    let mut config = deadpool_postgres::Config::new();
+    config.url = Some(url);
+    config.application_name = Some("grpc_payments".to_owned());
+    let pool = config.create_pool(
+        Some(deadpool_postgres::Runtime::Tokio1),
+        tokio_postgres::NoTls,
+    )?;
+    let backend = tower_idempotency::PostgresBackend::new(pool);
+    backend.migrate().await?;
+    serve(backend).await
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres(_: String) -> Result<(), Box<dyn std::error::Error>> {
+    Err("DATABASE_URL is set: build with --features grpc,postgres".into())
+}
+
+/// Serves `payments.v1.Payments` on `$ADDR` behind the layer on `backend`,
+/// printing `listening on <addr>` once it accepts connections.
+async fn serve<B: Backend>(backend: B) -> Result<(), Box<dyn std::error::Error>> {
+    // First: a signal from now on shuts down gracefully instead of killing.
+    let signal = payments_app::terminated()?;
+    payments_app::init_logging();
+    let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:50051".to_owned());
+    let grace = Duration::from_secs(match std::env::var("SHUTDOWN_GRACE_SECS") {
+        Ok(v) => v.parse()?,
+        Err(_) => 10,
+    });
+    let service = payments::PaymentsServer::new(payments_app::payment_delay()?);
+
+    let layer = IdempotencyLayer::new(backend).ttl(Duration::from_hours(24));
+    let shutdown = layer.shutdown_handle();
+    let listener = tokio::net::TcpListener::bind(&addr).await?;
+    println!("listening on {}", listener.local_addr()?);
+    // The layer's shutdown starts with the signal, beside tonic's: new keyed
+    // calls are refused, calls in flight finish and are stored.
+    let finished = shutdown.shutdown_on(signal, grace);
+    let serve = tonic::transport::Server::builder()
+        .layer(layer)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.started(),
+        );
+    // tonic waits for every open connection; the layer's work is settled
+    // within its grace period, so connections still open after twice that
+    // are closed.
+    let bound = async {
+        shutdown.started().await;
+        tokio::time::sleep(2 * grace.max(Duration::from_secs(5)) + Duration::from_secs(1)).await;
+    };
+    tokio::select! {
+        served = serve => served?,
+        () = bound => tracing::warn!("connections still open after the grace period are closed"),
+    }
+    let report = finished.await;
+    tracing::info!(?report, "idempotency work finished");
+    tracing::info!("shut down");
+    Ok(())
+}

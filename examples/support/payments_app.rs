@@ -209,7 +209,7 @@ pub async fn serve_routes(
 /// handlers are installed when this is called, not when it is first
 /// awaited: a signal that comes right after start-up is not lost (nor does
 /// it kill the process).
-fn terminated() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
+pub fn terminated() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -233,7 +233,7 @@ fn terminated() -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
 /// `RUST_LOG` (default `info`) to standard error: the layer's warnings (a
 /// refused Redis eviction policy, a lost lock, a failed store) show up
 /// where the operator looks.
-fn init_logging() {
+pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
