@@ -446,13 +446,14 @@ async fn a_streaming_request_passes_through<B: Backend>(backend: B) {
         let mut client = served.probe().await;
         client.ready().await.unwrap();
         tx.send(eur(1)).await.unwrap();
-        let res = client
-            .streaming(
-                keyed(outbound, &key),
-                http::uri::PathAndQuery::from_static(ECHO),
-                ProstCodec::<CreatePayment, Payment>::default(),
-            )
+        let call = client.streaming(
+            keyed(outbound, &key),
+            http::uri::PathAndQuery::from_static(ECHO),
+            ProstCodec::<CreatePayment, Payment>::default(),
+        );
+        let res = tokio::time::timeout(Duration::from_secs(10), call)
             .await
+            .expect("answered while the request stream was open")
             .unwrap();
         assert!(!replayed(&res));
         let mut inbound = res.into_inner();
@@ -547,7 +548,10 @@ async fn a_failed_backend_is_unavailable_on_memory() {
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("not processed"), "{status:?}");
-    assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "1000");
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "1000"
+    );
     assert_eq!(served.runs(), 0);
 }
 
@@ -635,4 +639,69 @@ async fn the_example_finishes_a_call_in_flight_on_sigterm() {
         .expect("the example exits after its grace period")
         .unwrap();
     assert!(exit.success(), "{exit:?}");
+}
+
+// ------------------------------------- answers stored in a response's place
+
+/// A gRPC call through the layer as a plain tower service.
+fn grpc_req(key: &str) -> common::Req {
+    let req = common::post("/test.v1.Probe/Flaky", Some(key), "");
+    let mut req = common::with_header(req, "te", "trailers");
+    req.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    *req.body_mut() = Full::new(frame(&eur(1)));
+    req
+}
+
+#[tokio::test]
+async fn an_ambiguous_http_error_is_stored_as_a_grpc_answer() {
+    use tower::Layer;
+    use tower_idempotency::ServerErrors;
+
+    // A gRPC call that a proxy or a timeout layer answers with a `5xx`:
+    // under `ServerErrors::Mark` the retry gets `UNKNOWN` in gRPC's terms.
+    let runs = common::Runs::default();
+    let handler = tower::service_fn({
+        let runs = runs.clone();
+        move |_req: common::InnerReq| {
+            runs.bump();
+            async move {
+                Ok::<_, Infallible>(
+                    http::Response::builder()
+                        .status(http::StatusCode::BAD_GATEWAY)
+                        .body(Full::new(Bytes::new()))
+                        .unwrap(),
+                )
+            }
+        }
+    });
+    let mut svc = IdempotencyLayer::new(MemoryBackend::new())
+        .server_errors(ServerErrors::Mark)
+        .layer(handler);
+    let key = common::unique_key("grpc-mark");
+    let first = common::send(&mut svc, grpc_req(&key)).await;
+    assert_eq!(
+        first.status,
+        http::StatusCode::BAD_GATEWAY,
+        "the first answer is the handler's"
+    );
+    let again = common::send(&mut svc, grpc_req(&key)).await;
+    assert_eq!(runs.get(), 1);
+    assert_eq!(
+        again.status,
+        http::StatusCode::OK,
+        "never an HTTP error to a gRPC client"
+    );
+    assert_eq!(again.headers["content-type"], "application/grpc");
+    assert_eq!(again.headers["grpc-status"], "2", "UNKNOWN");
+    assert!(
+        again.headers["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("whether it took effect is unknown"),
+        "{:?}",
+        again.headers
+    );
+    assert!(again.replayed());
+    assert!(again.body.is_empty(), "trailers-only");
 }
