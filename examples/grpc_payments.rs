@@ -19,7 +19,8 @@
 //! first call still runs is `ABORTED` (`PAYMENT_DELAY_MS=2000` to try it).
 //!
 //! Environment: `ADDR` (default `127.0.0.1:50051`), `PAYMENT_DELAY_MS`,
-//! `SHUTDOWN_GRACE_SECS`, `RUST_LOG`, and `REDIS_URL` (with the `redis`
+//! `SHUTDOWN_GRACE_SECS`, `RUST_LOG`, `IDEMPOTENCY=off` (serve without the
+//! layer, the benchmark's baseline), and `REDIS_URL` (with the `redis`
 //! feature) or `DATABASE_URL` (with the `postgres` feature) to use that
 //! backend instead of memory. On `SIGTERM` or Ctrl-C it shuts down
 //! gracefully, like the HTTP examples: calls in flight finish and are
@@ -94,16 +95,27 @@ async fn serve<B: Backend>(backend: B) -> Result<(), Box<dyn std::error::Error>>
 
     let layer = IdempotencyLayer::new(backend).ttl(Duration::from_hours(24));
     let shutdown = layer.shutdown_handle();
+    // `IDEMPOTENCY=off` serves the same service without the layer: the
+    // baseline of the benchmark. Both answer with tonic's body type.
+    let off = std::env::var("IDEMPOTENCY").is_ok_and(|v| v == "off");
+    let layer = (!off).then(|| {
+        tower::ServiceBuilder::new()
+            .map_response(|res: http::Response<_>| res.map(tonic::body::Body::new))
+            .layer(layer)
+    });
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
     // The layer's shutdown starts with the signal, beside tonic's: new keyed
     // calls are refused, calls in flight finish and are stored.
     let finished = shutdown.shutdown_on(signal, grace);
     let serve = tonic::transport::Server::builder()
-        .layer(layer)
+        .layer(tower::util::option_layer(layer))
         .add_service(service)
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            // As `Server::serve` would: a stored response's trailers leave
+            // in a write of their own, once the record is stored, and
+            // Nagle's algorithm would hold them for the client's delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.started(),
         );
     // tonic waits for every open connection; the layer's work is settled

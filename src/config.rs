@@ -68,7 +68,7 @@ pub enum OnDisconnect {
 /// What the layer keeps when the handler produced a response that cannot be
 /// stored: larger than
 /// [`max_stored_response`](crate::IdempotencyLayer::max_stored_response),
-/// with trailers, or a `text/event-stream`. Set with
+/// or a `text/event-stream`. Set with
 /// [`IdempotencyLayer::unstorable`](crate::IdempotencyLayer::unstorable).
 ///
 /// ```

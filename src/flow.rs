@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::HeaderMap;
-use http::{Request, Response, response};
+use http::{Request, Response, StatusCode, response};
 use http_body::Body;
 use tower::Service;
 use tracing::Instrument;
 
 use crate::backend::{Backend, BackendError, BackendErrorKind, Begin};
 use crate::body::{Collected, IdempotencyBody, TeeEnd, collect_limited, follow_tee};
-use crate::config::{Config, OnDisconnect, Persist, Unstorable};
+use crate::config::{Config, GrpcPersistFn, OnDisconnect, Persist, Unstorable};
 use crate::grpc;
 use crate::headers::{
     IDEMPOTENCY_TTL, declared_length, is_event_stream, keep_retention_back, known_length, problem,
@@ -418,12 +418,8 @@ where
     let stream = |parts, body| Response::from_parts(parts, IdempotencyBody::stream(body));
     // A gRPC response's own status comes at its end, in its trailers,
     // unless the handler decided for itself.
-    let by_grpc_status = grpc && parts.extensions.get::<Persist>().is_none();
-    let refused = |headers: &HeaderMap, trailers: Option<&HeaderMap>| {
-        by_grpc_status
-            .then(|| grpc::refused(headers, trailers, &*config.grpc_persist_if))
-            .flatten()
-    };
+    let by_grpc_status =
+        (grpc && parts.extensions.get::<Persist>().is_none()).then_some(&*config.grpc_persist_if);
     let ttl = match announced(&mut parts, config, (fingerprint, grpc)) {
         Keep::For(ttl) => ttl,
         Keep::Release(why) => {
@@ -467,54 +463,26 @@ where
         );
     }
     if known.is_none() && !atomic {
-        // Forward as it arrives; store the copy at the end. Kept or not is
-        // known only then: the retention header goes into the copy alone.
-        let headers = keep_retention_back(&mut parts.headers, config.retention_header.as_ref());
-        let (events, mut copies) = tokio::sync::mpsc::unbounded_channel();
-        let hand_over = config.on_disconnect == OnDisconnect::Complete;
-        let settled = delivery.settled();
-        let body = IdempotencyBody::tee(body, events, settled, limit, hand_over);
-        progress.streaming.store(status.as_u16(), Ordering::SeqCst);
-        delivery.send(Ok(Response::from_parts(parts, body)));
-        return match follow_tee(&mut copies, limit, config.drain_timeout()).await {
-            TeeEnd::Complete(_, trailers) if refused(&headers, trailers.as_ref()).is_some() => {
-                Produced::Release {
-                    response: None,
-                    why: refused(&headers, trailers.as_ref()).unwrap_or_default(),
-                }
-            }
-            TeeEnd::Complete(data, trailers) => Produced::Store {
-                record: with_trailers(Record::new(status, headers, data, fingerprint), trailers),
-                ttl,
-                response: None,
-            },
-            TeeEnd::Unstorable(why) => unstorable(None, why),
-            TeeEnd::Failed => Produced::Release {
-                response: None,
-                why: "response body failed",
-            },
-            TeeEnd::Gone => Produced::Release {
-                response: None,
-                why: "the client left mid-stream",
-            },
-        };
+        let stored = (fingerprint, ttl, by_grpc_status);
+        return forward_and_copy(parts, body, config, delivery, progress, stored)
+            .await
+            .unwrap_or_else(|why| unstorable(None, why));
     }
     // Buffered: nothing reaches the client before the record is stored (for
     // an atomic backend, before the handler's effects commit).
     let mut body = Box::pin(body);
     match collect_limited(body.as_mut(), limit).await {
         Collected::Complete { data, trailers } => {
-            if let Some(why) = refused(&parts.headers, trailers.as_ref()) {
-                return Produced::Release {
-                    response: Some(full(parts, data, trailers)),
-                    why,
-                };
-            }
-            let record = Record::from_parts(&parts, data.clone(), fingerprint);
-            Produced::Store {
-                record: with_trailers(record, trailers.clone()),
-                ttl,
-                response: Some(full(parts, data, trailers)),
+            let head = (status, parts.headers.clone());
+            let body = (data.clone(), trailers.clone());
+            let response = Some(full(parts, data, trailers));
+            match complete_record(by_grpc_status, head, body, fingerprint) {
+                Ok(record) => Produced::Store {
+                    record,
+                    ttl,
+                    response,
+                },
+                Err(why) => Produced::Release { response, why },
             }
         }
         // The length it announced was wrong.
@@ -535,11 +503,74 @@ where
     }
 }
 
-fn with_trailers(record: Record, trailers: Option<HeaderMap>) -> Record {
-    match trailers {
+/// Forwards a response of unknown length as it arrives while a copy is
+/// kept, and says what the copy becomes at the body's end: stored, released,
+/// or (`Err`) unstorable, and why.
+async fn forward_and_copy<ResBody, E>(
+    mut parts: response::Parts,
+    body: ResBody,
+    config: &Config,
+    delivery: &mut Delivery<Answer<ResBody, E>>,
+    progress: &Progress,
+    (fingerprint, ttl, by_grpc_status): (Fingerprint, Duration, Option<&GrpcPersistFn>),
+) -> Result<Produced<ResBody, E>, &'static str>
+where
+    ResBody: Body + Send + 'static,
+{
+    let status = parts.status;
+    let limit = config.max_stored_response;
+    // Kept or not is known only at the end: the retention header goes into
+    // the copy alone.
+    let headers = keep_retention_back(&mut parts.headers, config.retention_header.as_ref());
+    let (events, mut copies) = tokio::sync::mpsc::unbounded_channel();
+    let hand_over = config.on_disconnect == OnDisconnect::Complete;
+    let settled = delivery.settled();
+    let body = IdempotencyBody::tee(body, events, settled, limit, hand_over);
+    progress.streaming.store(status.as_u16(), Ordering::SeqCst);
+    delivery.send(Ok(Response::from_parts(parts, body)));
+    let released = |why| Produced::Release {
+        response: None,
+        why,
+    };
+    Ok(
+        match follow_tee(&mut copies, limit, config.drain_timeout()).await {
+            TeeEnd::Complete(data, trailers) => {
+                let head = (status, headers);
+                match complete_record(by_grpc_status, head, (data, trailers), fingerprint) {
+                    Ok(record) => Produced::Store {
+                        record,
+                        ttl,
+                        response: None,
+                    },
+                    Err(why) => released(why),
+                }
+            }
+            TeeEnd::Unstorable(why) => return Err(why),
+            TeeEnd::Failed => released("response body failed"),
+            TeeEnd::Gone => released("the client left mid-stream"),
+        },
+    )
+}
+
+/// The record of a complete response, with its trailers — unless
+/// `by_grpc_status` (a gRPC response the handler did not decide for) refuses
+/// its `grpc-status`: then why it is not stored.
+fn complete_record(
+    by_grpc_status: Option<&GrpcPersistFn>,
+    (status, headers): (StatusCode, HeaderMap),
+    (data, trailers): (Bytes, Option<HeaderMap>),
+    fingerprint: Fingerprint,
+) -> Result<Record, &'static str> {
+    if let Some(why) =
+        by_grpc_status.and_then(|persist| grpc::refused(&headers, trailers.as_ref(), persist))
+    {
+        return Err(why);
+    }
+    let record = Record::new(status, headers, data, fingerprint);
+    Ok(match trailers {
         Some(trailers) => record.with_trailers(trailers),
         None => record,
-    }
+    })
 }
 
 /// What becomes of the handler's response ([`keep`]), announced in the

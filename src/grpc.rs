@@ -29,6 +29,15 @@
 //! [`max_stored_response`](crate::IdempotencyLayer::max_stored_response),
 //! and otherwise marked "not kept".
 //!
+//! Serve with `TCP_NODELAY`, as tonic's `Server::serve` does. A response
+//! whose length is not known in advance (every tonic response) is
+//! forwarded as it is produced and its trailers only once its record is
+//! stored, in a write of their own; with Nagle's algorithm on, the kernel
+//! holds that write until the client acknowledges the data before it,
+//! which clients delay by up to 40 ms. A listener of your own passed to
+//! `serve_with_incoming` needs
+//! `TcpIncoming::from(listener).with_nodelay(Some(true))`.
+//!
 //! # Which statuses are stored
 //!
 //! A gRPC error is a `200 OK` whose trailers carry a non-zero

@@ -155,7 +155,7 @@ pub(crate) fn replay<B: Body>(record: Record) -> Response<IdempotencyBody<B>> {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     }
     mark_replayed(&mut headers);
-    let mut response = Response::new(IdempotencyBody::full(body, trailers));
+    let mut response = Response::new(IdempotencyBody::full(body, trailers.map(|t| *t)));
     *response.status_mut() = status;
     *response.headers_mut() = headers;
     response

@@ -119,8 +119,8 @@ impl<B> IdempotencyLayer<B> {
     }
 
     /// What to keep when a response cannot be stored (over
-    /// [`max_stored_response`](Self::max_stored_response), with trailers, or
-    /// a `text/event-stream`): a marker that answers retries without running
+    /// [`max_stored_response`](Self::max_stored_response), or a
+    /// `text/event-stream`): a marker that answers retries without running
     /// the handler ([`Unstorable::Mark`], the default), or nothing
     /// ([`Unstorable::Release`]).
     pub fn unstorable(self, what: Unstorable) -> Self {

@@ -1,4 +1,5 @@
-//! Exactly-once `POST`s for [Tower], [axum] and [hyper] services.
+//! Exactly-once `POST`s for [Tower], [axum] and [hyper] services, and
+//! exactly-once unary calls for [tonic] gRPC services ([`grpc`]).
 //!
 //! A client that retries a request — after a timeout, a dropped connection,
 //! a double click — must not charge a card twice. With [`IdempotencyLayer`],
@@ -11,6 +12,7 @@
 //! [Tower]: https://docs.rs/tower
 //! [axum]: https://docs.rs/axum
 //! [hyper]: https://docs.rs/hyper
+//! [tonic]: https://docs.rs/tonic
 //!
 //! # Quick start (axum)
 //!
@@ -110,6 +112,20 @@
 //! # let _ = service;
 //! ```
 //!
+//! # Quick start (tonic)
+//!
+//! ```
+//! use tower_idempotency::{IdempotencyLayer, MemoryBackend};
+//!
+//! let server = tonic::transport::Server::builder()
+//!     .layer(IdempotencyLayer::new(MemoryBackend::new()));
+//! // .add_service(PaymentsServer::new(…)).serve(addr).await
+//! # let _ = server;
+//! ```
+//!
+//! gRPC calls are answered in gRPC's terms and stored by their
+//! `grpc-status`; see [`grpc`] and `examples/grpc_payments.rs`.
+//!
 //! # Backends
 //!
 //! - [`MemoryBackend`] (feature `memory`, on by default): bounded by records
@@ -177,13 +193,17 @@
 //!    [`persist_if`](IdempotencyLayer::persist_if) and [`Persist`]); then the
 //!    key is released. A body of known length is buffered, stored, then sent;
 //!    a body without one (a chunked stream) is sent as it arrives while a copy
-//!    is kept, and stored when it ends — before the client sees its end
-//!    (unless the store itself fails; the client then still gets the whole
-//!    body). Once such a body passes the limit, the key is settled at once
-//!    with a marker while the rest streams on. A
+//!    is kept, and stored when it ends — before the client sees its end or
+//!    its trailers, which are stored with it (unless the store itself fails;
+//!    the client then still gets the whole body). Serve such bodies with
+//!    `TCP_NODELAY` (with axum, a listener whose `tap_io` calls
+//!    `set_nodelay(true)`; tonic's `serve` sets it): their end leaves in a write of its own once the
+//!    record is stored, which Nagle's algorithm would hold for the
+//!    client's delayed ACK. Once such a body passes the limit, the key is
+//!    settled at once with a marker while the rest streams on. A
 //!    response that cannot be stored (larger than
-//!    [`max_stored_response`](IdempotencyLayer::max_stored_response), with
-//!    trailers, or a `text/event-stream`, which passes straight through)
+//!    [`max_stored_response`](IdempotencyLayer::max_stored_response), or a
+//!    `text/event-stream`, which passes straight through)
 //!    leaves a "response not kept" marker, so a retry does not run the handler
 //!    again (see [`unstorable`](IdempotencyLayer::unstorable)).
 //!
@@ -295,7 +315,7 @@
 //!   [`OnDisconnect::Cancel`] chooses cancellation instead (the key is then
 //!   released and a retry runs again).
 //! - **A response that cannot be stored is not a reason to run again.** Too
-//!   large, with trailers, or an event stream: a "response not kept" marker is
+//!   large, or an event stream: a "response not kept" marker is
 //!   stored (unless [`Unstorable::Release`]), and retries are answered with
 //!   the original status and a problem document, without running the handler.
 //!   `5xx`, `429`, [`Persist::Never`] and an inner `Err` release the key: a
@@ -374,6 +394,13 @@
 //!   process only; several instances need a shared backend such as Redis.
 //! - **Fail closed.** A backend error answers `503` and the handler does not
 //!   run, unless [`fail_open`](IdempotencyLayer::fail_open) is chosen.
+//! - **gRPC calls get the same guarantees.** A keyed unary or
+//!   server-streaming call runs once and its retries get its messages and
+//!   trailers back; a status the handler meant as "try again"
+//!   (`UNAVAILABLE`, `ABORTED`, …) is not stored, so the retry runs; the
+//!   layer's own answers are gRPC statuses ([`grpc`]). Methods named in
+//!   [`grpc_streaming_requests`](IdempotencyLayer::grpc_streaming_requests)
+//!   are not guarded at all.
 //! - **Unreadable records are never replayed, and never run again.** A
 //!   stored record that fails its checksum or does not decode is a
 //!   [`CodecError`] ([`BackendErrorKind::Corrupt`]): the request gets `500`

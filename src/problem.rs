@@ -71,7 +71,7 @@
 //! A retry of a request that was processed, but whose response could not be
 //! stored (larger than
 //! [`max_stored_response`](crate::IdempotencyLayer::max_stored_response),
-//! with trailers, or an event stream). The status is the original
+//! or an event stream). The status is the original
 //! response's status, the handler did not run again, and
 //! `Idempotent-Replayed: true` is set. To repeat the operation, send a new
 //! key.

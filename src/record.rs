@@ -55,15 +55,16 @@ pub struct Record {
     pub body: Bytes,
     /// The trailers the body ended with (a gRPC response's `grpc-status`,
     /// say), replayed after the body; `None` for a body without trailers.
-    pub trailers: Option<HeaderMap>,
+    /// Boxed: most responses have none.
+    pub trailers: Option<Box<HeaderMap>>,
     /// The fingerprint of the request that produced the response.
     pub fingerprint: Fingerprint,
     /// When the response was recorded.
     pub created_at: SystemTime,
     /// `false` for a "completed, response not kept" marker: the handler ran
     /// and answered with [`status`](Self::status), but the response could
-    /// not be stored (too large, trailers, an event stream). Such a record
-    /// has no headers and no body; a retry is answered with the
+    /// not be stored (too large, an event stream). Such a record has no
+    /// headers and no body; a retry is answered with the
     /// [response not kept](crate::problem#response-not-kept) problem.
     pub kept: bool,
 }
@@ -133,7 +134,7 @@ impl Record {
     #[must_use]
     pub fn with_trailers(mut self, mut trailers: HeaderMap) -> Self {
         strip_unreplayable(&mut trailers);
-        self.trailers = Some(trailers);
+        self.trailers = Some(Box::new(trailers));
         self
     }
 
@@ -149,7 +150,12 @@ impl Record {
         let headers: usize = self
             .headers
             .iter()
-            .chain(self.trailers.iter().flat_map(HeaderMap::iter))
+            .chain(
+                self.trailers
+                    .as_deref()
+                    .into_iter()
+                    .flat_map(HeaderMap::iter),
+            )
             .map(|(n, v)| n.as_str().len() + v.len() + 32)
             .sum();
         self.body.len() + headers + 96
@@ -312,7 +318,7 @@ impl RecordCodec {
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
             .as_millis();
-        let trailers = record.trailers.as_ref().map(fields);
+        let trailers = record.trailers.as_deref().map(fields);
         let wire = WireRef {
             status: record.status.as_u16(),
             headers: fields(&record.headers),
@@ -417,7 +423,7 @@ impl Wire {
             .try_into()
             .map_err(|_| malformed("fingerprint is not 32 bytes"))?;
         let headers = header_map(self.headers)?;
-        let trailers = self.trailers.map(header_map).transpose()?;
+        let trailers = self.trailers.map(header_map).transpose()?.map(Box::new);
         Ok(Record {
             status,
             headers,
@@ -548,7 +554,7 @@ mod tests {
         assert_eq!(codec.decode(&codec.encode(&empty).unwrap()).unwrap(), empty);
         // A marker with trailers keeps both.
         let mut marker = Record::not_kept(StatusCode::OK, Fingerprint::from_bytes([1; 32]));
-        marker.trailers = Some(HeaderMap::new());
+        marker.trailers = Some(Box::default());
         assert_eq!(
             codec.decode(&codec.encode(&marker).unwrap()).unwrap(),
             marker

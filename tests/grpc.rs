@@ -194,7 +194,9 @@ async fn serve<B: Backend>(layer: IdempotencyLayer<B>, delay: Duration) -> Serve
         .add_service(probe.clone());
     let server = tokio::spawn(async move {
         router
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            )
             .await
             .unwrap();
     });
@@ -704,4 +706,95 @@ async fn an_ambiguous_http_error_is_stored_as_a_grpc_answer() {
     );
     assert!(again.replayed());
     assert!(again.body.is_empty(), "trailers-only");
+}
+
+/// A body of frames, the last one trailers.
+type FramedBody = StreamBody<
+    tonic::codegen::tokio_stream::Iter<
+        std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>,
+    >,
+>;
+
+/// A handler whose response announces its length and ends with trailers:
+/// the buffered path (stored before anything is sent).
+fn with_length_and_trailers(
+    runs: common::Runs,
+    grpc_status: &'static str,
+) -> impl tower::Service<
+    common::InnerReq,
+    Response = http::Response<FramedBody>,
+    Error = Infallible,
+    Future: Send,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_req: common::InnerReq| {
+        let n = runs.bump();
+        let data = frame(&payment(n, 3));
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", grpc_status.parse().unwrap());
+        trailers.insert("x-run", n.to_string().parse().unwrap());
+        let len = data.len();
+        let frames = vec![
+            Ok(http_body::Frame::data(data)),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        async move {
+            Ok(http::Response::builder()
+                .header("content-type", "application/grpc")
+                .header("content-length", len)
+                .body(StreamBody::new(tonic::codegen::tokio_stream::iter(frames)))
+                .unwrap())
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_response_of_known_length_keeps_its_trailers_and_its_grpc_status_decides() {
+    use tower::{Layer, Service, ServiceExt};
+
+    async fn call<S, B>(svc: &mut S, key: &str) -> (http::HeaderMap, Bytes, Option<http::HeaderMap>)
+    where
+        S: Service<common::Req, Response = http::Response<B>>,
+        S::Error: std::fmt::Debug,
+        B: http_body::Body,
+        B::Error: std::fmt::Debug,
+    {
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(grpc_req(key))
+            .await
+            .unwrap();
+        let (parts, body) = res.into_parts();
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (parts.headers, collected.to_bytes(), trailers)
+    }
+
+    // Stored with its trailers, replayed with them.
+    let runs = common::Runs::default();
+    let mut svc = IdempotencyLayer::new(MemoryBackend::new())
+        .layer(with_length_and_trailers(runs.clone(), "0"));
+    let key = common::unique_key("grpc-known-length");
+    let (_, body, trailers) = call(&mut svc, &key).await;
+    let (headers, again, again_trailers) = call(&mut svc, &key).await;
+    assert_eq!(runs.get(), 1);
+    assert_eq!(again, body);
+    assert_eq!(again_trailers, trailers);
+    assert_eq!(again_trailers.unwrap()["x-run"], "1");
+    assert_eq!(headers["idempotent-replayed"], "true");
+
+    // `UNAVAILABLE` in the trailers: sent as it is, not stored.
+    let runs = common::Runs::default();
+    let mut svc = IdempotencyLayer::new(MemoryBackend::new())
+        .layer(with_length_and_trailers(runs.clone(), "14"));
+    let key = common::unique_key("grpc-known-length-14");
+    let (_, _, trailers) = call(&mut svc, &key).await;
+    assert_eq!(trailers.unwrap()["grpc-status"], "14");
+    let (headers, _, trailers) = call(&mut svc, &key).await;
+    assert_eq!(runs.get(), 2, "the retry ran");
+    assert!(headers.get("idempotent-replayed").is_none());
+    assert_eq!(trailers.unwrap()["x-run"], "2");
 }
