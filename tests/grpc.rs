@@ -39,7 +39,8 @@ const COUNT: &str = "/test.v1.Probe/Count";
 /// - `Raw` answers with one message and trailers of its own, written out
 ///   frame by frame (`x-ledger-seq` counts its runs);
 /// - `Echo` (bidirectional) sends every message back as it comes;
-/// - `Count` (server streaming) sends `amount` payments.
+/// - `Count` (server streaming) sends `amount` payments; from 100 up, two
+///   and then `UNAVAILABLE`.
 #[derive(Clone, Default)]
 struct Probe {
     runs: Arc<AtomicUsize>,
@@ -135,8 +136,16 @@ where
                     let handler = tower::service_fn(move |r: Request<CreatePayment>| {
                         let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
                         let amount = r.into_inner().amount;
-                        let all: Vec<Result<Payment, Status>> =
-                            (0..amount).map(|i| Ok(payment(n, i))).collect();
+                        // From 100 up: two messages, then `UNAVAILABLE`.
+                        let all: Vec<Result<Payment, Status>> = if amount >= 100 {
+                            vec![
+                                Ok(payment(n, 0)),
+                                Ok(payment(n, 1)),
+                                Err(Status::unavailable("try again")),
+                            ]
+                        } else {
+                            (0..amount).map(|i| Ok(payment(n, i))).collect()
+                        };
                         async move {
                             Ok::<_, Status>(Response::new(tonic::codegen::tokio_stream::iter(all)))
                         }
@@ -503,6 +512,31 @@ async fn a_server_stream_is_stored_and_replayed<B: Backend>(backend: B) {
     assert_eq!(served.probe_runs(), 1);
     assert_eq!(all[0].len(), 5);
     assert_eq!(all[1], all[0]);
+
+    // A stream that ends in `UNAVAILABLE` is not stored: the retry runs.
+    let key = common::unique_key("grpc-count-unavailable");
+    for round in 1..=2 {
+        let mut client = served.probe().await;
+        client.ready().await.unwrap();
+        let res = client
+            .server_streaming(
+                keyed(eur(100), &key),
+                http::uri::PathAndQuery::from_static(COUNT),
+                ProstCodec::<CreatePayment, Payment>::default(),
+            )
+            .await
+            .unwrap();
+        assert!(!replayed(&res), "round {round}");
+        let mut stream = res.into_inner();
+        assert_eq!(
+            stream.message().await.unwrap().unwrap().id,
+            format!("pay_{}", round + 1)
+        );
+        stream.message().await.unwrap().unwrap();
+        let status = stream.message().await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable);
+    }
+    assert_eq!(served.probe_runs(), 3, "the stream that failed ran again");
 }
 
 macro_rules! on_backends {
