@@ -279,7 +279,8 @@ impl<B> IdempotencyLayer<B> {
 
     /// Decides which responses are stored (default: all but `5xx` and `429`).
     /// A [`Persist`](crate::Persist) marker in the response extensions
-    /// overrides it.
+    /// overrides it. A gRPC response (always `200`) is then also decided by
+    /// its `grpc-status`: see [`grpc_persist_if`](Self::grpc_persist_if).
     pub fn persist_if<F>(self, predicate: F) -> Self
     where
         F: Fn(&response::Parts) -> bool + Send + Sync + 'static,

@@ -2,7 +2,7 @@
 //! the memory backend and on Redis: retries replay the message and its
 //! trailers, concurrent duplicates run once, the layer answers in gRPC
 //! statuses, `grpc-status` decides what is stored, streaming requests pass
-//! through, and the example serves all of it.
+//! through, and the example serves all of it (on PostgreSQL too).
 
 mod common;
 #[path = "../examples/grpc/payments.rs"]
@@ -646,6 +646,13 @@ async fn the_example_on_memory() {
 #[tokio::test]
 async fn the_example_on_redis() {
     the_example_serves_once(&[("REDIS_URL", &redis_support::redis_url())]).await;
+}
+
+#[tokio::test]
+async fn the_example_on_postgres() {
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    the_example_serves_once(&[("DATABASE_URL", &url)]).await;
 }
 
 #[cfg(unix)]
