@@ -156,8 +156,17 @@ impl<B: Body> Body for IdempotencyBody<B> {
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             Kind::Stream { body } => body.size_hint(),
-            Kind::Full { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            Kind::Full { data, trailers } => {
+                let len = data.as_ref().map_or(0, |d| d.len() as u64);
+                if trailers.is_some() {
+                    // Not exact: an HTTP/1.1 server then sends the body
+                    // chunked, the only framing that carries trailers.
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(len);
+                    hint
+                } else {
+                    SizeHint::with_exact(len)
+                }
             }
             Kind::Prefixed { prefix, body } => {
                 let extra = prefix.as_ref().map_or(0, |d| d.len() as u64);

@@ -15,16 +15,18 @@ use tracing::Instrument;
 
 use crate::backend::{Backend, BackendError, BackendErrorKind, Begin};
 use crate::body::{Collected, IdempotencyBody, TeeEnd, collect_limited, follow_tee};
-use crate::config::{Config, GrpcPersistFn, OnDisconnect, Persist, Unstorable};
-use crate::grpc;
+use crate::config::{Config, GrpcPersistFn, OnDisconnect, Persist, ServerErrors, Unstorable};
+use crate::grpc::{self, Verdict};
 use crate::headers::{
     IDEMPOTENCY_TTL, declared_length, is_event_stream, keep_retention_back, known_length, problem,
     replay, retention_left, set_retention,
 };
 use crate::lock::{Cancellation, Delivery, LockGuard, run_detached};
 use crate::observe;
-use crate::problem::ProblemKind;
-use crate::settle::{Answer, Keep, Progress, full, interrupted, keep, not_committed, store};
+use crate::problem::{Answered, ProblemKind};
+use crate::settle::{
+    Answer, Keep, Progress, full, interrupted, keep, not_committed, outcome_unknown, store,
+};
 use crate::shutdown::Ticket;
 use crate::{BoxError, Fingerprint, IdempotencyKey, Record, StorageKey};
 
@@ -415,11 +417,15 @@ where
         Ok(response) => response.into_parts(),
         Err(error) => return Produced::Failed(error),
     };
+    // The handler's own answer is never taken for the layer's.
+    parts.extensions.remove::<Answered>();
     let stream = |parts, body| Response::from_parts(parts, IdempotencyBody::stream(body));
     // A gRPC response's own status comes at its end, in its trailers,
-    // unless the handler decided for itself.
+    // unless the handler decided for itself. (Another HTTP status is not a
+    // gRPC answer: a proxy's or a timeout layer's, kept by the HTTP rules.)
     let by_grpc_status =
-        (grpc && parts.extensions.get::<Persist>().is_none()).then_some(&*config.grpc_persist_if);
+        (grpc && parts.status == StatusCode::OK && parts.extensions.get::<Persist>().is_none())
+            .then_some((&*config.grpc_persist_if, config.server_errors));
     let ttl = match announced(&mut parts, config, (fingerprint, grpc)) {
         Keep::For(ttl) => ttl,
         Keep::Release(why) => {
@@ -463,8 +469,12 @@ where
         );
     }
     if known.is_none() && !atomic {
-        let stored = (fingerprint, ttl, by_grpc_status);
-        return forward_and_copy(parts, body, config, delivery, progress, stored)
+        let keeping = Keeping {
+            fingerprint,
+            ttl,
+            by_grpc_status,
+        };
+        return forward_and_copy(parts, body, config, delivery, progress, keeping)
             .await
             .unwrap_or_else(|why| unstorable(None, why));
     }
@@ -476,7 +486,12 @@ where
             let head = (status, parts.headers.clone());
             let body = (data.clone(), trailers.clone());
             let response = Some(full(parts, data, trailers));
-            match complete_record(by_grpc_status, head, body, fingerprint) {
+            let keeping = Keeping {
+                fingerprint,
+                ttl,
+                by_grpc_status,
+            };
+            match complete_record(keeping, head, body) {
                 Ok(record) => Produced::Store {
                     record,
                     ttl,
@@ -512,7 +527,7 @@ async fn forward_and_copy<ResBody, E>(
     config: &Config,
     delivery: &mut Delivery<Answer<ResBody, E>>,
     progress: &Progress,
-    (fingerprint, ttl, by_grpc_status): (Fingerprint, Duration, Option<&GrpcPersistFn>),
+    keeping: Keeping<'_>,
 ) -> Result<Produced<ResBody, E>, &'static str>
 where
     ResBody: Body + Send + 'static,
@@ -532,39 +547,50 @@ where
         response: None,
         why,
     };
-    Ok(
-        match follow_tee(&mut copies, limit, config.drain_timeout()).await {
-            TeeEnd::Complete(data, trailers) => {
-                let head = (status, headers);
-                match complete_record(by_grpc_status, head, (data, trailers), fingerprint) {
-                    Ok(record) => Produced::Store {
-                        record,
-                        ttl,
-                        response: None,
-                    },
-                    Err(why) => released(why),
-                }
+    let produced = match follow_tee(&mut copies, limit, config.drain_timeout()).await {
+        TeeEnd::Complete(data, trailers) => {
+            match complete_record(keeping, (status, headers), (data, trailers)) {
+                Ok(record) => Produced::Store {
+                    record,
+                    ttl: keeping.ttl,
+                    response: None,
+                },
+                Err(why) => released(why),
             }
-            TeeEnd::Unstorable(why) => return Err(why),
-            TeeEnd::Failed => released("response body failed"),
-            TeeEnd::Gone => released("the client left mid-stream"),
-        },
-    )
+        }
+        TeeEnd::Unstorable(why) => return Err(why),
+        TeeEnd::Failed => released("response body failed"),
+        TeeEnd::Gone => released("the client left mid-stream"),
+    };
+    Ok(produced)
 }
 
-/// The record of a complete response, with its trailers — unless
-/// `by_grpc_status` (a gRPC response the handler did not decide for) refuses
-/// its `grpc-status`: then why it is not stored.
+/// What a complete response's record is made with.
+#[derive(Clone, Copy)]
+struct Keeping<'a> {
+    fingerprint: Fingerprint,
+    ttl: Duration,
+    /// For a gRPC response the handler did not decide for: the policies
+    /// its `grpc-status` is kept by.
+    by_grpc_status: Option<(&'a GrpcPersistFn, ServerErrors)>,
+}
+
+/// The record of a complete response, with its trailers — unless its
+/// `grpc-status` decides otherwise (an "outcome unknown" answer instead, or
+/// nothing stored, and why).
 fn complete_record(
-    by_grpc_status: Option<&GrpcPersistFn>,
+    keeping: Keeping<'_>,
     (status, headers): (StatusCode, HeaderMap),
     (data, trailers): (Bytes, Option<HeaderMap>),
-    fingerprint: Fingerprint,
 ) -> Result<Record, &'static str> {
-    if let Some(why) =
-        by_grpc_status.and_then(|persist| grpc::refused(&headers, trailers.as_ref(), persist))
-    {
-        return Err(why);
+    let fingerprint = keeping.fingerprint;
+    if let Some((persist, server_errors)) = keeping.by_grpc_status {
+        let code = grpc::final_status(&headers, data.is_empty(), trailers.as_ref());
+        match grpc::verdict(code, persist, server_errors) {
+            Verdict::Store => {}
+            Verdict::OutcomeUnknown => return Ok(outcome_unknown(status, (fingerprint, true))),
+            Verdict::Release(why) => return Err(why),
+        }
     }
     let record = Record::new(status, headers, data, fingerprint);
     Ok(match trailers {
@@ -690,7 +716,8 @@ where
     if config.fail_open {
         observe::request("fail_open");
         tracing::warn!(%error, "idempotency backend failed; running unprotected (fail-open)");
-        let response = inner.call(req).await?;
+        let mut response = inner.call(req).await?;
+        response.extensions_mut().remove::<Answered>();
         return Ok(response.map(IdempotencyBody::stream));
     }
     observe::request("backend_unavailable");

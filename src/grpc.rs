@@ -133,11 +133,13 @@
 
 use std::fmt::Write as _;
 
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body::Body;
 
+use crate::Record;
 use crate::body::IdempotencyBody;
+use crate::config::{GrpcPersistFn, ServerErrors};
 use crate::problem::{Answered, ProblemKind};
 
 /// `grpc-status`.
@@ -208,18 +210,56 @@ pub(crate) fn status_in(headers: &HeaderMap) -> Option<i32> {
     headers.get(GRPC_STATUS)?.to_str().ok()?.trim().parse().ok()
 }
 
-/// Why a complete gRPC response is not stored, if it is not: its
-/// `grpc-status` (from the trailers, or the headers of a trailers-only
-/// response) fails `persist`, or it has none.
-pub(crate) fn refused(
+/// What becomes of a complete gRPC response, by its `grpc-status`.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Stored as it is.
+    Store,
+    /// An ambiguous status under [`ServerErrors::Mark`]: an "outcome
+    /// unknown" answer is stored instead.
+    OutcomeUnknown,
+    /// Not stored, and why.
+    Release(&'static str),
+}
+
+/// The `grpc-status` of a complete gRPC response: from its trailers, or,
+/// for a trailers-only response (no body), from its headers.
+pub(crate) fn final_status(
     headers: &HeaderMap,
+    empty_body: bool,
     trailers: Option<&HeaderMap>,
-    persist: &(dyn Fn(i32) -> bool + Send + Sync),
-) -> Option<&'static str> {
-    match trailers.and_then(status_in).or_else(|| status_in(headers)) {
-        Some(code) if persist(code) => None,
-        Some(_) => Some("grpc-status is not stored"),
-        None => Some("gRPC response without a grpc-status"),
+) -> Option<i32> {
+    match trailers {
+        Some(trailers) => status_in(trailers),
+        None if empty_body => status_in(headers),
+        // Messages and no trailers: a stream cut short.
+        None => None,
+    }
+}
+
+/// Whether a record holds a gRPC answer with an error status.
+pub(crate) fn failed(record: &Record) -> bool {
+    let trailers = record.trailers.as_deref();
+    final_status(&record.headers, record.body.is_empty(), trailers).is_some_and(|c| c != 0)
+}
+
+/// Whether a complete gRPC response with status `code` is stored: by
+/// `persist`, then, for the ambiguous codes `persist` refuses, by the
+/// [`ServerErrors`] policy, as a `5xx` would be.
+pub(crate) fn verdict(
+    code: Option<i32>,
+    persist: &GrpcPersistFn,
+    server_errors: ServerErrors,
+) -> Verdict {
+    match code {
+        None => Verdict::Release("gRPC response without a grpc-status"),
+        Some(code) if persist(code) => Verdict::Store,
+        Some(code::UNKNOWN | code::INTERNAL | code::DEADLINE_EXCEEDED) => match server_errors {
+            ServerErrors::Replay => Verdict::Store,
+            ServerErrors::Mark => Verdict::OutcomeUnknown,
+            _ => Verdict::Release("grpc-status is not stored"),
+        },
+        Some(_) => Verdict::Release("grpc-status is not stored"),
     }
 }
 
@@ -265,15 +305,9 @@ pub(crate) fn convert(status: &mut StatusCode, headers: &mut HeaderMap, answered
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert(GRPC_STATUS, HeaderValue::from(code_of(answered.kind)));
     headers.insert(GRPC_MESSAGE, percent_encode(&answered.detail));
-    let pushback = headers
-        .get(RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if let Some(secs) = pushback {
-        headers.insert(
-            GRPC_RETRY_PUSHBACK_MS,
-            HeaderValue::from(secs.saturating_mul(1000)),
-        );
+    if let Some(after) = answered.retry_after {
+        let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        headers.insert(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(ms));
     }
 }
 
@@ -336,28 +370,47 @@ mod tests {
     }
 
     #[test]
-    fn trailers_decide_before_headers() {
+    fn trailers_decide_and_headers_only_without_a_body() {
         let mut headers = HeaderMap::new();
         let mut trailers = HeaderMap::new();
         trailers.insert(GRPC_STATUS, HeaderValue::from_static("14"));
+        headers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
+        assert_eq!(final_status(&headers, false, Some(&trailers)), Some(14));
+        assert_eq!(final_status(&headers, true, None), Some(0), "trailers-only");
         assert_eq!(
-            refused(&headers, Some(&trailers), &persist_by_default),
-            Some("grpc-status is not stored")
-        );
-        trailers.insert(GRPC_STATUS, HeaderValue::from_static("0"));
-        assert_eq!(
-            refused(&headers, Some(&trailers), &persist_by_default),
-            None
-        );
-        assert_eq!(
-            refused(&headers, None, &persist_by_default),
-            Some("gRPC response without a grpc-status")
-        );
-        headers.insert(GRPC_STATUS, HeaderValue::from_static("5"));
-        assert_eq!(
-            refused(&headers, None, &persist_by_default),
+            final_status(&headers, false, None),
             None,
-            "trailers-only"
+            "messages, then nothing"
         );
+        assert_eq!(final_status(&HeaderMap::new(), true, None), None);
+    }
+
+    #[test]
+    fn ambiguous_codes_follow_the_server_error_policy() {
+        use ServerErrors::{Mark, Replay, Retry};
+        let stored = |code, policy| verdict(Some(code), &persist_by_default, policy);
+        for code in [code::UNKNOWN, code::INTERNAL, code::DEADLINE_EXCEEDED] {
+            assert!(matches!(stored(code, Retry), Verdict::Release(_)), "{code}");
+            assert_eq!(stored(code, Replay), Verdict::Store, "{code}");
+            assert_eq!(stored(code, Mark), Verdict::OutcomeUnknown, "{code}");
+        }
+        for code in [
+            code::UNAVAILABLE,
+            code::ABORTED,
+            code::CANCELLED,
+            code::RESOURCE_EXHAUSTED,
+        ] {
+            for policy in [Retry, Replay, Mark] {
+                assert!(
+                    matches!(stored(code, policy), Verdict::Release(_)),
+                    "{code}"
+                );
+            }
+        }
+        assert_eq!(stored(0, Retry), Verdict::Store);
+        assert!(matches!(
+            verdict(None, &persist_by_default, Replay),
+            Verdict::Release(_)
+        ));
     }
 }

@@ -120,8 +120,9 @@ pub(crate) fn strip_unreplayable(headers: &mut HeaderMap) {
 }
 
 /// Builds the replay of a stored record: its status, its headers in their
-/// order, a `Content-Length` for the stored body, `Idempotent-Replayed:
-/// true`, the body and its trailers. A "not kept" marker is answered with its problem document.
+/// order, a `Content-Length` for the stored body (or, for a body with
+/// trailers, a `Trailer` field naming them), `Idempotent-Replayed: true`,
+/// the body and its trailers. A "not kept" marker is answered with its problem document.
 pub(crate) fn replay<B: Body>(record: Record) -> Response<IdempotencyBody<B>> {
     let Record {
         status,
@@ -148,7 +149,18 @@ pub(crate) fn replay<B: Body>(record: Record) -> Response<IdempotencyBody<B>> {
     if let Some(trailers) = &mut trailers {
         strip_unreplayable(trailers);
     }
-    if !(status.is_informational()
+    if let Some(trailers) = &trailers {
+        // Sent chunked over HTTP/1.1, which carries only the trailers its
+        // `Trailer` field announces (HTTP/2 needs no announcement, and gRPC
+        // answers are restored as they were).
+        if !crate::grpc::is_grpc(&headers) {
+            let mut names: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
+            names.dedup();
+            if let Ok(value) = HeaderValue::from_str(&names.join(", ")) {
+                headers.insert(header::TRAILER, value);
+            }
+        }
+    } else if !(status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED)
     {

@@ -272,6 +272,7 @@ pub(crate) fn response(
 pub(crate) struct Answered {
     pub(crate) kind: ProblemKind,
     pub(crate) detail: Box<str>,
+    pub(crate) retry_after: Option<Duration>,
 }
 
 /// [`response`] with a status other than the kind's own (the original
@@ -294,6 +295,7 @@ pub(crate) fn response_with_status(
     res.extensions_mut().insert(Answered {
         kind,
         detail: detail.into(),
+        retry_after,
     });
     res.headers_mut().insert(
         CONTENT_TYPE,

@@ -35,6 +35,9 @@ pub(crate) async fn store<B: Backend, ResBody: Body, E>(
     delivery: &mut Delivery<Answer<ResBody, E>>,
 ) {
     let (kept, status) = (record.kept, record.status);
+    // The handler answered with a failure of its own (an HTTP `4xx`, or a
+    // gRPC error status): that answer stands when its transaction aborted.
+    let handler_failed = status.is_client_error() || crate::grpc::failed(&record);
     let mut aborted = false;
     let stored = guard.complete(record, ttl).await;
     let committed = match &stored {
@@ -65,7 +68,7 @@ pub(crate) async fn store<B: Backend, ResBody: Body, E>(
         }
     };
     if let Some(response) = response {
-        let mut response = if aborted && !status.is_client_error() {
+        let mut response = if aborted && !handler_failed {
             problem(
                 ProblemKind::TransactionAborted,
                 "a statement of the request's transaction failed, so none of its writes were committed; the request was not completed",
@@ -193,7 +196,7 @@ pub(crate) fn keep(parts: &response::Parts, config: &Config, request: (Fingerpri
 
 /// The record a retry of a `5xx` gets under [`ServerErrors::Mark`]: the
 /// outcome-unknown problem, with the `5xx`'s status.
-fn outcome_unknown(status: http::StatusCode, request: (Fingerprint, bool)) -> Record {
+pub(crate) fn outcome_unknown(status: http::StatusCode, request: (Fingerprint, bool)) -> Record {
     problem_record(
         ProblemKind::OutcomeUnknown,
         status,

@@ -647,3 +647,72 @@ async fn handler_sees_the_key() {
 async fn server_error_policies_on_memory() {
     common::server_error_policies(tower_idempotency::MemoryBackend::new(), "memory").await;
 }
+
+/// A chunked response with a trailer, over a real HTTP/1.1 connection:
+/// the replay carries the trailer too (chunked, with `Trailer` announcing
+/// it), and its body.
+#[tokio::test]
+async fn trailers_are_replayed_over_http1() {
+    use http_body_util::StreamBody;
+
+    let runs = Runs::default();
+    let handler = tower::service_fn({
+        let runs = runs.clone();
+        move |_req: http::Request<tower_idempotency::IdempotencyBody<hyper::body::Incoming>>| {
+            let n = runs.bump();
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("x-checksum", n.to_string().parse().unwrap());
+            let frames: Vec<Result<http_body::Frame<Bytes>, std::convert::Infallible>> = vec![
+                Ok(http_body::Frame::data(Bytes::from(format!("payment {n}")))),
+                Ok(http_body::Frame::trailers(trailers)),
+            ];
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder()
+                        .header("trailer", "x-checksum")
+                        .body(StreamBody::new(tonic::codegen::tokio_stream::iter(frames)))
+                        .unwrap(),
+                )
+            }
+        }
+    });
+    let svc = layer(&MemoryBackend::new()).layer(handler);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let svc = hyper_util::service::TowerToHyperService::new(svc.clone());
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+            );
+        }
+    });
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post("/payments")
+            .header("host", "localhost")
+            .header("te", "trailers")
+            .header("idempotency-key", "\"http1-trailers\"")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        let res = sender.send_request(req).await.unwrap();
+        let (parts, body) = res.into_parts();
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        answers.push((parts.headers, collected.to_bytes(), trailers));
+    }
+    assert_eq!(runs.get(), 1);
+    let (first, again) = (&answers[0], &answers[1]);
+    assert_eq!(again.0["idempotent-replayed"], "true");
+    assert_eq!(again.1, first.1);
+    assert_eq!(first.2.as_ref().unwrap()["x-checksum"], "1");
+    assert_eq!(again.2, first.2, "the trailer is replayed");
+}
