@@ -251,24 +251,34 @@ async fn main() {
     let redis_url =
         std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let configs = [
+        // `DATABASE_URL` emptied: the example would pick PostgreSQL.
         Config {
             name: "none",
-            env: vec![("IDEMPOTENCY", "off".to_owned())],
+            env: vec![
+                ("IDEMPOTENCY", "off".to_owned()),
+                ("REDIS_URL", String::new()),
+                ("DATABASE_URL", String::new()),
+            ],
         },
         Config {
             name: "memory",
-            env: vec![],
+            env: vec![
+                ("REDIS_URL", String::new()),
+                ("DATABASE_URL", String::new()),
+            ],
         },
         Config {
             name: "redis",
-            env: vec![("REDIS_URL", redis_url)],
+            env: vec![("REDIS_URL", redis_url), ("DATABASE_URL", String::new())],
         },
     ];
     let modes = [Mode::Fresh, Mode::Replay];
     let pin = has_taskset();
     if pin {
         let _ = std::process::Command::new("taskset")
-            .args(["-p", "-c", "1", &std::process::id().to_string()])
+            // Every thread of this process (`-a`): the runtime's workers
+            // exist already.
+            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
             .stdout(Stdio::null())
             .status();
     }

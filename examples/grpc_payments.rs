@@ -22,7 +22,8 @@
 //! `SHUTDOWN_GRACE_SECS`, `RUST_LOG`, `IDEMPOTENCY=off` (serve without the
 //! layer, the benchmark's baseline), and `REDIS_URL` (with the `redis`
 //! feature) or `DATABASE_URL` (with the `postgres` feature) to use that
-//! backend instead of memory. On `SIGTERM` or Ctrl-C it shuts down
+//! backend instead of memory (`REDIS_URL` first; an empty one counts as
+//! unset). On `SIGTERM` or Ctrl-C it shuts down
 //! gracefully, like the HTTP examples: calls in flight finish and are
 //! stored, new keyed calls are answered `UNAVAILABLE`.
 
@@ -37,10 +38,12 @@ use tower_idempotency::{Backend, IdempotencyLayer, MemoryBackend};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    if let Ok(url) = std::env::var("REDIS_URL") {
+    // An empty variable counts as unset.
+    let set = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
+    if let Some(url) = set("REDIS_URL") {
         return redis(url).await;
     }
-    if let Ok(url) = std::env::var("DATABASE_URL") {
+    if let Some(url) = set("DATABASE_URL") {
         return postgres(url).await;
     }
     serve(MemoryBackend::new()).await

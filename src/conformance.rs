@@ -34,7 +34,8 @@
 //! - atomic `begin`: `begin_locks_a_free_key`, `concurrent_begin_has_one_winner`,
 //!   `keys_are_independent`;
 //! - `complete` and visibility: `complete_stores_and_unlocks`,
-//!   `large_records_round_trip`, `the_longest_durations_are_accepted`;
+//!   `large_records_round_trip`, `trailers_round_trip`,
+//!   `the_longest_durations_are_accepted`;
 //! - `release`: `release_frees_without_storing`;
 //! - expiry and lapse: `records_expire`, `extend_keeps_the_lock`, and for
 //!   [`Locks::Lapse`] `busy_hint_is_within_the_lock_ttl`,
@@ -86,6 +87,7 @@ pub const CASES: &[&str] = &[
     "begin_locks_a_free_key",
     "complete_stores_and_unlocks",
     "large_records_round_trip",
+    "trailers_round_trip",
     "release_frees_without_storing",
     "keys_are_independent",
     "extend_keeps_the_lock",
@@ -226,6 +228,7 @@ async fn case<B: Backend>(name: &str, b: B, locks: Locks) -> Outcome {
         "begin_locks_a_free_key" => begin_locks_a_free_key(b).await,
         "complete_stores_and_unlocks" => complete_stores_and_unlocks(b).await,
         "large_records_round_trip" => large_records_round_trip(b).await,
+        "trailers_round_trip" => trailers_round_trip(b).await,
         "release_frees_without_storing" => release_frees_without_storing(b).await,
         "keys_are_independent" => keys_are_independent(b).await,
         "extend_keeps_the_lock" => extend_keeps_the_lock(b).await,
@@ -458,6 +461,38 @@ async fn large_records_round_trip<B: Backend>(b: B) {
             .expect(FAILED),
     );
     assert_eq!(stored.body.as_ref(), body.as_slice());
+}
+
+/// A record's trailers (a gRPC answer's `grpc-status`) come back in order,
+/// each value, and an empty trailer block is not taken for none.
+async fn trailers_round_trip<B: Backend>(b: B) {
+    let mut trailers = http::HeaderMap::new();
+    trailers.append("grpc-status", http::HeaderValue::from_static("0"));
+    trailers.append("x-note", http::HeaderValue::from_static("first"));
+    trailers.append("x-note", http::HeaderValue::from_static("second"));
+    for trailers in [trailers, http::HeaderMap::new()] {
+        let key = fresh_key();
+        let lock = acquired(
+            b.begin(&key, &fingerprint(4), LOCK_TTL)
+                .await
+                .expect(FAILED),
+        );
+        let rec = record(fingerprint(4), b"\0\0\0\0\x01\x08").with_trailers(trailers.clone());
+        assert_eq!(
+            b.complete(lock, rec, TTL).await.expect(FAILED),
+            Completion::Saved
+        );
+        let stored = completed(
+            b.begin(&key, &fingerprint(4), LOCK_TTL)
+                .await
+                .expect(FAILED),
+        );
+        assert_eq!(
+            stored.trailers.as_deref(),
+            Some(&trailers),
+            "trailers as stored"
+        );
+    }
 }
 
 async fn release_frees_without_storing<B: Backend>(b: B) {

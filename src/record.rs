@@ -11,7 +11,9 @@
 //! +---------+-------+-----------------+--------------------------------------+
 //! ```
 //!
-//! The CRC covers the flags and the payload, so a flipped bit or a truncated
+//! The version is 1, or 2 for a record with trailers (which an instance
+//! that reads only version 1 then refuses as a newer format, not as
+//! corrupt). The CRC covers the flags and the payload, so a flipped bit or a truncated
 //! value is a [`CodecError`] and never a replay of garbage. Inflating stops at
 //! the configured maximum, so a small "deflate bomb" cannot exhaust memory.
 
@@ -216,7 +218,12 @@ pub enum CodecError {
     Malformed(String),
 }
 
+/// The format of records without trailers, unchanged since the first.
 const VERSION: u8 = 1;
+/// Records with trailers. Versions that know only [`VERSION`] refuse them
+/// as [`CodecError::UnsupportedVersion`] (the layer answers `503`, another
+/// instance may read them), not as corrupt.
+const VERSION_TRAILERS: u8 = 2;
 const FLAG_DEFLATE: u8 = 0b0000_0001;
 const HEADER_LEN: usize = 6;
 
@@ -328,7 +335,12 @@ impl RecordCodec {
             not_kept: (!record.kept || trailers.is_some()).then_some(!record.kept),
             trailers,
         };
-        let mut out = vec![VERSION, 0, 0, 0, 0, 0];
+        let version = if record.trailers.is_some() {
+            VERSION_TRAILERS
+        } else {
+            VERSION
+        };
+        let mut out = vec![version, 0, 0, 0, 0, 0];
         rmp_serde::encode::write(&mut out, &wire)
             .map_err(|e| CodecError::Malformed(e.to_string()))?;
         let plain_len = out.len() - HEADER_LEN;
@@ -341,7 +353,7 @@ impl RecordCodec {
             let deflated = deflate(&out[HEADER_LEN..])?;
             if deflated.len() < plain_len {
                 let mut framed = Vec::with_capacity(HEADER_LEN + deflated.len());
-                framed.extend_from_slice(&[VERSION, FLAG_DEFLATE, 0, 0, 0, 0]);
+                framed.extend_from_slice(&[version, FLAG_DEFLATE, 0, 0, 0, 0]);
                 framed.extend_from_slice(&deflated);
                 out = framed;
             }
@@ -361,7 +373,7 @@ impl RecordCodec {
         if bytes.len() < HEADER_LEN {
             return Err(CodecError::Truncated { len: bytes.len() });
         }
-        if bytes[0] != VERSION {
+        if !matches!(bytes[0], VERSION | VERSION_TRAILERS) {
             return Err(CodecError::UnsupportedVersion(bytes[0]));
         }
         let flags = bytes[1];
@@ -538,6 +550,7 @@ mod tests {
         trailers.append("x-cost", HeaderValue::from_static("2"));
         let with = record(b"\0\0\0\0\x02hi").with_trailers(trailers);
         let bytes = codec.encode(&with).unwrap();
+        assert_eq!(bytes[0], VERSION_TRAILERS);
         assert_eq!(bytes[HEADER_LEN], 0x97, "fixarray of 7");
         let back = codec.decode(&bytes).unwrap();
         assert_eq!(back, with);

@@ -137,9 +137,10 @@ fn typed_errors_for_each_kind_of_damage() {
     ));
 }
 
-/// The records the fixtures hold: a small plain one, a deflated one, and a
-/// "not kept" marker, with fixed times.
-fn fixture_records() -> [(&'static str, Record); 3] {
+/// The records the fixtures hold: a small plain one, a deflated one, a
+/// "not kept" marker and one with trailers (format version 2), with fixed
+/// times.
+fn fixture_records() -> [(&'static str, Record); 4] {
     let at = UNIX_EPOCH + Duration::from_millis(1_764_000_000_123);
     let mut headers = HeaderMap::new();
     headers.append("content-type", "application/json".parse().unwrap());
@@ -161,7 +162,26 @@ fn fixture_records() -> [(&'static str, Record); 3] {
     deflated.created_at = at;
     let mut marker = Record::not_kept(StatusCode::ACCEPTED, Fingerprint::from_bytes([9; 32]));
     marker.created_at = at;
-    [("plain", plain), ("deflated", deflated), ("marker", marker)]
+    let mut trailers = HeaderMap::new();
+    trailers.append("grpc-status", "0".parse().unwrap());
+    trailers.append("x-multi", "1".parse().unwrap());
+    trailers.append("x-multi", "2".parse().unwrap());
+    let mut grpc_headers = HeaderMap::new();
+    grpc_headers.append("content-type", "application/grpc".parse().unwrap());
+    let mut with_trailers = Record::new(
+        StatusCode::OK,
+        grpc_headers,
+        Bytes::from_static(b"\0\0\0\0\x02\x08\x01"),
+        Fingerprint::from_bytes([10; 32]),
+    )
+    .with_trailers(trailers);
+    with_trailers.created_at = at;
+    [
+        ("plain", plain),
+        ("deflated", deflated),
+        ("marker", marker),
+        ("trailers", with_trailers),
+    ]
 }
 
 /// Stored bytes of the current format, kept as files: every later version

@@ -7,6 +7,8 @@
 mod common;
 #[path = "../examples/grpc/payments.rs"]
 mod payments;
+#[cfg(feature = "postgres")]
+mod postgres_support;
 mod redis_support;
 
 use std::convert::Infallible;
@@ -340,11 +342,17 @@ async fn a_retry_replays_the_message_and_trailers<B: Backend>(backend: B) {
 async fn concurrent_duplicates_run_once<B: Backend>(backend: B) {
     let served = serve(IdempotencyLayer::new(backend), Duration::from_millis(300)).await;
     let key = common::unique_key("grpc-concurrent");
-    let mut calls = Vec::new();
+    // Connected first, then all at once: they overlap the first call.
+    let mut clients = Vec::new();
     for _ in 0..16 {
-        let mut client = served.client().await;
-        let key = key.clone();
+        clients.push(served.client().await);
+    }
+    let start = Arc::new(tokio::sync::Barrier::new(clients.len()));
+    let mut calls = Vec::new();
+    for mut client in clients {
+        let (key, start) = (key.clone(), Arc::clone(&start));
         calls.push(tokio::spawn(async move {
+            start.wait().await;
             client.create(keyed(eur(9), &key)).await
         }));
     }
@@ -620,8 +628,12 @@ async fn example_client(addr: SocketAddr) -> PaymentsClient {
     PaymentsClient::new(channel)
 }
 
+/// The example on the backend `env` names; the other backends' variables
+/// are emptied, so that one exported in the shell cannot pick for it.
 async fn the_example_serves_once(env: &[(&str, &str)]) {
-    let (_child, addr) = common::spawn_example("grpc_payments", env).await;
+    let mut all = vec![("REDIS_URL", ""), ("DATABASE_URL", "")];
+    all.extend_from_slice(env);
+    let (_child, addr) = common::spawn_example("grpc_payments", &all).await;
     let mut client = example_client(addr).await;
     let key = common::unique_key("grpc-example");
     let first = client.create(keyed(eur(5), &key)).await.unwrap();
@@ -648,18 +660,24 @@ async fn the_example_on_redis() {
     the_example_serves_once(&[("REDIS_URL", &redis_support::redis_url())]).await;
 }
 
+#[cfg(feature = "postgres")]
 #[tokio::test]
 async fn the_example_on_postgres() {
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    // Fails here, loudly, if PostgreSQL is down.
+    drop(postgres_support::pool().await);
+    let url = postgres_support::database_url();
     the_example_serves_once(&[("DATABASE_URL", &url)]).await;
 }
 
 #[cfg(unix)]
 #[tokio::test]
 async fn the_example_finishes_a_call_in_flight_on_sigterm() {
-    let (mut child, addr) =
-        common::spawn_example("grpc_payments", &[("PAYMENT_DELAY_MS", "800")]).await;
+    let env = [
+        ("PAYMENT_DELAY_MS", "800"),
+        ("REDIS_URL", ""),
+        ("DATABASE_URL", ""),
+    ];
+    let (mut child, addr) = common::spawn_example("grpc_payments", &env).await;
     let client = example_client(addr).await;
     let key = common::unique_key("grpc-sigterm");
     let mut in_flight = client.clone();
@@ -667,7 +685,11 @@ async fn the_example_finishes_a_call_in_flight_on_sigterm() {
         let key = key.clone();
         async move { in_flight.create(keyed(eur(5), &key)).await }
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SIGTERM once the handler runs.
+    let mut stats = client.clone();
+    while stats.stats().await.unwrap().into_inner().handler_runs == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -838,4 +860,103 @@ async fn a_response_of_known_length_keeps_its_trailers_and_its_grpc_status_decid
     assert_eq!(runs.get(), 2, "the retry ran");
     assert!(headers.get("idempotent-replayed").is_none());
     assert_eq!(trailers.unwrap()["x-run"], "2");
+}
+
+/// The layer's other answers to a gRPC call, each a trailers-only `200`
+/// with its status: a missing key where one is required, a message over the
+/// limit, a retry of a response too large to keep, a call to an instance
+/// shutting down; and a stream cut short (no `grpc-status`) is not stored.
+#[tokio::test]
+async fn every_answer_of_the_layer_is_a_grpc_status() {
+    use tower::Layer;
+
+    fn status_of(answer: &common::Answer) -> (String, String) {
+        assert_eq!(answer.status, http::StatusCode::OK, "{:?}", answer.headers);
+        assert_eq!(answer.headers["content-type"], "application/grpc");
+        assert!(answer.body.is_empty(), "trailers-only");
+        let text = |name| answer.headers[name].to_str().unwrap().to_owned();
+        (text("grpc-status"), text("grpc-message"))
+    }
+    let runs = common::Runs::default();
+    let handler = || with_length_and_trailers(runs.clone(), "0");
+    let unkeyed = || {
+        let mut req = grpc_req("\"x\"");
+        req.headers_mut().remove("idempotency-key");
+        req
+    };
+
+    // A key is required: INVALID_ARGUMENT.
+    let mut svc = IdempotencyLayer::new(MemoryBackend::new())
+        .required()
+        .layer(handler());
+    let (code, message) = status_of(&common::send(&mut svc, unkeyed()).await);
+    assert_eq!(code, "3");
+    assert!(message.contains("Idempotency-Key"), "{message}");
+
+    // A message over the limit: RESOURCE_EXHAUSTED.
+    let mut svc = IdempotencyLayer::new(MemoryBackend::new())
+        .max_request_body(4)
+        .layer(handler());
+    let (code, message) = status_of(&common::send(&mut svc, grpc_req("\"big\"")).await);
+    assert_eq!(code, "8");
+    assert!(message.contains("larger than 4 bytes"), "{message}");
+
+    // A response too large to keep: the retry is ALREADY_EXISTS, marked as
+    // a replay, and the handler does not run again.
+    let mut svc = IdempotencyLayer::new(MemoryBackend::new())
+        .max_stored_response(4)
+        .layer(handler());
+    let key = common::unique_key("grpc-not-kept");
+    let first = common::send(&mut svc, grpc_req(&key)).await;
+    assert_eq!(first.status, http::StatusCode::OK);
+    let before = runs.get();
+    let again = common::send(&mut svc, grpc_req(&key)).await;
+    assert_eq!(runs.get(), before, "not run again");
+    assert_eq!(status_of(&again).0, "6");
+    assert!(again.replayed());
+
+    // An instance shutting down: UNAVAILABLE, with a pushback.
+    let layer = IdempotencyLayer::new(MemoryBackend::new());
+    let shutdown = layer.shutdown_handle();
+    let mut svc = layer.layer(handler());
+    shutdown.shutdown(Duration::from_millis(10)).await;
+    let answer = common::send(&mut svc, grpc_req(&common::unique_key("grpc-down"))).await;
+    assert_eq!(status_of(&answer).0, "14");
+    assert_eq!(answer.headers["grpc-retry-pushback-ms"], "1000");
+    assert!(
+        answer.headers["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("shutting down"),
+        "{:?}",
+        answer.headers
+    );
+}
+
+#[tokio::test]
+async fn a_grpc_stream_cut_short_is_not_stored() {
+    use tower::Layer;
+
+    // Messages, then the end of the stream without trailers.
+    let runs = common::Runs::default();
+    let handler = tower::service_fn({
+        let runs = runs.clone();
+        move |_req: common::InnerReq| {
+            runs.bump();
+            async move {
+                Ok::<_, Infallible>(
+                    http::Response::builder()
+                        .header("content-type", "application/grpc")
+                        .body(Full::new(frame(&eur(1))))
+                        .unwrap(),
+                )
+            }
+        }
+    });
+    let mut svc = IdempotencyLayer::new(MemoryBackend::new()).layer(handler);
+    let key = common::unique_key("grpc-cut-short");
+    common::send(&mut svc, grpc_req(&key)).await;
+    let again = common::send(&mut svc, grpc_req(&key)).await;
+    assert_eq!(runs.get(), 2, "no grpc-status: the retry runs");
+    assert!(!again.replayed());
 }

@@ -297,7 +297,7 @@ async fn records_another_instance_wrote_are_503_never_run_again() {
         .query_async(&mut admin)
         .await
         .unwrap();
-    blob[0] = 2;
+    blob[0] = 3;
     let () = redis::cmd("SET")
         .arg(&rec)
         .arg(blob)
