@@ -919,7 +919,7 @@ async fn every_answer_of_the_layer_is_a_grpc_status() {
     let layer = IdempotencyLayer::new(MemoryBackend::new());
     let shutdown = layer.shutdown_handle();
     let mut svc = layer.layer(handler());
-    shutdown.shutdown(Duration::from_millis(10)).await;
+    let _report = shutdown.shutdown(Duration::from_millis(10)).await;
     let answer = common::send(&mut svc, grpc_req(&common::unique_key("grpc-down"))).await;
     assert_eq!(status_of(&answer).0, "14");
     assert_eq!(answer.headers["grpc-retry-pushback-ms"], "1000");
