@@ -80,7 +80,7 @@
 //! | the request is larger than the limit | `413` | `RESOURCE_EXHAUSTED` |
 //! | the request stream broke | `400` | `CANCELLED` |
 //! | no caller identity | `400` | `UNAUTHENTICATED` |
-//! | the backend fails, or the instance shuts down | `503` | `UNAVAILABLE`, with `grpc-retry-pushback-ms` |
+//! | the backend fails, or the instance shuts down | `503` | `UNAVAILABLE`, with `grpc-retry-pushback-ms` where the HTTP answer has a `Retry-After` |
 //! | the stored response is corrupt | `500` | `DATA_LOSS` |
 //! | outcome unknown, interrupted | `500` | `UNKNOWN` |
 //! | the handler's transaction failed (PostgreSQL transaction mode) | `500` | `ABORTED` |

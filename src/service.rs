@@ -127,9 +127,13 @@ where
             return ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)));
         }
         let grpc = grpc::is_grpc(req.headers());
+        let path = req.uri().path();
         if grpc
-            && (self.config.grpc_streaming_requests.iter())
-                .any(|method| **method == *req.uri().path())
+            && self
+                .config
+                .grpc_streaming_requests
+                .iter()
+                .any(|m| **m == *path)
         {
             observe::request("grpc_streaming");
             return ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)));
