@@ -378,7 +378,8 @@ async fn main() {
     if pin {
         let pid = std::process::id().to_string();
         let _ = std::process::Command::new("taskset")
-            .args(["-p", "-c", "1", &pid])
+            // Every thread (`-a`): the runtime's workers exist already.
+            .args(["-a", "-p", "-c", "1", &pid])
             .stdout(Stdio::null())
             .status();
     }
