@@ -95,7 +95,10 @@ pub enum Unstorable {
 /// may have failed before its side effect or after it (a timeout towards a
 /// payment provider that charged anyway). Set with
 /// [`IdempotencyLayer::server_errors`](crate::IdempotencyLayer::server_errors);
-/// a [`Persist`] extension on the response still decides for itself.
+/// a [`Persist`] extension on the response still decides for itself. A
+/// gRPC answer with `UNKNOWN`, `INTERNAL` or `DEADLINE_EXCEEDED` is treated
+/// as a `5xx` (see [gRPC](crate::grpc#which-statuses-are-stored)); under
+/// `Mark` its retries get the `UNKNOWN` status.
 ///
 /// | policy | the client that got the `5xx` | a retry | the handler runs again |
 /// |---|---|---|---|

@@ -42,28 +42,44 @@
 //!
 //! A gRPC error is a `200 OK` whose trailers carry a non-zero
 //! `grpc-status`, so the HTTP policy ([`persist_if`]) cannot tell a success
-//! from a failure. gRPC responses are stored by their `grpc-status`
-//! instead, read from the trailers (or from the headers of a trailers-only
-//! response) once the response is complete. By default
-//! ([`persist_by_default`]) these are **not** stored, so a retry runs the
-//! handler again:
+//! from a failure. A gRPC answer (HTTP status `200`) is therefore stored or
+//! not by its `grpc-status`, read from the trailers (or from the headers of
+//! a trailers-only answer, one without messages) once it is complete; any
+//! other HTTP status (a proxy's, a timeout layer's) follows the HTTP rules.
+//! By default these are **not** stored, so a retry runs the handler again:
 //!
 //! | code | why |
 //! |---|---|
 //! | `UNAVAILABLE` (14) | the handler asks the client to try again |
-//! | `DEADLINE_EXCEEDED` (4) | ran out of time; the work may not be done |
 //! | `RESOURCE_EXHAUSTED` (8) | a quota or a limit; retried later |
 //! | `ABORTED` (10) | a conflict, typically retried at a higher level |
-//! | `INTERNAL` (13), `UNKNOWN` (2) | ambiguous: as a `5xx` in HTTP |
 //! | `CANCELLED` (1) | the call was cancelled; it did not complete |
+//! | `UNKNOWN` (2), `INTERNAL` (13), `DEADLINE_EXCEEDED` (4) | ambiguous, as a `5xx` in HTTP: whether the work was done is unknown |
 //!
-//! `OK` and the definite failures (`INVALID_ARGUMENT`, `NOT_FOUND`,
+//! The ambiguous three follow
+//! [`server_errors`](crate::IdempotencyLayer::server_errors) as a `5xx`
+//! does, and in the same order: with
+//! [`ServerErrors::Mark`](crate::ServerErrors::Mark) every retry is answered
+//! `UNKNOWN` "outcome unknown" without running again; with
+//! [`ServerErrors::Replay`](crate::ServerErrors::Replay) they are stored and
+//! replayed as they are; with [`ServerErrors::Retry`](crate::ServerErrors::Retry)
+//! (the default) the gRPC policy decides.
+//!
+//! The gRPC policy ([`grpc_persist_if`], default [`persist_by_default`])
+//! stores `OK` and the definite failures (`INVALID_ARGUMENT`, `NOT_FOUND`,
 //! `ALREADY_EXISTS`, `PERMISSION_DENIED`, `FAILED_PRECONDITION`,
-//! `OUT_OF_RANGE`, `UNIMPLEMENTED`, `DATA_LOSS`, `UNAUTHENTICATED`) are
-//! stored and replayed. A response without a `grpc-status` is not stored.
-//! Choose another policy with [`grpc_persist_if`]; a [`Persist`] extension
-//! on the response (tonic's `Response::extensions_mut`) still decides for
-//! itself, as on the HTTP side.
+//! `OUT_OF_RANGE`, `UNIMPLEMENTED`, `DATA_LOSS`, `UNAUTHENTICATED`) and none
+//! of the codes above. An answer without a `grpc-status` (messages, then a
+//! stream cut short) is never stored. A [`Persist`] extension on the
+//! response (tonic's `Response::extensions_mut`) still decides for itself,
+//! as on the HTTP side.
+//!
+//! One exception: a response that passes
+//! [`max_stored_response`](crate::IdempotencyLayer::max_stored_response)
+//! leaves its "not kept" marker as soon as it does, before its status is
+//! known, so that the key is not held while the rest streams. A retry then
+//! gets `ALREADY_EXISTS` even if the stream ended `UNAVAILABLE`: raise the
+//! limit for large streams, or mark them [`Persist::Never`].
 //!
 //! # The layer's own answers
 //!
@@ -81,9 +97,10 @@
 //! | the request stream broke | `400` | `CANCELLED` |
 //! | no caller identity | `400` | `UNAUTHENTICATED` |
 //! | the backend fails, or the instance shuts down | `503` | `UNAVAILABLE`, with `grpc-retry-pushback-ms` where the HTTP answer has a `Retry-After` |
+//! | the stored response is in a format this instance cannot read | `503` | `UNAVAILABLE`, with `grpc-retry-pushback-ms` |
 //! | the stored response is corrupt | `500` | `DATA_LOSS` |
 //! | outcome unknown, interrupted | `500` | `UNKNOWN` |
-//! | the handler's transaction failed (PostgreSQL transaction mode) | `500` | `ABORTED` |
+//! | the handler's transaction failed (PostgreSQL transaction mode) and it answered no definite error of its own | `500` | `ABORTED` |
 //! | processed, response not kept | the first status | `ALREADY_EXISTS` |
 //!
 //! A reused key is `FAILED_PRECONDITION`, not `INVALID_ARGUMENT`: the
@@ -92,9 +109,11 @@
 //! two, and it tells a client not to retry unchanged.
 //!
 //! `grpc-retry-pushback-ms` is gRPC's `Retry-After` (the retry design,
-//! gRFC A6): clients with a retry policy wait that long before retrying.
-//! The HTTP `retry-after` is kept beside it, and so is the retention header
-//! when one is configured.
+//! gRFC A6): clients with a retry policy wait that long before retrying
+//! (at least 1 ms). It is sent wherever the HTTP answer has a
+//! `Retry-After`, which is kept beside it, as is the retention header when
+//! one is configured. A handler's own responses are never rewritten, even
+//! ones built like the layer's.
 //!
 //! # The fingerprint
 //!
@@ -130,6 +149,7 @@
 //! [`max_request_body`]: crate::IdempotencyLayer::max_request_body
 //! [`fingerprint_json`]: crate::IdempotencyLayer::fingerprint_json
 //! [`Persist`]: crate::Persist
+//! [`Persist::Never`]: crate::Persist::Never
 
 use std::fmt::Write as _;
 
@@ -237,15 +257,19 @@ pub(crate) fn final_status(
     }
 }
 
-/// Whether a record holds a gRPC answer with an error status.
+/// Whether a record holds a gRPC answer with a definite error status (one
+/// the default policy stores: not an ambiguous or retryable one), as an
+/// HTTP `4xx` is.
 pub(crate) fn failed(record: &Record) -> bool {
     let trailers = record.trailers.as_deref();
-    final_status(&record.headers, record.body.is_empty(), trailers).is_some_and(|c| c != 0)
+    is_grpc(&record.headers)
+        && final_status(&record.headers, record.body.is_empty(), trailers)
+            .is_some_and(|c| c != 0 && persist_by_default(c))
 }
 
-/// Whether a complete gRPC response with status `code` is stored: by
-/// `persist`, then, for the ambiguous codes `persist` refuses, by the
-/// [`ServerErrors`] policy, as a `5xx` would be.
+/// Whether a complete gRPC response with status `code` is stored: for the
+/// ambiguous codes, by the [`ServerErrors`] policy first, as a `5xx` would
+/// be; then by `persist`.
 pub(crate) fn verdict(
     code: Option<i32>,
     persist: &GrpcPersistFn,
@@ -253,12 +277,17 @@ pub(crate) fn verdict(
 ) -> Verdict {
     match code {
         None => Verdict::Release("gRPC response without a grpc-status"),
+        Some(code::UNKNOWN | code::INTERNAL | code::DEADLINE_EXCEEDED)
+            if server_errors == ServerErrors::Mark =>
+        {
+            Verdict::OutcomeUnknown
+        }
+        Some(code::UNKNOWN | code::INTERNAL | code::DEADLINE_EXCEEDED)
+            if server_errors == ServerErrors::Replay =>
+        {
+            Verdict::Store
+        }
         Some(code) if persist(code) => Verdict::Store,
-        Some(code::UNKNOWN | code::INTERNAL | code::DEADLINE_EXCEEDED) => match server_errors {
-            ServerErrors::Replay => Verdict::Store,
-            ServerErrors::Mark => Verdict::OutcomeUnknown,
-            _ => Verdict::Release("grpc-status is not stored"),
-        },
         Some(_) => Verdict::Release("grpc-status is not stored"),
     }
 }
@@ -306,7 +335,7 @@ pub(crate) fn convert(status: &mut StatusCode, headers: &mut HeaderMap, answered
     headers.insert(GRPC_STATUS, HeaderValue::from(code_of(answered.kind)));
     headers.insert(GRPC_MESSAGE, percent_encode(&answered.detail));
     if let Some(after) = answered.retry_after {
-        let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX).max(1);
         headers.insert(GRPC_RETRY_PUSHBACK_MS, HeaderValue::from(ms));
     }
 }
@@ -355,6 +384,26 @@ mod tests {
             assert!(!of(no), "{no}");
         }
         assert!(!is_grpc(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn the_pushback_is_the_retry_after_in_milliseconds() {
+        let pushback = |retry_after| {
+            let (mut status, mut headers) = (StatusCode::CONFLICT, HeaderMap::new());
+            let answered = Answered {
+                kind: ProblemKind::InFlight,
+                detail: "busy".into(),
+                retry_after,
+            };
+            convert(&mut status, &mut headers, &answered);
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(headers[GRPC_STATUS], "10");
+            headers.get(GRPC_RETRY_PUSHBACK_MS).cloned()
+        };
+        let ms = |ms| Some(std::time::Duration::from_millis(ms));
+        assert_eq!(pushback(ms(1500)).unwrap(), "1500");
+        assert_eq!(pushback(ms(0)).unwrap(), "1", "at least a millisecond");
+        assert_eq!(pushback(None), None);
     }
 
     #[test]
@@ -408,6 +457,16 @@ mod tests {
             }
         }
         assert_eq!(stored(0, Retry), Verdict::Store);
+        // The server-error policy comes first, as for a `5xx`.
+        let everything = |_| true;
+        assert_eq!(
+            verdict(Some(code::INTERNAL), &everything, Mark),
+            Verdict::OutcomeUnknown
+        );
+        assert_eq!(
+            verdict(Some(code::INTERNAL), &everything, Retry),
+            Verdict::Store
+        );
         assert!(matches!(
             verdict(None, &persist_by_default, Replay),
             Verdict::Release(_)

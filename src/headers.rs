@@ -153,9 +153,9 @@ pub(crate) fn replay<B: Body>(record: Record) -> Response<IdempotencyBody<B>> {
         // Sent chunked over HTTP/1.1, which carries only the trailers its
         // `Trailer` field announces (HTTP/2 needs no announcement, and gRPC
         // answers are restored as they were).
-        if !crate::grpc::is_grpc(&headers) {
-            let mut names: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
-            names.dedup();
+        if !crate::grpc::is_grpc(&headers) && !trailers.is_empty() {
+            // `keys` yields each name once.
+            let names: Vec<&str> = trailers.keys().map(HeaderName::as_str).collect();
             if let Ok(value) = HeaderValue::from_str(&names.join(", ")) {
                 headers.insert(header::TRAILER, value);
             }

@@ -270,7 +270,8 @@ impl<B> IdempotencyLayer<B> {
         self.with(|c| c.shared_anonymous_scope = true)
     }
 
-    /// What becomes of a `5xx` response, an ambiguous outcome (default
+    /// What becomes of a `5xx` response (or a gRPC `UNKNOWN`, `INTERNAL`,
+    /// `DEADLINE_EXCEEDED`), an ambiguous outcome (default
     /// [`ServerErrors::Retry`]: not stored, a retry runs again): see
     /// [`ServerErrors`] for the trade.
     pub fn server_errors(self, policy: ServerErrors) -> Self {
@@ -296,7 +297,8 @@ impl<B> IdempotencyLayer<B> {
     /// ```
     /// use tower_idempotency::{IdempotencyLayer, MemoryBackend};
     ///
-    /// // Store successes only: every gRPC error runs again on retry.
+    /// // Store successes only: every other status runs again on retry
+    /// // (with the default `server_errors`).
     /// let layer = IdempotencyLayer::new(MemoryBackend::new())
     ///     .grpc_persist_if(|code| code == tonic::Code::Ok as i32);
     /// # let _ = layer;

@@ -114,8 +114,8 @@
 //! committed and the success is not true; nothing was stored and the key is
 //! free. A retry fails the same way until the handler is fixed: wrap
 //! statements that may fail in a `SAVEPOINT` and roll back to it. (A handler
-//! that answers such a failure with a `4xx` of its own gets that `4xx`
-//! through, not stored.)
+//! that answers such a failure with a `4xx` of its own, or a gRPC handler
+//! with a definite error status, gets that answer through, not stored.)
 
 use std::fmt::Write as _;
 use std::time::Duration;

@@ -27,7 +27,7 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Server};
 use tonic::{Code, Request, Response, Status};
 use tonic_prost::ProstCodec;
-use tower_idempotency::{Backend, IdempotencyLayer, MemoryBackend, RedisBackend};
+use tower_idempotency::{Backend, IdempotencyLayer, MemoryBackend, RedisBackend, ServerErrors};
 
 const FLAKY: &str = "/test.v1.Probe/Flaky";
 const RAW: &str = "/test.v1.Probe/Raw";
@@ -42,7 +42,7 @@ const COUNT: &str = "/test.v1.Probe/Count";
 ///   frame by frame (`x-ledger-seq` counts its runs);
 /// - `Echo` (bidirectional) sends every message back as it comes;
 /// - `Count` (server streaming) sends `amount` payments; from 100 up, two
-///   and then `UNAVAILABLE`.
+///   and then `UNAVAILABLE` (from 200 up, `INTERNAL`).
 #[derive(Clone, Default)]
 struct Probe {
     runs: Arc<AtomicUsize>,
@@ -138,13 +138,15 @@ where
                     let handler = tower::service_fn(move |r: Request<CreatePayment>| {
                         let n = runs.fetch_add(1, Ordering::SeqCst) + 1;
                         let amount = r.into_inner().amount;
-                        // From 100 up: two messages, then `UNAVAILABLE`.
+                        // From 100 up: two messages, then `UNAVAILABLE`
+                        // (from 200 up, `INTERNAL`).
+                        let last = if amount >= 200 {
+                            Status::internal("lost the ledger")
+                        } else {
+                            Status::unavailable("try again")
+                        };
                         let all: Vec<Result<Payment, Status>> = if amount >= 100 {
-                            vec![
-                                Ok(payment(n, 0)),
-                                Ok(payment(n, 1)),
-                                Err(Status::unavailable("try again")),
-                            ]
+                            vec![Ok(payment(n, 0)), Ok(payment(n, 1)), Err(last)]
                         } else {
                             (0..amount).map(|i| Ok(payment(n, i))).collect()
                         };
@@ -547,6 +549,98 @@ async fn a_server_stream_is_stored_and_replayed<B: Backend>(backend: B) {
     assert_eq!(served.probe_runs(), 3, "the stream that failed ran again");
 }
 
+async fn count(served: &Served, key: &str, amount: i64) -> Result<Vec<Payment>, Status> {
+    let mut client = served.probe().await;
+    client.ready().await.unwrap();
+    let res = client
+        .server_streaming(
+            keyed(eur(amount), key),
+            http::uri::PathAndQuery::from_static(COUNT),
+            ProstCodec::<CreatePayment, Payment>::default(),
+        )
+        .await?;
+    let mut stream = res.into_inner();
+    let mut got = Vec::new();
+    while let Some(p) = stream.message().await? {
+        got.push(p);
+    }
+    Ok(got)
+}
+
+/// `UNKNOWN`, `INTERNAL` and `DEADLINE_EXCEEDED` are ambiguous: with
+/// `ServerErrors::Replay` they are stored and replayed as they are.
+async fn ambiguous_statuses_are_replayed_under_replay<B: Backend>(backend: B) {
+    let layer = IdempotencyLayer::new(backend).server_errors(ServerErrors::Replay);
+    let served = serve(layer, Duration::ZERO).await;
+    for code in [2, 4, 13] {
+        let key = common::unique_key(&format!("grpc-replay-{code}"));
+        let before = served.probe_runs();
+        let first = probe_unary(&served, keyed(eur(code), &key))
+            .await
+            .unwrap_err();
+        let again = probe_unary(&served, keyed(eur(code), &key))
+            .await
+            .unwrap_err();
+        assert_eq!(served.probe_runs() - before, 1, "code {code}");
+        assert_eq!(again.code(), first.code());
+        assert_eq!(again.message(), first.message());
+        assert!(again.metadata().get("idempotent-replayed").is_some());
+    }
+    // Streamed: two messages, then `INTERNAL`, replayed whole.
+    let key = common::unique_key("grpc-replay-stream");
+    let before = served.probe_runs();
+    let first = count(&served, &key, 200).await.unwrap_err();
+    let again = count(&served, &key, 200).await.unwrap_err();
+    assert_eq!(served.probe_runs() - before, 1);
+    assert_eq!(
+        (again.code(), again.message()),
+        (Code::Internal, first.message())
+    );
+}
+
+/// With `ServerErrors::Mark` every retry of an ambiguous status is `UNKNOWN`
+/// "outcome unknown", and the handler does not run again.
+async fn ambiguous_statuses_are_marked_under_mark<B: Backend>(backend: B) {
+    let layer = IdempotencyLayer::new(backend).server_errors(ServerErrors::Mark);
+    let served = serve(layer, Duration::ZERO).await;
+    let key = common::unique_key("grpc-mark-unary");
+    let first = probe_unary(&served, keyed(eur(13), &key))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        first.code(),
+        Code::Internal,
+        "the first caller gets the handler's"
+    );
+    let again = probe_unary(&served, keyed(eur(13), &key))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::Unknown);
+    assert!(
+        again
+            .message()
+            .contains("whether it took effect is unknown"),
+        "{again:?}"
+    );
+    assert_eq!(served.probe_runs(), 1);
+    // Streamed, the status known only at the end.
+    let key = common::unique_key("grpc-mark-stream");
+    let first = count(&served, &key, 200).await.unwrap_err();
+    assert_eq!(first.code(), Code::Internal);
+    let again = count(&served, &key, 200).await.unwrap_err();
+    assert_eq!(again.code(), Code::Unknown);
+    assert_eq!(served.probe_runs(), 2);
+    // `UNAVAILABLE` is not ambiguous: not stored, under any policy.
+    let key = common::unique_key("grpc-mark-unavailable");
+    probe_unary(&served, keyed(eur(14), &key))
+        .await
+        .unwrap_err();
+    probe_unary(&served, keyed(eur(14), &key))
+        .await
+        .unwrap_err();
+    assert_eq!(served.probe_runs(), 4);
+}
+
 macro_rules! on_backends {
     ($($scenario:ident),* $(,)?) => {
         mod memory {
@@ -576,6 +670,8 @@ on_backends!(
     a_chosen_grpc_policy_is_followed,
     a_streaming_request_passes_through,
     a_server_stream_is_stored_and_replayed,
+    ambiguous_statuses_are_replayed_under_replay,
+    ambiguous_statuses_are_marked_under_mark,
 );
 
 // ------------------------------------------------------- backend failures
@@ -687,9 +783,13 @@ async fn the_example_finishes_a_call_in_flight_on_sigterm() {
     });
     // SIGTERM once the handler runs.
     let mut stats = client.clone();
-    while stats.stats().await.unwrap().into_inner().handler_runs == 0 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while stats.stats().await.unwrap().into_inner().handler_runs == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the handler started");
     let pid = child.id().unwrap().to_string();
     let killed = std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -865,7 +965,7 @@ async fn a_response_of_known_length_keeps_its_trailers_and_its_grpc_status_decid
 /// The layer's other answers to a gRPC call, each a trailers-only `200`
 /// with its status: a missing key where one is required, a message over the
 /// limit, a retry of a response too large to keep, a call to an instance
-/// shutting down; and a stream cut short (no `grpc-status`) is not stored.
+/// shutting down.
 #[tokio::test]
 async fn every_answer_of_the_layer_is_a_grpc_status() {
     use tower::Layer;
@@ -945,8 +1045,11 @@ async fn a_grpc_stream_cut_short_is_not_stored() {
             runs.bump();
             async move {
                 Ok::<_, Infallible>(
+                    // A `grpc-status` in the headers belongs to an answer
+                    // without messages: it does not count here.
                     http::Response::builder()
                         .header("content-type", "application/grpc")
+                        .header("grpc-status", "0")
                         .body(Full::new(frame(&eur(1))))
                         .unwrap(),
                 )
@@ -959,4 +1062,34 @@ async fn a_grpc_stream_cut_short_is_not_stored() {
     let again = common::send(&mut svc, grpc_req(&key)).await;
     assert_eq!(runs.get(), 2, "no grpc-status: the retry runs");
     assert!(!again.replayed());
+}
+
+/// A handler's own answer is never rewritten into a gRPC status, not even
+/// one built like the layer's (an extractor's rejection).
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn a_handlers_own_problem_answer_is_not_rewritten() {
+    use axum::response::IntoResponse;
+    use tower::Layer;
+
+    let handler = tower::service_fn(|_req: common::InnerReq| async {
+        Ok::<_, Infallible>(tower_idempotency::MissingIdempotencyKey::default().into_response())
+    });
+    for layer in [
+        IdempotencyLayer::new(MemoryBackend::new()),
+        IdempotencyLayer::new(MemoryBackend::new()).fail_open(),
+    ] {
+        let mut svc = layer.layer(handler);
+        let answer = common::send(&mut svc, grpc_req(&common::unique_key("grpc-own"))).await;
+        assert_eq!(answer.status, http::StatusCode::BAD_REQUEST);
+        assert_eq!(answer.headers["content-type"], "application/problem+json");
+        assert!(answer.headers.get("grpc-status").is_none());
+    }
+    // Through fail-open: the backend down, the handler answers unprotected.
+    let backend = common::Flaky::default();
+    backend.fail_begin.store(true, Ordering::SeqCst);
+    let mut svc = IdempotencyLayer::new(backend).fail_open().layer(handler);
+    let answer = common::send(&mut svc, grpc_req(&common::unique_key("grpc-own-open"))).await;
+    assert_eq!(answer.status, http::StatusCode::BAD_REQUEST);
+    assert!(answer.headers.get("grpc-status").is_none());
 }

@@ -161,7 +161,8 @@
 //! violation it answers with `409`, say — and carries on has lost its
 //! writes: the layer recognises the aborted transaction
 //! ([`Completion::Aborted`]), stores nothing, frees the key and logs a
-//! warning; a `4xx` answer reaches the client as the handler made it, and
+//! warning; a `4xx` answer (or a gRPC answer with a definite error status,
+//! such as `ALREADY_EXISTS`) reaches the client as the handler made it, and
 //! anything else is replaced by `500`
 //! ([transaction aborted](crate::problem#transaction-aborted)) — never a
 //! success for writes that were rolled back, and never "retry with the same
