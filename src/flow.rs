@@ -35,7 +35,7 @@ pub(crate) async fn run<S, B, ReqBody, ResBody>(
     backend: B,
     config: Arc<Config>,
     req: Request<ReqBody>,
-    key: IdempotencyKey,
+    (key, grpc): (IdempotencyKey, bool),
 ) -> Answer<ResBody, S::Error>
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -49,7 +49,6 @@ where
     ResBody::Data: Send,
     ResBody::Error: Send,
 {
-    let grpc = grpc::is_grpc(req.headers());
     let answer = guard(inner, backend, config, req, key, grpc).await;
     if grpc {
         answer.map(grpc::answer)
@@ -127,9 +126,16 @@ where
     let req = Request::from_parts(parts, IdempotencyBody::full(data, trailers));
     // Only the hashed key is logged: never the client's key or credentials.
     let span = tracing::debug_span!("idempotency", key = %storage_key);
-    decide(inner, backend, config, req, storage_key, fingerprint)
-        .instrument(span)
-        .await
+    decide(
+        inner,
+        backend,
+        config,
+        req,
+        storage_key,
+        (fingerprint, grpc),
+    )
+    .instrument(span)
+    .await
 }
 
 /// Locks or looks up the key, then answers from the store or runs the
@@ -140,7 +146,7 @@ async fn decide<S, B, ReqBody, ResBody>(
     config: Arc<Config>,
     mut req: Request<IdempotencyBody<ReqBody>>,
     storage_key: StorageKey,
-    fingerprint: Fingerprint,
+    (fingerprint, grpc): (Fingerprint, bool),
 ) -> Answer<ResBody, S::Error>
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -154,8 +160,7 @@ where
     ResBody::Data: Send,
     ResBody::Error: Send,
 {
-    // Counted from here until the key is settled: a graceful shutdown
-    // waits for it.
+    // Counted from here until the key is settled: a shutdown waits for it.
     let Some(ticket) = config.shutdown.enter() else {
         return Ok(shutting_down(&config));
     };
@@ -232,25 +237,25 @@ where
     if let Some(fence) = backend.fencing_token(&lock) {
         req.extensions_mut().insert(fence);
     }
-    let atomic = backend.commits_handler_effects();
-    let guard = LockGuard::new(backend, lock).waking(config.waiting.as_ref(), storage_key);
+    let held = Held {
+        atomic: backend.commits_handler_effects(),
+        guard: LockGuard::new(backend, lock).waking(config.waiting.as_ref(), storage_key),
+        ticket,
+        grpc,
+    };
     // `run_detached` keeps the work in this request's span.
-    let on_disconnect = config.on_disconnect;
     let shutdown = config.shutdown.clone();
-    let running = run_detached(on_disconnect, move |delivery, cancellation| {
-        shutdown.track(execute(
+    let running = run_detached(config.on_disconnect, move |delivery, cancellation| {
+        let work = execute(
             inner,
             config,
             req,
             fingerprint,
-            Held {
-                guard,
-                ticket,
-                atomic,
-            },
+            held,
             delivery,
             cancellation,
-        ))
+        );
+        shutdown.track(work)
     });
     match running.await {
         Some(answer) => answer,
@@ -290,6 +295,8 @@ struct Held<B: Backend> {
     /// (PostgreSQL's transaction mode), so a response whose record was not
     /// committed is replaced by a `503`: its effects were rolled back.
     atomic: bool,
+    /// The request is gRPC: its answers are in gRPC's terms.
+    grpc: bool,
 }
 
 /// Runs the handler under the lock (with the heartbeat), then stores or
@@ -315,15 +322,15 @@ async fn execute<S, B, ReqBody, ResBody>(
         ticket,
         mut guard,
         atomic,
+        grpc,
     } = held;
     let progress = Progress::default();
-    let grpc = grpc::is_grpc(req.headers());
     let (produced, lost) = {
         let work = pin!(produce(
             &mut inner,
             req,
             &config,
-            fingerprint,
+            (fingerprint, grpc),
             atomic,
             &mut delivery,
             &progress,
@@ -401,7 +408,7 @@ async fn produce<S, ReqBody, ResBody>(
     inner: &mut S,
     req: Request<IdempotencyBody<ReqBody>>,
     config: &Config,
-    fingerprint: Fingerprint,
+    (fingerprint, grpc): (Fingerprint, bool),
     atomic: bool,
     delivery: &mut Delivery<Answer<ResBody, S::Error>>,
     progress: &Progress,
@@ -412,7 +419,6 @@ where
     ResBody: Body + Send + 'static,
 {
     progress.called.store(true, Ordering::SeqCst);
-    let grpc = grpc::is_grpc(req.headers());
     let (mut parts, body) = match inner.call(req).await {
         Ok(response) => response.into_parts(),
         Err(error) => return Produced::Failed(error),

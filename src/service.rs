@@ -158,7 +158,7 @@ where
                     self.backend.clone(),
                     Arc::clone(&self.config),
                     req,
-                    key,
+                    (key, grpc),
                 ))))
             }
             Ok(None) if !self.config.required => {
