@@ -448,7 +448,8 @@
 //! `body_too_large` (`413`),
 //! `body_error` and `invalid_body` (`400`), `backend_unavailable` (`503`),
 //! `shutting_down` (`503`), `fail_open` (the handler ran unprotected),
-//! `grpc_streaming` (a gRPC method named in
+//! `grpc_streaming` (a keyed call, or any call where a key is required, to
+//! a gRPC method named in
 //! [`grpc_streaming_requests`](IdempotencyLayer::grpc_streaming_requests), passed through). Labels take only these fixed values: keys and
 //! callers never become label values, so cardinality stays bounded.
 //!

@@ -126,15 +126,14 @@ where
         if !self.config.methods.contains(req.method()) {
             return ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)));
         }
+        let key = IdempotencyKey::from_headers(req.headers());
+        if matches!(key, Ok(None)) && !self.config.required {
+            observe::request("no_key");
+            return ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)));
+        }
         let grpc = grpc::is_grpc(req.headers());
         let path = req.uri().path();
-        if grpc
-            && self
-                .config
-                .grpc_streaming_requests
-                .iter()
-                .any(|m| **m == *path)
-        {
+        if grpc && (self.config.grpc_streaming_requests.iter()).any(|m| **m == *path) {
             observe::request("grpc_streaming");
             return ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)));
         }
@@ -145,7 +144,7 @@ where
                 response
             })
         };
-        match IdempotencyKey::from_headers(req.headers()) {
+        match key {
             Ok(Some(key)) => {
                 // The guarded flow calls the inner service later: take the
                 // one driven to readiness, and leave a clone behind.
@@ -160,10 +159,6 @@ where
                     req,
                     (key, grpc),
                 ))))
-            }
-            Ok(None) if !self.config.required => {
-                observe::request("no_key");
-                ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)))
             }
             Ok(None) => {
                 observe::request("missing_key");
