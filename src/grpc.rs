@@ -59,10 +59,10 @@
 //! The ambiguous three follow
 //! [`server_errors`](crate::IdempotencyLayer::server_errors) as a `5xx`
 //! does, and in the same order: with
-//! [`ServerErrors::Mark`](crate::ServerErrors::Mark) every retry is answered
+//! [`ServerErrors::Mark`] every retry is answered
 //! `UNKNOWN` "outcome unknown" without running again; with
-//! [`ServerErrors::Replay`](crate::ServerErrors::Replay) they are stored and
-//! replayed as they are; with [`ServerErrors::Retry`](crate::ServerErrors::Retry)
+//! [`ServerErrors::Replay`] they are stored and
+//! replayed as they are; with [`ServerErrors::Retry`]
 //! (the default) the gRPC policy decides.
 //!
 //! The gRPC policy ([`grpc_persist_if`], default [`persist_by_default`])
