@@ -119,7 +119,11 @@
 //!
 //! A retry must repeat the method path and the message: the fingerprint is
 //! the HTTP one, and a gRPC request's body is its framed messages (each
-//! with its compressed flag and length). Compressed messages
+//! with its compressed flag and length). As for HTTP, the `content-type`
+//! counts too: a retry that switches between `application/grpc` and
+//! `application/grpc+proto` is refused (`FAILED_PRECONDITION`), never run
+//! twice (see
+//! [`fingerprint_content_headers`](crate::IdempotencyLayer::fingerprint_content_headers)). Compressed messages
 //! (`grpc-encoding`) are fingerprinted as sent: a client compresses the
 //! same message to the same bytes with the same settings, and a retry that
 //! compresses differently is refused as another message

@@ -162,7 +162,9 @@ pub(crate) fn replay<B: Body>(record: Record) -> Response<IdempotencyBody<B>> {
         }
     } else if !(status.is_informational()
         || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED)
+        || status == StatusCode::NOT_MODIFIED
+        // A gRPC answer (a trailers-only one here) never had one.
+        || crate::grpc::is_grpc(&headers))
     {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
     }

@@ -869,6 +869,11 @@ async fn an_ambiguous_http_error_is_stored_as_a_grpc_answer() {
     );
     assert!(again.replayed());
     assert!(again.body.is_empty(), "trailers-only");
+    assert!(
+        again.headers.get("content-length").is_none(),
+        "restored as a gRPC answer is sent: {:?}",
+        again.headers
+    );
 }
 
 /// A body of frames, the last one trailers.
