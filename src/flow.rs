@@ -30,41 +30,14 @@ use crate::settle::{
 use crate::shutdown::Ticket;
 use crate::{BoxError, Fingerprint, IdempotencyKey, Record, StorageKey};
 
+/// Buffers and fingerprints a keyed request (a gRPC one if `grpc`), then
+/// [`decide`]s.
 pub(crate) async fn run<S, B, ReqBody, ResBody>(
     inner: S,
     backend: B,
     config: Arc<Config>,
     req: Request<ReqBody>,
     (key, grpc): (IdempotencyKey, bool),
-) -> Answer<ResBody, S::Error>
-where
-    S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
-    S::Future: Send,
-    S::Error: Send + 'static,
-    B: Backend,
-    ReqBody: Body + Send + 'static,
-    ReqBody::Data: Send,
-    ReqBody::Error: Into<BoxError> + Send,
-    ResBody: Body + Send + 'static,
-    ResBody::Data: Send,
-    ResBody::Error: Send,
-{
-    let answer = guard(inner, backend, config, req, key, grpc).await;
-    if grpc {
-        answer.map(grpc::answer)
-    } else {
-        answer
-    }
-}
-
-/// Buffers and fingerprints a keyed request, then [`decide`]s.
-async fn guard<S, B, ReqBody, ResBody>(
-    inner: S,
-    backend: B,
-    config: Arc<Config>,
-    req: Request<ReqBody>,
-    key: IdempotencyKey,
-    grpc: bool,
 ) -> Answer<ResBody, S::Error>
 where
     S: Service<Request<IdempotencyBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,

@@ -11,6 +11,7 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 
 use crate::body::IdempotencyBody;
+use crate::grpc;
 
 type Guarded<ResBody, E> =
     Pin<Box<dyn Future<Output = Result<Response<IdempotencyBody<ResBody>>, E>> + Send>>;
@@ -29,6 +30,9 @@ pin_project! {
     pub struct ResponseFuture<F, ResBody: Body, E> {
         #[pin]
         kind: Kind<F, ResBody, E>,
+        // The request is gRPC: the layer's own answers (not the handler's)
+        // are given in gRPC's terms.
+        grpc: bool,
     }
 }
 
@@ -45,20 +49,25 @@ impl<F, ResBody: Body, E> ResponseFuture<F, ResBody, E> {
     pub(crate) const fn passthrough(future: F) -> Self {
         Self {
             kind: Kind::Passthrough { future },
+            grpc: false,
         }
     }
 
-    pub(crate) const fn ready(response: Response<IdempotencyBody<ResBody>>) -> Self {
+    /// The layer's own answer to a request (a gRPC one if `grpc`).
+    pub(crate) const fn ready(response: Response<IdempotencyBody<ResBody>>, grpc: bool) -> Self {
         Self {
             kind: Kind::Ready {
                 response: Some(response),
             },
+            grpc,
         }
     }
 
-    pub(crate) const fn guarded(future: Guarded<ResBody, E>) -> Self {
+    /// The guarded flow of a request (a gRPC one if `grpc`).
+    pub(crate) const fn guarded(future: Guarded<ResBody, E>, grpc: bool) -> Self {
         Self {
             kind: Kind::Guarded { future },
+            grpc,
         }
     }
 }
@@ -71,15 +80,20 @@ where
     type Output = Result<Response<IdempotencyBody<ResBody>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().kind.project() {
+        let this = self.project();
+        let grpc = *this.grpc;
+        // The layer's problem answers to a gRPC request become gRPC
+        // statuses; the handler's own answers pass as they are.
+        let answer = |res| if grpc { grpc::answer(res) } else { res };
+        match this.kind.project() {
             KindProj::Passthrough { future } => future
                 .poll(cx)
                 .map_ok(|res| res.map(IdempotencyBody::stream)),
             KindProj::Ready { response } => match response.take() {
-                Some(response) => Poll::Ready(Ok(response)),
+                Some(response) => Poll::Ready(Ok(answer(response))),
                 None => panic!("ResponseFuture polled after completion"),
             },
-            KindProj::Guarded { future } => future.as_mut().poll(cx),
+            KindProj::Guarded { future } => future.as_mut().poll(cx).map_ok(answer),
         }
     }
 }
@@ -93,6 +107,7 @@ impl<F, ResBody: Body, E> fmt::Debug for ResponseFuture<F, ResBody, E> {
         };
         f.debug_struct("ResponseFuture")
             .field("kind", &kind)
+            .field("grpc", &self.grpc)
             .finish()
     }
 }

@@ -137,13 +137,6 @@ where
             observe::request("grpc_streaming");
             return ResponseFuture::passthrough(self.inner.call(req.map(IdempotencyBody::stream)));
         }
-        let answer = |response| {
-            ResponseFuture::ready(if grpc {
-                grpc::answer(response)
-            } else {
-                response
-            })
-        };
         match key {
             Ok(Some(key)) => {
                 // The guarded flow calls the inner service later: take the
@@ -152,26 +145,31 @@ where
                 let inner = std::mem::replace(&mut self.inner, clone);
                 // Tracked: a backend call cut off by a dropped request
                 // cleans up in a task that a graceful shutdown waits for.
-                ResponseFuture::guarded(Box::pin(self.config.shutdown.track(flow::run(
-                    inner,
-                    self.backend.clone(),
-                    Arc::clone(&self.config),
-                    req,
-                    (key, grpc),
-                ))))
+                ResponseFuture::guarded(
+                    Box::pin(self.config.shutdown.track(flow::run(
+                        inner,
+                        self.backend.clone(),
+                        Arc::clone(&self.config),
+                        req,
+                        (key, grpc),
+                    ))),
+                    grpc,
+                )
             }
             Ok(None) => {
                 observe::request("missing_key");
-                answer(problem(
+                let answer = problem(
                     ProblemKind::MissingKey,
                     "send an Idempotency-Key header with this request",
                     None,
-                ))
+                );
+                ResponseFuture::ready(answer, grpc)
             }
             Err(error) => {
                 observe::request("invalid_key");
                 tracing::debug!(%error, "rejected malformed Idempotency-Key");
-                answer(problem(ProblemKind::InvalidKey, &error.to_string(), None))
+                let answer = problem(ProblemKind::InvalidKey, &error.to_string(), None);
+                ResponseFuture::ready(answer, grpc)
             }
         }
     }
