@@ -279,20 +279,18 @@ pub(crate) fn verdict(
     persist: &GrpcPersistFn,
     server_errors: ServerErrors,
 ) -> Verdict {
-    match code {
-        None => Verdict::Release("gRPC response without a grpc-status"),
-        Some(code::UNKNOWN | code::INTERNAL | code::DEADLINE_EXCEEDED)
-            if server_errors == ServerErrors::Mark =>
-        {
-            Verdict::OutcomeUnknown
-        }
-        Some(code::UNKNOWN | code::INTERNAL | code::DEADLINE_EXCEEDED)
-            if server_errors == ServerErrors::Replay =>
-        {
-            Verdict::Store
-        }
-        Some(code) if persist(code) => Verdict::Store,
-        Some(_) => Verdict::Release("grpc-status is not stored"),
+    let Some(code) = code else {
+        return Verdict::Release("gRPC response without a grpc-status");
+    };
+    let ambiguous = matches!(
+        code,
+        code::UNKNOWN | code::INTERNAL | code::DEADLINE_EXCEEDED
+    );
+    match server_errors {
+        ServerErrors::Mark if ambiguous => Verdict::OutcomeUnknown,
+        ServerErrors::Replay if ambiguous => Verdict::Store,
+        _ if persist(code) => Verdict::Store,
+        _ => Verdict::Release("grpc-status is not stored"),
     }
 }
 
