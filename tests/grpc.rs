@@ -818,6 +818,19 @@ fn grpc_req(key: &str) -> common::Req {
     req
 }
 
+/// A handler that counts its runs and answers with `respond()`.
+fn answering(
+    runs: &common::Runs,
+    respond: fn() -> http::Response<Full<Bytes>>,
+) -> impl common::Handler {
+    let runs = runs.clone();
+    tower::service_fn(move |_req: common::InnerReq| {
+        runs.bump();
+        let response = respond();
+        async move { Ok::<_, Infallible>(response) }
+    })
+}
+
 #[tokio::test]
 async fn an_ambiguous_http_error_is_stored_as_a_grpc_answer() {
     use tower::Layer;
@@ -826,19 +839,11 @@ async fn an_ambiguous_http_error_is_stored_as_a_grpc_answer() {
     // A gRPC call that a proxy or a timeout layer answers with a `5xx`:
     // under `ServerErrors::Mark` the retry gets `UNKNOWN` in gRPC's terms.
     let runs = common::Runs::default();
-    let handler = tower::service_fn({
-        let runs = runs.clone();
-        move |_req: common::InnerReq| {
-            runs.bump();
-            async move {
-                Ok::<_, Infallible>(
-                    http::Response::builder()
-                        .status(http::StatusCode::BAD_GATEWAY)
-                        .body(Full::new(Bytes::new()))
-                        .unwrap(),
-                )
-            }
-        }
+    let handler = answering(&runs, || {
+        http::Response::builder()
+            .status(http::StatusCode::BAD_GATEWAY)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
     });
     let mut svc = IdempotencyLayer::new(MemoryBackend::new())
         .server_errors(ServerErrors::Mark)
@@ -1044,22 +1049,14 @@ async fn a_grpc_stream_cut_short_is_not_stored() {
 
     // Messages, then the end of the stream without trailers.
     let runs = common::Runs::default();
-    let handler = tower::service_fn({
-        let runs = runs.clone();
-        move |_req: common::InnerReq| {
-            runs.bump();
-            async move {
-                Ok::<_, Infallible>(
-                    // A `grpc-status` in the headers belongs to an answer
-                    // without messages: it does not count here.
-                    http::Response::builder()
-                        .header("content-type", "application/grpc")
-                        .header("grpc-status", "0")
-                        .body(Full::new(frame(&eur(1))))
-                        .unwrap(),
-                )
-            }
-        }
+    // A `grpc-status` in the headers belongs to an answer without
+    // messages: it does not count here.
+    let handler = answering(&runs, || {
+        http::Response::builder()
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "0")
+            .body(Full::new(frame(&eur(1))))
+            .unwrap()
     });
     let mut svc = IdempotencyLayer::new(MemoryBackend::new()).layer(handler);
     let key = common::unique_key("grpc-cut-short");
