@@ -90,10 +90,7 @@ async fn serve<B: Backend>(backend: B) -> Result<(), Box<dyn std::error::Error>>
     let signal = payments_app::terminated()?;
     payments_app::init_logging();
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:50051".to_owned());
-    let grace = Duration::from_secs(match std::env::var("SHUTDOWN_GRACE_SECS") {
-        Ok(v) => v.parse()?,
-        Err(_) => 10,
-    });
+    let grace = payments_app::shutdown_grace()?;
     let service = payments::PaymentsServer::new(payments_app::payment_delay()?);
 
     let layer = IdempotencyLayer::new(backend).ttl(Duration::from_hours(24));
@@ -108,9 +105,6 @@ async fn serve<B: Backend>(backend: B) -> Result<(), Box<dyn std::error::Error>>
     });
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
-    // The layer's shutdown starts with the signal, beside tonic's: new keyed
-    // calls are refused, calls in flight finish and are stored.
-    let finished = shutdown.shutdown_on(signal, grace);
     let serve = tonic::transport::Server::builder()
         .layer(tower::util::option_layer(layer))
         .add_service(service)
@@ -121,19 +115,7 @@ async fn serve<B: Backend>(backend: B) -> Result<(), Box<dyn std::error::Error>>
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.started(),
         );
-    // tonic waits for every open connection; the layer's work is settled
-    // within its grace period, so connections still open after twice that
-    // are closed.
-    let bound = async {
-        shutdown.started().await;
-        tokio::time::sleep(2 * grace.max(Duration::from_secs(5)) + Duration::from_secs(1)).await;
-    };
-    tokio::select! {
-        served = serve => served?,
-        () = bound => tracing::warn!("connections still open after the grace period are closed"),
-    }
-    let report = finished.await;
-    tracing::info!(?report, "idempotency work finished");
-    tracing::info!("shut down");
-    Ok(())
+    // The layer's shutdown starts with the signal, beside tonic's: new keyed
+    // calls are refused, calls in flight finish and are stored.
+    payments_app::serve_until_shut_down(serve, &shutdown, signal, grace).await
 }

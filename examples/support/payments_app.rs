@@ -169,10 +169,7 @@ pub async fn serve_routes(
     let signal = terminated()?;
     init_logging();
     let addr = std::env::var("ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
-    let grace = Duration::from_secs(match std::env::var("SHUTDOWN_GRACE_SECS") {
-        Ok(v) => v.parse()?,
-        Err(_) => 10,
-    });
+    let grace = shutdown_grace()?;
     let app = if std::env::var("IDEMPOTENCY").is_ok_and(|v| v == "off") {
         routes
     } else {
@@ -181,22 +178,48 @@ pub async fn serve_routes(
     let listener = tokio::net::TcpListener::bind(&addr).await?;
     println!("listening on {}", listener.local_addr()?);
     let shutdown = shutdown.unwrap_or_else(|| IdempotencyLayer::new(()).shutdown_handle());
-    // The layer's shutdown starts with the signal, beside axum's: its grace
-    // period bounds the keyed requests of connected clients too.
-    let finished = shutdown.shutdown_on(signal, grace);
     let serve = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.started())
         .into_future();
-    // axum waits for every open connection; one whose client sends slowly
-    // (half a request) would keep the process up for ever. The layer's work
-    // is settled within its two waits: connections still open after that
-    // are closed.
+    serve_until_shut_down(serve, &shutdown, signal, grace).await
+}
+
+/// How long a shutdown waits for the keyed work: `SHUTDOWN_GRACE_SECS`
+/// (default 10).
+pub fn shutdown_grace() -> Result<Duration, Box<dyn std::error::Error>> {
+    Ok(Duration::from_secs(
+        match std::env::var("SHUTDOWN_GRACE_SECS") {
+            Ok(v) => v.parse()?,
+            Err(_) => 10,
+        },
+    ))
+}
+
+/// Runs `serve`, a server whose own graceful shutdown waits for
+/// `shutdown.started()`, until it has shut down. The layer's shutdown starts
+/// with `signal`, beside the server's: its grace period bounds the keyed
+/// requests of connected clients too.
+///
+/// The server waits for every open connection; one whose client sends
+/// slowly (half a request) would keep the process up for ever. The layer's
+/// work is settled within its two waits: connections still open after that
+/// are closed.
+pub async fn serve_until_shut_down<E>(
+    serve: impl Future<Output = Result<(), E>>,
+    shutdown: &ShutdownHandle,
+    signal: impl Future<Output = ()> + Send + 'static,
+    grace: Duration,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    E: Into<Box<dyn std::error::Error>>,
+{
+    let finished = shutdown.shutdown_on(signal, grace);
     let bound = async {
         shutdown.started().await;
         tokio::time::sleep(2 * grace.max(Duration::from_secs(5)) + Duration::from_secs(1)).await;
     };
     tokio::select! {
-        served = serve => served?,
+        served = serve => served.map_err(Into::into)?,
         () = bound => tracing::warn!("connections still open after the grace period are closed"),
     }
     let report = finished.await;
