@@ -24,15 +24,15 @@
 
 #[path = "../examples/grpc/payments.rs"]
 mod payments;
+#[path = "servers/mod.rs"]
+mod servers;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use payments::{CreatePayment, PaymentsClient};
-use tokio::io::AsyncBufReadExt;
 use tonic::Request;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -78,62 +78,6 @@ fn example() -> PathBuf {
         bin.display()
     );
     bin
-}
-
-fn has_taskset() -> bool {
-    std::process::Command::new("taskset")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    // Linux reports in USER_HZ, 100 on every common configuration.
-    Duration::from_millis((ticks(11) + ticks(12)) * 10)
-}
-
-async fn start(config: &Config, pin: bool) -> (tokio::process::Child, SocketAddr) {
-    let bin = example();
-    let mut cmd = if pin {
-        let mut c = tokio::process::Command::new("taskset");
-        c.arg("-c").arg("0").arg(bin);
-        c
-    } else {
-        tokio::process::Command::new(bin)
-    };
-    let mut child = cmd
-        .env("ADDR", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
-        .envs(config.env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the example");
-    let stdout = child.stdout.take().expect("stdout");
-    let line = tokio::io::BufReader::new(stdout)
-        .lines()
-        .next_line()
-        .await
-        .expect("read stdout")
-        .expect("an address line");
-    let addr = line
-        .strip_prefix("listening on ")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"));
-    (child, addr)
 }
 
 static KEYS: AtomicU64 = AtomicU64::new(0);
@@ -208,15 +152,20 @@ async fn drive(
 }
 
 async fn measure(config: &Config, mode: Mode, in_flight: usize, seconds: f64, pin: bool) -> Run {
-    let (child, addr) = start(config, pin).await;
+    let mut env = config.env.clone();
+    env.push(("RUST_LOG", "warn".to_owned()));
+    let (child, addr) = servers::start(&example(), &env, pin).await;
     let pid = child.id().expect("a running server");
     // Warm up: connections, the server's pools, the backend's connection.
     drive(addr, mode, in_flight, 0.5).await;
-    let cpu_before = cpu_time(pid);
+    let cpu_before = servers::cpu_time(pid);
     let started = Instant::now();
     let (calls, mut latencies) = drive(addr, mode, in_flight, seconds).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_time(pid).saturating_sub(cpu_before);
+    let cpu = servers::cpu_time(pid)
+        .zip(cpu_before)
+        .and_then(|(after, before)| after.checked_sub(before))
+        .unwrap_or_default();
     drop(child);
     latencies.sort_unstable();
     let p99 = latencies
@@ -273,15 +222,7 @@ async fn main() {
         },
     ];
     let modes = [Mode::Fresh, Mode::Replay];
-    let pin = has_taskset();
-    if pin {
-        let _ = std::process::Command::new("taskset")
-            // Every thread of this process (`-a`): the runtime's workers
-            // exist already.
-            .args(["-a", "-p", "-c", "1", &std::process::id().to_string()])
-            .stdout(Stdio::null())
-            .status();
-    }
+    let pin = servers::pin_this_process();
     println!(
         "grpc: {seconds}s per run, {in_flight} calls in flight, {rounds} rounds, server pinned: {pin}"
     );

@@ -54,13 +54,14 @@ mod load_limits;
 mod postgres_wire;
 #[path = "../tests/redis_monitor/mod.rs"]
 mod redis_monitor;
+#[path = "servers/mod.rs"]
+mod servers;
 #[path = "../tests/sqlite_files/mod.rs"]
 mod sqlite_files;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -69,7 +70,6 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncBufReadExt;
 
 const BODY: &str = r#"{"amount":500,"currency":"EUR"}"#;
 /// Where the Redis and PostgreSQL configurations keep their records; the
@@ -174,56 +174,6 @@ fn examples_dir() -> PathBuf {
         .and_then(|deps| deps.parent())
         .expect("target dir")
         .join("examples")
-}
-
-fn has_taskset() -> bool {
-    std::process::Command::new("taskset")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// CPU time (user + system) a process has used, from `/proc`.
-fn cpu_time(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    // Linux reports in USER_HZ, 100 on every common configuration.
-    Some(Duration::from_millis(ticks * 10))
-}
-
-async fn start(config: &Config, pin: bool) -> (tokio::process::Child, SocketAddr) {
-    let bin = &config.bin;
-    assert!(
-        bin.exists(),
-        "{} is missing: run scripts/load.sh",
-        bin.display()
-    );
-    let mut cmd = if pin {
-        let mut c = tokio::process::Command::new("taskset");
-        c.arg("-c").arg("0").arg(bin);
-        c
-    } else {
-        tokio::process::Command::new(bin)
-    };
-    cmd.env("ADDR", "127.0.0.1:0")
-        .envs(config.env.iter().map(|(k, v)| (*k, v.as_str())))
-        .stdout(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().expect("start the example");
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the example printed no address")
-        .expect("read stdout")
-        .expect("an address line");
-    let addr = line
-        .strip_prefix("listening on ")
-        .and_then(|a| a.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"));
-    (child, addr)
 }
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
@@ -374,15 +324,7 @@ async fn main() {
         .collect();
     let seconds = arg(&args, 0, 10);
     let connections = usize::try_from(arg(&args, 1, 32)).unwrap_or(32);
-    let pin = has_taskset();
-    if pin {
-        let pid = std::process::id().to_string();
-        let _ = std::process::Command::new("taskset")
-            // Every thread (`-a`): the runtime's workers exist already.
-            .args(["-a", "-p", "-c", "1", &pid])
-            .stdout(Stdio::null())
-            .status();
-    }
+    let pin = servers::pin_this_process();
     let redis_url =
         std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let database_url = std::env::var("DATABASE_URL")
@@ -476,7 +418,7 @@ async fn measure(
         servers.push(if config.cost.is_limit() {
             None
         } else {
-            Some(start(config, pin).await)
+            Some(servers::start(&config.bin, &config.env, pin).await)
         });
     }
     let limits = Limits::prepare(configs, &servers).await;
@@ -594,11 +536,11 @@ async fn measure_one(
 ) -> Row {
     let pid = child.id().expect("server pid");
     let runs_before = handler_runs(addr).await;
-    let cpu_before = cpu_time(pid);
+    let cpu_before = servers::cpu_time(pid);
     let started = Instant::now();
     let mut out = drive(addr, mode, connections, seconds).await;
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_time(pid)
+    let cpu = servers::cpu_time(pid)
         .zip(cpu_before)
         .and_then(|(after, before)| after.checked_sub(before));
     let runs = handler_runs(addr).await - runs_before;
@@ -964,7 +906,7 @@ async fn duplicates(config: &Config) -> String {
         env,
         cost: Cost::None,
     };
-    let (child, addr) = start(&slow, false).await;
+    let (child, addr) = servers::start(&slow.bin, &slow.env, false).await;
     let mut senders = Vec::new();
     for _ in 0..DUPLICATES {
         senders.push(connect(addr).await);
@@ -1099,7 +1041,7 @@ fn per_request(before: &RedisSnapshot, after: &RedisSnapshot) -> String {
 }
 
 async fn redis_cost(config: &Config, url: &str) -> String {
-    let (child, addr) = start(config, false).await;
+    let (child, addr) = servers::start(&config.bin, &config.env, false).await;
     let client = redis::Client::open(url).expect("REDIS_URL");
     let mut conn = client
         .get_multiplexed_async_connection()
@@ -1142,7 +1084,7 @@ async fn postgres_cost(config: &Config, url: &str) -> String {
         env,
         cost: Cost::None,
     };
-    let (child, addr) = start(&proxied, false).await;
+    let (child, addr) = servers::start(&proxied.bin, &proxied.env, false).await;
     let [before, fresh, replay] = counted_requests(addr, async || wire.snapshot()).await;
     drop(child);
     #[allow(clippy::cast_precision_loss)]
