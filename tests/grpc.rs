@@ -924,52 +924,32 @@ fn with_length_and_trailers(
 
 #[tokio::test]
 async fn a_response_of_known_length_keeps_its_trailers_and_its_grpc_status_decides() {
-    use tower::{Layer, Service, ServiceExt};
-
-    async fn call<S, B>(svc: &mut S, key: &str) -> (http::HeaderMap, Bytes, Option<http::HeaderMap>)
-    where
-        S: Service<common::Req, Response = http::Response<B>>,
-        S::Error: std::fmt::Debug,
-        B: http_body::Body,
-        B::Error: std::fmt::Debug,
-    {
-        let res = svc
-            .ready()
-            .await
-            .unwrap()
-            .call(grpc_req(key))
-            .await
-            .unwrap();
-        let (parts, body) = res.into_parts();
-        let collected = body.collect().await.unwrap();
-        let trailers = collected.trailers().cloned();
-        (parts.headers, collected.to_bytes(), trailers)
-    }
+    use tower::Layer;
 
     // Stored with its trailers, replayed with them.
     let runs = common::Runs::default();
     let mut svc = IdempotencyLayer::new(MemoryBackend::new())
         .layer(with_length_and_trailers(runs.clone(), "0"));
     let key = common::unique_key("grpc-known-length");
-    let (_, body, trailers) = call(&mut svc, &key).await;
-    let (headers, again, again_trailers) = call(&mut svc, &key).await;
+    let first = common::send(&mut svc, grpc_req(&key)).await;
+    let again = common::send(&mut svc, grpc_req(&key)).await;
     assert_eq!(runs.get(), 1);
-    assert_eq!(again, body);
-    assert_eq!(again_trailers, trailers);
-    assert_eq!(again_trailers.unwrap()["x-run"], "1");
-    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(again.body, first.body);
+    assert_eq!(again.trailers, first.trailers);
+    assert_eq!(again.trailers.unwrap()["x-run"], "1");
+    assert_eq!(again.headers["idempotent-replayed"], "true");
 
     // `UNAVAILABLE` in the trailers: sent as it is, not stored.
     let runs = common::Runs::default();
     let mut svc = IdempotencyLayer::new(MemoryBackend::new())
         .layer(with_length_and_trailers(runs.clone(), "14"));
     let key = common::unique_key("grpc-known-length-14");
-    let (_, _, trailers) = call(&mut svc, &key).await;
-    assert_eq!(trailers.unwrap()["grpc-status"], "14");
-    let (headers, _, trailers) = call(&mut svc, &key).await;
+    let first = common::send(&mut svc, grpc_req(&key)).await;
+    assert_eq!(first.trailers.unwrap()["grpc-status"], "14");
+    let again = common::send(&mut svc, grpc_req(&key)).await;
     assert_eq!(runs.get(), 2, "the retry ran");
-    assert!(headers.get("idempotent-replayed").is_none());
-    assert_eq!(trailers.unwrap()["x-run"], "2");
+    assert!(again.headers.get("idempotent-replayed").is_none());
+    assert_eq!(again.trailers.unwrap()["x-run"], "2");
 }
 
 /// The layer's other answers to a gRPC call, each a trailers-only `200`

@@ -689,30 +689,15 @@ async fn trailers_are_replayed_over_http1() {
             );
         }
     });
-    let mut answers = Vec::new();
-    for _ in 0..2 {
-        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::post("/payments")
-            .header("host", "localhost")
-            .header("te", "trailers")
-            .header("idempotency-key", "\"http1-trailers\"")
-            .body(Full::new(Bytes::from_static(b"{}")))
-            .unwrap();
-        let res = sender.send_request(req).await.unwrap();
-        let (parts, body) = res.into_parts();
-        let collected = body.collect().await.unwrap();
-        let trailers = collected.trailers().cloned();
-        answers.push((parts.headers, collected.to_bytes(), trailers));
-    }
+    let headers = [
+        ("te", "trailers"),
+        ("idempotency-key", "\"http1-trailers\""),
+    ];
+    let first = common::request(addr, "POST", "/payments", &headers, "{}").await;
+    let again = common::request(addr, "POST", "/payments", &headers, "{}").await;
     assert_eq!(runs.get(), 1);
-    let (first, again) = (&answers[0], &answers[1]);
-    assert_eq!(again.0["idempotent-replayed"], "true");
-    assert_eq!(again.1, first.1);
-    assert_eq!(first.2.as_ref().unwrap()["x-checksum"], "1");
-    assert_eq!(again.2, first.2, "the trailer is replayed");
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.body, first.body);
+    assert_eq!(first.trailers.as_ref().unwrap()["x-checksum"], "1");
+    assert_eq!(again.trailers, first.trailers, "the trailer is replayed");
 }

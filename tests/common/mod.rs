@@ -88,6 +88,8 @@ pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The trailers the body ended with, if any.
+    pub trailers: Option<HeaderMap>,
 }
 
 impl Answer {
@@ -98,10 +100,12 @@ impl Answer {
         B::Error: std::fmt::Debug,
     {
         let (parts, body) = res.into_parts();
+        let collected = body.collect().await.unwrap();
         Self {
             status: parts.status,
             headers: parts.headers,
-            body: body.collect().await.unwrap().to_bytes(),
+            trailers: collected.trailers().cloned(),
+            body: collected.to_bytes(),
         }
     }
 
