@@ -410,23 +410,23 @@ async fn session_lock_outlives_its_ttl<B: Backend>(b: B) {
     completed(b.begin(&key, &fingerprint(13), short).await.expect(FAILED));
 }
 
-async fn complete_stores_and_unlocks<B: Backend>(b: B) {
+/// Locks a fresh key, stores `rec` under it (which must be `Saved`), and
+/// returns the key with the record a lookup then finds.
+async fn stored_and_read<B: Backend>(b: &B, rec: Record) -> (StorageKey, Record) {
     let key = fresh_key();
-    let rec = record(fingerprint(2), br#"{"id":42}"#);
-    let lock = acquired(
-        b.begin(&key, &fingerprint(2), LOCK_TTL)
-            .await
-            .expect(FAILED),
-    );
+    let fp = rec.fingerprint;
+    let lock = acquired(b.begin(&key, &fp, LOCK_TTL).await.expect(FAILED));
     assert_eq!(
-        b.complete(lock, rec.clone(), TTL).await.expect(FAILED),
+        b.complete(lock, rec, TTL).await.expect(FAILED),
         Completion::Saved
     );
-    let stored = completed(
-        b.begin(&key, &fingerprint(2), LOCK_TTL)
-            .await
-            .expect(FAILED),
-    );
+    let stored = completed(b.begin(&key, &fp, LOCK_TTL).await.expect(FAILED));
+    (key, stored)
+}
+
+async fn complete_stores_and_unlocks<B: Backend>(b: B) {
+    let rec = record(fingerprint(2), br#"{"id":42}"#);
+    let (key, stored) = stored_and_read(&b, rec.clone()).await;
     assert_eq!(stored.status, rec.status);
     assert_eq!(stored.headers, rec.headers);
     assert_eq!(stored.body, rec.body);
@@ -441,25 +441,10 @@ async fn complete_stores_and_unlocks<B: Backend>(b: B) {
 }
 
 async fn large_records_round_trip<B: Backend>(b: B) {
-    let key = fresh_key();
     let body: Vec<u8> = (0..300_000u32)
         .map(|i| i.wrapping_mul(2_654_435_761).to_le_bytes()[1])
         .collect();
-    let lock = acquired(
-        b.begin(&key, &fingerprint(3), LOCK_TTL)
-            .await
-            .expect(FAILED),
-    );
-    let rec = record(fingerprint(3), &body);
-    assert_eq!(
-        b.complete(lock, rec, TTL).await.expect(FAILED),
-        Completion::Saved
-    );
-    let stored = completed(
-        b.begin(&key, &fingerprint(3), LOCK_TTL)
-            .await
-            .expect(FAILED),
-    );
+    let (_, stored) = stored_and_read(&b, record(fingerprint(3), &body)).await;
     assert_eq!(stored.body.as_ref(), body.as_slice());
 }
 
@@ -471,22 +456,8 @@ async fn trailers_round_trip<B: Backend>(b: B) {
     trailers.append("x-note", http::HeaderValue::from_static("first"));
     trailers.append("x-note", http::HeaderValue::from_static("second"));
     for trailers in [trailers, http::HeaderMap::new()] {
-        let key = fresh_key();
-        let lock = acquired(
-            b.begin(&key, &fingerprint(4), LOCK_TTL)
-                .await
-                .expect(FAILED),
-        );
         let rec = record(fingerprint(4), b"\0\0\0\0\x01\x08").with_trailers(trailers.clone());
-        assert_eq!(
-            b.complete(lock, rec, TTL).await.expect(FAILED),
-            Completion::Saved
-        );
-        let stored = completed(
-            b.begin(&key, &fingerprint(4), LOCK_TTL)
-                .await
-                .expect(FAILED),
-        );
+        let (_, stored) = stored_and_read(&b, rec).await;
         let stored = stored.trailers.expect("trailers kept, an empty block too");
         assert_eq!(
             stored.iter().collect::<Vec<_>>(),
